@@ -1,0 +1,54 @@
+"""Run closures at the same time in worker processes, and defer work until after the response.
+
+```python
+from starlette_concurrency import Concurrency, ConcurrencyMiddleware
+
+concurrency = Concurrency()
+users, orders = await concurrency.run([lambda: count("users"), lambda: count("orders")])
+concurrency.defer([lambda: report("users")])
+```
+"""
+
+from ._api import Concurrency, DriverFactory
+from ._config import Settings
+from ._drivers.base import Driver
+from ._exceptions import (
+    ConcurrencyClosed,
+    ConcurrencyError,
+    ConfigurationError,
+    DeferralRejected,
+    RemoteError,
+    RemoteTraceback,
+    SerializationError,
+    TaskTimeout,
+    WorkerCrashed,
+)
+from ._middleware import ConcurrencyMiddleware
+from ._tasks import Outcome, Task
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Concurrency",
+    "ConcurrencyClosed",
+    "ConcurrencyError",
+    "ConcurrencyMiddleware",
+    "ConfigurationError",
+    "DeferralRejected",
+    "Driver",
+    "DriverFactory",
+    "Outcome",
+    "RemoteError",
+    "RemoteTraceback",
+    "SerializationError",
+    "Settings",
+    "TaskTimeout",
+    "WorkerCrashed",
+    "__version__",
+]
+
+# Show public classes as `starlette_concurrency.X` in reprs and tracebacks, as httpx does.
+for _name in __all__:
+    if isinstance(globals()[_name], type):
+        globals()[_name].__module__ = "starlette_concurrency"
+del _name

@@ -1,0 +1,39 @@
+"""The interface every driver implements."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+
+from .._tasks import Outcome, Task
+
+__all__ = ["Driver"]
+
+
+class Driver(ABC):
+    """Run the tasks of one call somewhere, concurrently where the driver can.
+
+    A driver implements one method, `execute()`. `start()` and `aclose()` are optional hooks for
+    drivers that hold resources (a pool, a cluster connection). The facade adds everything else:
+    argument checking, timeouts (it cancels `execute()`), result shaping and error raising.
+    """
+
+    name: str = "custom"
+
+    async def start(self) -> None:
+        """Acquire what the driver needs (called once, before the first `execute()`)."""
+
+    @abstractmethod
+    async def execute(self, tasks: Sequence[Task], outcomes: list[Outcome | None]) -> None:
+        """Run every task, storing how each ended in ``outcomes[i]`` as soon as it has.
+
+        Must not raise for a task's failure: record it as ``Outcome(error=...)`` and go on with the
+        other tasks. When cancelled (a timeout, or the caller went away), stop the tasks still
+        running, drop the ones not started, and re-raise the cancellation.
+
+        Raises:
+            SerializationError: a task cannot be sent to where it would run; nothing was started.
+        """
+
+    async def aclose(self) -> None:
+        """Release what `start()` acquired. Called once; the driver is not used afterwards."""

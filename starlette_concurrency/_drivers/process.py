@@ -1,0 +1,547 @@
+"""The `process` driver: a warm pool of fresh interpreters, each behind a private pair of pipes.
+
+```
+ run([t0 … tn])                               ProcessDriver                          workers
+ ──────────────                               ─────────────                          ───────
+ pickle every task (nothing runs if one fails)
+ cut the indices into chunks ──▶ deque[range]
+ one lane per worker it may use:
+    lane: acquire a worker (FIFO among calls) ─────────────────────────────────────▶ idle worker
+          send up to two chunks ahead        ── TASKS [p_i, …]  ──────────────────▶ runs them in order
+          read RESULT frames                 ◀─ RESULT (one per task, in order) ──
+          outcome[i] = decode(frame)
+          worker died → the first unanswered task gets WorkerCrashed, the rest of its
+                        chunks go back to the deque, a fresh worker takes its place
+          cancelled   → a worker holding unanswered tasks is killed and replaced
+    release the worker (or hand it to the next waiting call)
+```
+
+The caller's own task does all the I/O, straight on the event loop with `anyio.wait_readable` /
+`wait_writable`: no background task, no thread, no polling. That is also why the pool can start
+lazily inside any request: nothing of it outlives the call that uses it except the processes.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+
+from .. import _worker
+from .._config import Settings, positive
+from .._exceptions import ConcurrencyClosed, ConfigurationError, WorkerCrashed
+from .._pickling import decode_outcome, dumps, dumps_task, remote_exception
+from .._tasks import Outcome, Task
+from .base import Driver
+
+__all__ = ["ProcessDriver"]
+
+_WORKER_SCRIPT = _worker.__file__
+_MAX_CHUNK = 128  # tasks per TASKS frame: enough to amortise a round trip, small enough to balance
+_PIPELINE = 2  # chunks in flight per worker, so that it never waits for the parent between chunks
+_STOP_GRACE = 2.0  # seconds a closed worker gets to exit before it is killed
+
+
+class _WorkerGone(Exception):
+    """The worker's result pipe reached EOF, or the pool closed it.
+
+    `idle` means the worker said it left on its idle timeout, before reading anything we sent.
+    """
+
+    def __init__(self, *, idle: bool = False) -> None:
+        self.idle = idle
+
+
+class _Worker:
+    """One worker process and the parent's ends of its two pipes."""
+
+    def __init__(self, init_frame: bytes) -> None:
+        task_read, self._to_worker = os.pipe()
+        self._from_worker, result_write = os.pipe()
+        try:
+            self.process = subprocess.Popen(
+                [sys.executable, _WORKER_SCRIPT, str(task_read), str(result_write)],
+                pass_fds=(task_read, result_write),
+                stdin=subprocess.DEVNULL,
+            )
+        except BaseException:
+            for fd in (self._to_worker, self._from_worker):
+                os.close(fd)
+            raise
+        finally:
+            os.close(task_read)
+            os.close(result_write)
+        _grow_pipe(self._from_worker)
+        os.set_blocking(self._to_worker, False)
+        os.set_blocking(self._from_worker, False)
+        self.pid = self.process.pid
+        self.tasks_done = 0
+        self.ready = False
+        self.closed = False
+        self._buffer = bytearray()
+        self._pos = 0
+        # Starting the interpreter takes tens of milliseconds; hand it its configuration now so that
+        # it is ready by the time somebody needs it. What does not fit in the pipe goes at handshake.
+        try:
+            written = os.write(self._to_worker, init_frame)
+        except BlockingIOError:
+            written = 0
+        self._unsent = init_frame[written:]
+
+    def alive(self) -> bool:
+        return not self.closed and self.process.poll() is None
+
+    async def handshake(self) -> None:
+        """Finish sending the configuration and wait for READY."""
+        if self._unsent:
+            await self.send(self._unsent)
+            self._unsent = b""
+        message = await self.receive()
+        if message is None:
+            returncode = await self.exit_status()
+            raise WorkerCrashed.from_returncode(returncode, f"a worker (pid {self.pid}) failed to start and")
+        tag, body = message
+        if tag != _worker.READY:
+            type_name, text, traceback = pickle.loads(body)
+            error = WorkerCrashed(f"a worker (pid {self.pid}) failed to start: {type_name}: {text}")
+            raise remote_exception(error, traceback)
+        self.ready = True
+
+    async def send(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            if self.closed:
+                raise _WorkerGone
+            try:
+                view = view[os.write(self._to_worker, view) :]
+            except BlockingIOError:
+                await _wait(anyio.wait_writable, self._to_worker)
+            except BrokenPipeError:
+                raise _WorkerGone from None
+
+    async def receive(self) -> tuple[bytes, bytes] | None:
+        """Return the next frame as (tag, body), or None once the worker is gone."""
+        while True:
+            message = self._next_frame()
+            if message is not None:
+                return message
+            if self.closed:
+                return None
+            try:
+                data = os.read(self._from_worker, 1 << 20)
+            except BlockingIOError:
+                try:
+                    await _wait(anyio.wait_readable, self._from_worker)
+                except _WorkerGone:
+                    return None
+                continue
+            if not data:
+                return None
+            self._buffer += data
+
+    def _next_frame(self) -> tuple[bytes, bytes] | None:
+        buffer, start = self._buffer, self._pos
+        if len(buffer) - start < _worker.HEADER.size:
+            return None
+        (size,) = _worker.HEADER.unpack_from(buffer, start)
+        end = start + _worker.HEADER.size + size
+        if len(buffer) < end:
+            if start:  # make room at the front before a large frame accumulates behind it
+                del buffer[:start]
+                self._pos = 0
+            return None
+        tag = bytes(buffer[start + 4 : start + 5])
+        body = bytes(buffer[start + 5 : end])
+        if end == len(buffer):
+            buffer.clear()
+            self._pos = 0
+        else:
+            self._pos = end
+        return tag, body
+
+    async def exit_status(self) -> int | None:
+        """Wait (briefly) for a worker whose pipe closed to exit; None if it closed the pipe but lives on."""
+        deadline = time.monotonic() + 1.0
+        while (returncode := self.process.poll()) is None and time.monotonic() < deadline:
+            await anyio.sleep(0.002)
+        self.close(kill=returncode is None)
+        return returncode
+
+    def close(self, *, kill: bool = False) -> None:
+        """Close the pipes, which makes an idle worker exit by itself; `kill` does not wait for that."""
+        if not self.closed:
+            self.closed = True
+            for fd in (self._to_worker, self._from_worker):
+                anyio.notify_closing(fd)
+                os.close(fd)
+        if kill and self.process.poll() is None:
+            self.process.kill()
+
+
+async def _wait(wait: Callable[[int], Any], fd: int) -> None:
+    try:
+        await wait(fd)
+    except (anyio.ClosedResourceError, OSError):
+        raise _WorkerGone from None
+
+
+def _grow_pipe(fd: int) -> None:
+    # A bigger result pipe means fewer wake-ups for large results (Linux only; best effort).
+    try:
+        import fcntl
+
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, 1 << 20)
+    except (ImportError, AttributeError, OSError):  # pragma: no cover - platform dependent
+        pass
+
+
+def _rss(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/statm", "rb") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):  # pragma: no cover - not Linux, or the worker just exited
+        return None
+
+
+@dataclass(eq=False)
+class _Waiter:
+    event: anyio.Event = field(default_factory=anyio.Event)
+    worker: _Worker | None = None
+
+
+@dataclass(eq=False)
+class _Call:
+    """The state one `execute()` shares between its lanes."""
+
+    tasks: Sequence[Task]
+    payloads: list[bytes]
+    outcomes: list[Outcome | None]
+    chunks: deque[range]
+    lanes: int
+    error: Exception | None = None
+
+    def frame(self, chunk: range) -> bytes:
+        body = pickle.dumps(self.payloads[chunk.start : chunk.stop], pickle.HIGHEST_PROTOCOL)
+        return _worker.HEADER.pack(len(body)) + body
+
+
+class ProcessDriver(Driver):
+    """Run tasks in a warm pool of fresh Python interpreters (`python starlette_concurrency/_worker.py`).
+
+    Workers are started with the server's interpreter, `sys.path`, working directory and environment,
+    never by forking the server, so the driver is safe in a threaded server and functions from the
+    app's own modules import in them. Tasks, results and exceptions travel pickled (cloudpickle) on
+    private pipes; `print()` in a task shows in the server's output and disturbs nothing.
+
+    A worker that dies fails only the task it was running (`WorkerCrashed`) and is replaced. On a
+    timeout or a cancellation the workers holding the call's unfinished tasks are killed and replaced.
+    Workers exit by themselves when the server goes away, even in the middle of a task.
+
+    Args:
+        workers: how many worker processes (default: the CPU count).
+        max_tasks_per_worker: replace a worker after it ran this many tasks (default: never).
+        idle_timeout: seconds after which an idle worker exits; it is started again on demand.
+        max_worker_memory: bytes of resident memory past which a worker is replaced after its task
+            (Linux; checked between tasks, not during one).
+        initializer: a zero-argument callable each worker runs once at start-up.
+        preload: modules each worker imports at start-up, so that the first task does not pay for it.
+    """
+
+    name = "process"
+
+    def __init__(
+        self,
+        workers: int | None = None,
+        *,
+        max_tasks_per_worker: int | None = None,
+        idle_timeout: float | None = None,
+        max_worker_memory: int | None = None,
+        initializer: Callable[[], object] | None = None,
+        preload: Iterable[str] = (),
+    ) -> None:
+        self.workers: int = positive("workers", workers, int) or os.cpu_count() or 1
+        self.max_tasks_per_worker = positive("max_tasks_per_worker", max_tasks_per_worker, int)
+        self.idle_timeout = positive("idle_timeout", idle_timeout, float)
+        self.max_worker_memory = positive("max_worker_memory", max_worker_memory, int)
+        if initializer is not None and not callable(initializer):
+            raise ConfigurationError(f"initializer must be callable, not {type(initializer).__name__}")
+        config = {
+            "sys_path": list(sys.path),
+            "preload": list(preload),
+            "initializer": dumps(initializer) if initializer is not None else None,
+            "idle_timeout": self.idle_timeout,
+        }
+        body = pickle.dumps(config)
+        self._init_frame = _worker.HEADER.pack(len(body)) + body
+        self._pool: set[_Worker] = set()
+        self._idle: list[_Worker] = []
+        self._waiters: deque[_Waiter] = deque()
+        self._stopping: list[tuple[subprocess.Popen[bytes], float]] = []
+        self._closed = False
+
+    @property
+    def pids(self) -> list[int]:
+        """The process ids of the current workers (for tests, metrics and the curious)."""
+        return sorted(worker.pid for worker in self._pool)
+
+    async def start(self) -> None:
+        """Start every worker and wait until all of them are ready; after `aclose()`, start afresh.
+
+        Raises:
+            WorkerCrashed: a worker failed to start (its initializer raised, say).
+        """
+        self._closed = False
+        fresh = [self._spawn() for _ in range(self.workers - len(self._pool))]
+        errors: list[Exception] = []
+        async with anyio.create_task_group() as tg:
+            for worker in fresh:
+                tg.start_soon(self._warm, worker, errors)
+        if errors:
+            raise errors[0]
+
+    async def _warm(self, worker: _Worker, errors: list[Exception]) -> None:
+        try:
+            await worker.handshake()
+        except WorkerCrashed as exc:
+            errors.append(exc)
+            self._replace(worker, kill=True)
+        except BaseException:
+            self._release(worker)
+            raise
+        else:
+            self._release(worker)
+
+    async def execute(self, tasks: Sequence[Task], outcomes: list[Outcome | None]) -> None:
+        """Run the tasks on the pool; see `Driver.execute`."""
+        self._check_open()
+        payloads = []
+        for index, task in enumerate(tasks):
+            payloads.append(dumps_task(task))
+            if index % 512 == 511:  # pickling 20,000 closures takes a while: let the server breathe
+                await anyio.lowlevel.checkpoint()
+        size = max(1, min(_MAX_CHUNK, len(tasks) // (self.workers * 4)))
+        chunks = deque(range(start, min(start + size, len(tasks))) for start in range(0, len(tasks), size))
+        lanes = min(len(chunks), self.workers)
+        call = _Call(tasks, payloads, outcomes, chunks, lanes)
+        if lanes == 1:
+            await self._lane(call)
+        elif lanes:
+            async with anyio.create_task_group() as tg:
+                for _ in range(lanes):
+                    tg.start_soon(self._guarded_lane, call, tg.cancel_scope)
+            if call.error is not None:
+                raise call.error
+
+    async def _guarded_lane(self, call: _Call, scope: anyio.CancelScope) -> None:
+        # A lane fails only when the pool itself does (closed, or workers that cannot start); the
+        # first such error is the call's, raised as itself rather than inside an ExceptionGroup.
+        try:
+            await self._lane(call)
+        except Exception as exc:
+            call.error = call.error or exc
+            scope.cancel()
+
+    async def _lane(self, call: _Call) -> None:
+        """Feed the call's chunks to one worker at a time until none is left."""
+        while call.chunks:
+            worker = await self._acquire()
+            if not call.chunks:  # other lanes finished the work while this one waited
+                self._release(worker)
+                return
+            inflight: deque[range] = deque()
+            try:
+                await self._feed(worker, call, inflight)
+            except _WorkerGone as gone:
+                await self._bury(worker, call, inflight, ran=not gone.idle)
+            except BaseException:
+                if inflight:  # it holds tasks of ours that must not go on running
+                    self._replace(worker, kill=True)
+                else:
+                    self._release(worker)
+                raise
+            else:
+                self._release(worker)
+
+    async def _feed(self, worker: _Worker, call: _Call, inflight: deque[range]) -> None:
+        while call.chunks or inflight:
+            budget = self._budget(worker, inflight)
+            while call.chunks and budget and (not inflight or self._may_pipeline(call, inflight)):
+                chunk = call.chunks.popleft()
+                if len(chunk) > budget:
+                    call.chunks.appendleft(chunk[budget:])
+                    chunk = chunk[:budget]
+                budget -= len(chunk)
+                inflight.append(chunk)
+                await worker.send(call.frame(chunk))
+            if not inflight:
+                return  # the worker is due for replacement; _release sees to it
+            message = await worker.receive()
+            if message is None:
+                raise _WorkerGone
+            tag, body = message
+            if tag == _worker.IDLE_EXIT:
+                raise _WorkerGone(idle=True)
+            index = inflight[0].start
+            call.outcomes[index] = decode_outcome(tag, body, call.tasks[index])
+            worker.tasks_done += 1
+            inflight[0] = inflight[0][1:]
+            if not inflight[0]:
+                inflight.popleft()
+                if not inflight and self._waiters:
+                    return  # another call is waiting: take turns
+
+    def _may_pipeline(self, call: _Call, inflight: deque[range]) -> bool:
+        # A second chunk in flight saves the worker a round trip, but only while every other lane
+        # of the call still has a chunk to take and no other call is waiting for a worker.
+        return len(inflight) < _PIPELINE and len(call.chunks) >= call.lanes and not self._waiters
+
+    def _budget(self, worker: _Worker, inflight: deque[range]) -> int:
+        if self.max_tasks_per_worker is None:
+            return _MAX_CHUNK * _PIPELINE
+        return max(0, self.max_tasks_per_worker - worker.tasks_done - sum(map(len, inflight)))
+
+    async def _bury(self, worker: _Worker, call: _Call, inflight: deque[range], *, ran: bool) -> None:
+        """A worker died: fail the task it was running, give the others back to the call, replace it."""
+        returncode = await worker.exit_status()
+        self._check_open()
+        if inflight and ran:
+            index = inflight[0].start
+            task = call.tasks[index]
+            crashed = WorkerCrashed.from_returncode(returncode, f"the worker (pid {worker.pid}) running {task.label}")
+            call.outcomes[index] = Outcome(error=crashed)
+            inflight[0] = inflight[0][1:]
+        call.chunks.extendleft(reversed([chunk for chunk in inflight if chunk]))
+        self._replace(worker)
+
+    async def _acquire(self) -> _Worker:
+        self._check_open()
+        self._reap()
+        if self._idle and not self._waiters:
+            worker = self._idle.pop()
+        else:
+            if not self._pool:
+                await self.start()
+                return await self._acquire()
+            waiter = _Waiter()
+            self._waiters.append(waiter)
+            try:
+                await waiter.event.wait()
+            except BaseException:
+                if waiter.worker is not None:
+                    self._release(waiter.worker)
+                else:
+                    self._waiters.remove(waiter)
+                raise
+            self._check_open()
+            assert waiter.worker is not None
+            worker = waiter.worker
+        if not worker.alive():  # it left while idle: idle timeout, or killed from outside
+            worker = self._replace(worker, release=False)
+        if not worker.ready:
+            try:
+                await worker.handshake()
+            except WorkerCrashed:
+                self._replace(worker, kill=True)
+                raise
+            except BaseException:
+                self._release(worker)
+                raise
+        return worker
+
+    def _release(self, worker: _Worker) -> None:
+        if self._closed or not worker.alive():
+            self._retire(worker)
+            return
+        if self._due_for_replacement(worker):
+            self._replace(worker)
+            return
+        if self._waiters:
+            waiter = self._waiters.popleft()
+            waiter.worker = worker
+            waiter.event.set()
+        else:
+            self._idle.append(worker)
+
+    def _due_for_replacement(self, worker: _Worker) -> bool:
+        if self.max_tasks_per_worker is not None and worker.tasks_done >= self.max_tasks_per_worker:
+            return True
+        if self.max_worker_memory is not None and worker.tasks_done:
+            rss = _rss(worker.pid)
+            return rss is not None and rss > self.max_worker_memory
+        return False
+
+    def _replace(self, worker: _Worker, *, kill: bool = False, release: bool = True) -> _Worker:
+        """Retire `worker` and start a fresh one in its place; hand it on unless told not to."""
+        self._retire(worker, kill=kill)
+        fresh = self._spawn()
+        if release:
+            self._release(fresh)
+        return fresh
+
+    def _spawn(self) -> _Worker:
+        worker = _Worker(self._init_frame)
+        self._pool.add(worker)
+        return worker
+
+    def _retire(self, worker: _Worker, *, kill: bool = False) -> None:
+        self._pool.discard(worker)
+        if worker in self._idle:
+            self._idle.remove(worker)
+        worker.close(kill=kill)
+        self._stopping.append((worker.process, time.monotonic()))
+
+    def _reap(self) -> None:
+        """Collect the exit status of retired workers, killing those that overstay their grace period."""
+        now = time.monotonic()
+        still = []
+        for process, retired_at in self._stopping:
+            if process.poll() is None:
+                if now - retired_at > _STOP_GRACE:
+                    process.kill()
+                still.append((process, retired_at))
+        self._stopping = still
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ConcurrencyClosed("this process pool has been closed")
+
+    async def aclose(self) -> None:
+        """Stop every worker: close their pipes, give them a moment to exit, then kill what is left."""
+        if self._closed:
+            return
+        self._closed = True
+        for worker in list(self._pool):
+            self._retire(worker)
+        for waiter in self._waiters:
+            waiter.event.set()
+        self._waiters.clear()
+        deadline = time.monotonic() + _STOP_GRACE
+        with anyio.CancelScope(shield=True):
+            while any(process.poll() is None for process, _ in self._stopping) and time.monotonic() < deadline:
+                await anyio.sleep(0.005)
+        for process, _ in self._stopping:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        self._stopping.clear()
+
+
+def create(settings: Settings) -> ProcessDriver:
+    """Build the driver from a facade's settings."""
+    return ProcessDriver(
+        settings.workers,
+        max_tasks_per_worker=settings.max_tasks_per_worker,
+        idle_timeout=settings.idle_timeout,
+        max_worker_memory=settings.max_worker_memory,
+        initializer=settings.initializer,
+        preload=settings.preload,
+    )

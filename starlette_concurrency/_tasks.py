@@ -1,0 +1,109 @@
+"""What a call hands to a driver (`Task`), what comes back (`Outcome`), and the shaping in between.
+
+`run()` accepts one callable, a sequence of callables or a mapping of key → callable. `Batch`
+validates that input once, turns it into a flat list of `Task`s for the driver, and turns the
+driver's `Outcome`s back into the shape the caller gave.
+"""
+
+from __future__ import annotations
+
+import traceback
+from collections.abc import Callable, Hashable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["Batch", "Outcome", "Task"]
+
+# What `run()` and `defer()` accept; Any because each callable may return something different.
+Tasks = Callable[[], Any] | Iterable[Callable[[], Any]] | Mapping[Any, Callable[[], Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class Task:
+    """One zero-argument callable of a call, with the key it was given.
+
+    Attributes:
+        key: the index in the input sequence, or the key in the input mapping.
+        fn: the callable to run.
+    """
+
+    key: Hashable
+    fn: Callable[[], Any]
+
+    @property
+    def label(self) -> str:
+        """Name the task the way error messages and logs do: ``task 0``, ``task 'users'``."""
+        return f"task {self.key!r}"
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """How one task ended: a returned `value`, or the `error` it raised.
+
+    Attributes:
+        value: the task's return value (``None`` when it failed).
+        error: the exception the task raised, or ``None`` when it returned.
+    """
+
+    value: Any = None
+    error: BaseException | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """A validated `run()` / `defer()` input: its tasks and the shape to give results back in."""
+
+    tasks: list[Task]
+    shape: type[object]  # `object` for a single callable, `list` or `dict` otherwise
+
+    @classmethod
+    def of(cls, tasks: object, argument: str = "tasks") -> Batch:
+        """Validate what a caller passed.
+
+        Raises:
+            TypeError: `tasks` is not a callable, a sequence or a mapping of callables; the
+                message names the offending index or key and its type.
+        """
+        if callable(tasks) and not isinstance(tasks, type):
+            return cls([Task(0, tasks)], object)
+        if isinstance(tasks, Mapping):
+            items = list(tasks.items())
+            shape: type[object] = dict
+        elif isinstance(tasks, Iterable) and not isinstance(tasks, str | bytes | bytearray | memoryview):
+            items = list(enumerate(tasks))
+            shape = list
+        else:
+            raise TypeError(
+                f"{argument} must be a callable, a sequence of callables or a mapping of callables, "
+                f"not {type(tasks).__name__}"
+            )
+        for key, fn in items:
+            if not callable(fn):
+                raise TypeError(
+                    f"{argument}[{key!r}] is not callable: got {type(fn).__name__} {_short_repr(fn)}; "
+                    "wrap the work in a function or a lambda"
+                )
+        return cls([Task(key, fn) for key, fn in items], shape)
+
+    def results(self, outcomes: list[Outcome], *, return_exceptions: bool) -> Any:
+        """Shape the outcomes like the input; raise the first failure by position unless told not to."""
+        failures = [(task, outcome.error) for task, outcome in zip(self.tasks, outcomes) if outcome.error is not None]
+        if failures and not return_exceptions:
+            task, first = failures[0]
+            first.add_note(f"(raised by {task.label})")
+            for other, error in failures[1:]:
+                first.add_note(f"({other.label} also failed: {type(error).__qualname__}: {error})")
+            raise first
+        for task, error in failures:
+            error.add_note(f"(raised by {task.label})")
+        values = [outcome.value if outcome.error is None else outcome.error for outcome in outcomes]
+        if self.shape is dict:
+            return {task.key: value for task, value in zip(self.tasks, values)}
+        if self.shape is list:
+            return values
+        return values[0]
+
+
+def _short_repr(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
