@@ -42,6 +42,7 @@ __all__ = [
     "RemoteTraceback",
     "SerializationError",
     "Settings",
+    "Task",
     "TaskTimeout",
     "WorkerCrashed",
     "__version__",

@@ -6,7 +6,7 @@ import importlib
 import logging
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -30,7 +30,9 @@ DriverFactory = Callable[[Settings], Driver]
 # Built-in drivers, imported only when chosen (the dask one needs an optional dependency).
 _BUILTIN_DRIVERS: dict[str, str] = {
     "process": "starlette_concurrency._drivers.process:create",
+    "fork": "starlette_concurrency._drivers.fork:create",
     "sync": "starlette_concurrency._drivers.sync:create",
+    "dask": "starlette_concurrency._drivers.dask:create",
 }
 
 
@@ -123,16 +125,18 @@ class _Core:
                 with anyio.move_on_after(self.settings.timeout or math.inf) as timeout:
                     await driver.execute(tasks, running.outcomes)
                 if timeout.cancelled_caught:
-                    for task, outcome in zip(tasks, running.outcomes):
+                    for task, outcome in zip(tasks, running.outcomes, strict=True):
                         if outcome is None:
-                            logger.error("deferred %s timed out after %s s and was stopped", task.label, timeout.deadline)
+                            logger.error(
+                                "deferred %s timed out after %s s and was stopped", task.label, timeout.deadline
+                            )
         except Exception as exc:  # the batch could not run at all: pickling, a closed pool...
-            for task, outcome in zip(tasks, running.outcomes):
+            for task, outcome in zip(tasks, running.outcomes, strict=True):
                 if outcome is None:
                     logger.error("deferred %s could not run", task.label, exc_info=exc)
         finally:
             self.running.discard(running)
-            for task, outcome in zip(tasks, running.outcomes):
+            for task, outcome in zip(tasks, running.outcomes, strict=True):
                 if outcome is not None and outcome.error is not None:
                     logger.error("deferred %s failed", task.label, exc_info=outcome.error)
             self.settle(len(tasks))
@@ -166,7 +170,7 @@ class _Core:
             with anyio.move_on_after(self.settings.drain_timeout):
                 await self.drained.wait()
         for running in list(self.running):
-            for task, outcome in zip(running.tasks, running.outcomes):
+            for task, outcome in zip(running.tasks, running.outcomes, strict=True):
                 if outcome is None:
                     logger.error(
                         "deferred %s abandoned: still running after the %s s drain timeout",
@@ -303,18 +307,26 @@ class Concurrency:
 
     @overload
     async def run(
+        self,
+        tasks: Mapping[Any, Callable[[], Any]],
+        *,
+        timeout: float | None = None,
+        return_exceptions: bool = False,
+    ) -> dict[Any, Any]: ...
+
+    @overload
+    async def run(
         self, tasks: Callable[[], Any], *, timeout: float | None = None, return_exceptions: bool = False
     ) -> Any: ...
 
     @overload
     async def run(
-        self, tasks: dict[Any, Callable[[], Any]], *, timeout: float | None = None, return_exceptions: bool = False
-    ) -> dict[Any, Any]: ...
-
-    @overload
-    async def run(
-        self, tasks: Tasks, *, timeout: float | None = None, return_exceptions: bool = False
-    ) -> list[Any] | dict[Any, Any]: ...
+        self,
+        tasks: Iterable[Callable[[], Any]],
+        *,
+        timeout: float | None = None,
+        return_exceptions: bool = False,
+    ) -> list[Any]: ...
 
     async def run(self, tasks: Tasks, *, timeout: float | None = None, return_exceptions: bool = False) -> Any:
         """Run the tasks at the same time and return their results.
@@ -348,13 +360,15 @@ class Concurrency:
             driver = await self._core.started_driver(self._name)
             with anyio.move_on_after(timeout or math.inf):
                 await driver.execute(batch.tasks, outcomes)
-        unfinished = [task.label for task, outcome in zip(batch.tasks, outcomes) if outcome is None]
+        unfinished = [task.label for task, outcome in zip(batch.tasks, outcomes, strict=True) if outcome is None]
         if unfinished:
             raise TaskTimeout(
                 f"run() did not finish within {timeout} s; stopped {len(unfinished)} unfinished "
                 f"task(s): {', '.join(unfinished[:10])}{', ...' if len(unfinished) > 10 else ''}"
             )
-        return batch.results([outcome for outcome in outcomes if outcome is not None], return_exceptions=return_exceptions)
+        return batch.results(
+            [outcome for outcome in outcomes if outcome is not None], return_exceptions=return_exceptions
+        )
 
     def defer(self, tasks: Tasks, *, always: bool = False) -> None:
         """Run the tasks after the response has been sent; return at once.

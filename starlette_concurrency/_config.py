@@ -53,7 +53,7 @@ class Settings:
         Raises:
             ConfigurationError: a value is invalid; the message names the argument or variable.
         """
-        config = Config(env_file if env_file is not None and os.path.isfile(env_file) else None)
+        config = Config(os.fspath(env_file) if env_file is not None and os.path.isfile(env_file) else None)
 
         def pick(name: str, variable: str, cast: Callable[[str, str], Any]) -> Any:
             if arguments.get(name) is not None:
@@ -93,12 +93,13 @@ def _parse(kind: type[T]) -> Callable[[str, str], T]:
             raise ConfigurationError(
                 f"{variable} must be a positive {'integer' if kind is int else 'number'}, got {raw!r}"
             ) from None
-        return positive(variable, value, kind)
+        checked: T = positive(variable, value, kind)
+        return checked
 
     return parse
 
 
-def positive(name: str, value: Any, kind: type[T]) -> T | None:
+def positive(name: str, value: Any, kind: type[T]) -> Any:
     """Check that an option is ``None`` or a positive number of the right kind.
 
     Raises:
@@ -106,7 +107,9 @@ def positive(name: str, value: Any, kind: type[T]) -> T | None:
     """
     if value is None:
         return None
-    wrong_type = isinstance(value, bool) or not isinstance(value, int | float) or (kind is int and isinstance(value, float))
+    wrong_type = (
+        isinstance(value, bool) or not isinstance(value, int | float) or (kind is int and isinstance(value, float))
+    )
     if wrong_type:
         raise ConfigurationError(f"{name} must be a positive {kind.__name__}, not {type(value).__name__} {value!r}")
     if not value > 0:  # also refuses NaN

@@ -91,7 +91,11 @@ class ConcurrencyMiddleware:
             async def close_before_reporting(message: Message) -> None:
                 # The server exits as soon as it hears shutdown is complete (or startup failed):
                 # deferred work must be drained and the workers stopped before that.
-                if message["type"] in {"lifespan.shutdown.complete", "lifespan.shutdown.failed", "lifespan.startup.failed"}:
+                if message["type"] in {
+                    "lifespan.shutdown.complete",
+                    "lifespan.shutdown.failed",
+                    "lifespan.startup.failed",
+                }:
                     await self.concurrency.aclose()
                 await send(message)
 

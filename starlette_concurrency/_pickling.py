@@ -5,7 +5,7 @@ from __future__ import annotations
 import pickle
 from typing import Any
 
-import cloudpickle
+import cloudpickle  # type: ignore[import-untyped]
 
 from . import _worker
 from ._exceptions import RemoteError, RemoteTraceback, SerializationError
@@ -16,7 +16,8 @@ __all__ = ["decode_outcome", "dumps", "dumps_task", "remote_exception"]
 
 def dumps(obj: Any) -> bytes:
     """Pickle with cloudpickle, which also sends lambdas, closures and `__main__` functions by value."""
-    return cloudpickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    data: bytes = cloudpickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    return data
 
 
 def dumps_task(task: Task) -> bytes:
@@ -52,9 +53,9 @@ def decode_outcome(tag: bytes, body: bytes | memoryview, task: Task) -> Outcome:
         return Outcome(error=SerializationError(f"the result of {task.label} could not be unpickled: {exc!r}"))
     type_name, message, traceback = pickle.loads(body)
     if tag == _worker.REMOTE:
-        error: BaseException = RemoteError(type_name, message, traceback)
+        stand_in: BaseException = RemoteError(type_name, message, traceback)
     elif tag == _worker.UNPICKLABLE:
-        error = SerializationError(f"the result of {task.label} cannot be pickled: {type_name}: {message}")
+        stand_in = SerializationError(f"the result of {task.label} cannot be pickled: {type_name}: {message}")
     else:
-        error = SerializationError(f"{task.label} could not be unpickled in the worker: {type_name}: {message}")
-    return Outcome(error=remote_exception(error, traceback))
+        stand_in = SerializationError(f"{task.label} could not be unpickled in the worker: {type_name}: {message}")
+    return Outcome(error=remote_exception(stand_in, traceback))

@@ -7,7 +7,6 @@ driver's `Outcome`s back into the shape the caller gave.
 
 from __future__ import annotations
 
-import traceback
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -87,7 +86,11 @@ class Batch:
 
     def results(self, outcomes: list[Outcome], *, return_exceptions: bool) -> Any:
         """Shape the outcomes like the input; raise the first failure by position unless told not to."""
-        failures = [(task, outcome.error) for task, outcome in zip(self.tasks, outcomes) if outcome.error is not None]
+        failures = [
+            (task, outcome.error)
+            for task, outcome in zip(self.tasks, outcomes, strict=True)
+            if outcome.error is not None
+        ]
         if failures and not return_exceptions:
             task, first = failures[0]
             first.add_note(f"(raised by {task.label})")
@@ -98,7 +101,7 @@ class Batch:
             error.add_note(f"(raised by {task.label})")
         values = [outcome.value if outcome.error is None else outcome.error for outcome in outcomes]
         if self.shape is dict:
-            return {task.key: value for task, value in zip(self.tasks, values)}
+            return {task.key: value for task, value in zip(self.tasks, values, strict=True)}
         if self.shape is list:
             return values
         return values[0]

@@ -65,7 +65,7 @@ def main(argv: list[str]) -> int:
     sys.path[:] = config["sys_path"]
     _watch_parent(reader)
 
-    import cloudpickle  # imported before READY so that the first task does not pay for it
+    import cloudpickle  # type: ignore[import-untyped]  # imported before READY so that the first task does not pay for it
 
     for module in config["preload"]:
         __import__(module)
@@ -82,14 +82,20 @@ def main(argv: list[str]) -> int:
         if body is None:
             return 0
         for payload in pickle.loads(body):
-            _write(writer, _run(payload, cloudpickle.dumps))
+            try:
+                fn = pickle.loads(payload)
+            except BaseException as exc:
+                _write(writer, frame(LOAD_FAILED, _describe(exc)))
+            else:
+                _write(writer, result_frame(fn, cloudpickle.dumps))
 
 
-def _run(payload: bytes, dumps: Callable[[Any], bytes]) -> bytes:
-    try:
-        fn = pickle.loads(payload)
-    except BaseException as exc:
-        return frame(LOAD_FAILED, _describe(exc))
+def result_frame(fn: Callable[[], Any], dumps: Callable[[Any], bytes]) -> bytes:
+    """Call `fn` (running a coroutine it returns to completion) and frame how it ended.
+
+    Never raises: a failure, or a result that will not pickle, is framed too. `dumps` is
+    cloudpickle's, the fallback for results that plain pickle refuses.
+    """
     try:
         value = fn()
         if hasattr(value, "__await__"):

@@ -4,9 +4,17 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import anyio
+
+
+async def eventually(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Wait until `predicate()` holds (polling: files and processes have no event to wait on)."""
+    with anyio.fail_after(timeout):
+        while not predicate():  # noqa: ASYNC110
+            await anyio.sleep(0.02)
 
 
 def identity(value: object) -> object:
@@ -43,7 +51,7 @@ async def async_sleep_then(value: object, seconds: float) -> object:
 async def sleep_then_touch(path: Path, seconds: float) -> None:
     """Cooperative (so that the `sync` driver can be cancelled too), with a side effect to look for."""
     await anyio.sleep(seconds)
-    path.write_text("ran")
+    await anyio.Path(path).write_text("ran")
 
 
 def crash(code: int) -> None:

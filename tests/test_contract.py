@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from pathlib import Path
 
 import anyio
@@ -71,7 +72,10 @@ async def test_generators_of_callables_are_accepted(concurrency: Concurrency) ->
 
 async def test_coroutine_functions_are_awaited(concurrency: Concurrency) -> None:
     results = await concurrency.run(
-        {"a": functools.partial(helpers.async_sleep_then, "a", 0.05), "b": functools.partial(helpers.async_sleep_then, "b", 0)}
+        {
+            "a": functools.partial(helpers.async_sleep_then, "a", 0.05),
+            "b": functools.partial(helpers.async_sleep_then, "b", 0),
+        }
     )
     assert results == {"a": "a", "b": "b"}
 
@@ -83,7 +87,7 @@ async def test_a_failure_is_raised_as_its_own_type_with_a_note_naming_the_task(c
 
 
 async def test_the_first_failure_by_position_wins_and_the_others_are_noted(concurrency: Concurrency) -> None:
-    tasks = [
+    tasks: list[Callable[[], object]] = [
         lambda: "fine",
         functools.partial(helpers.fail_later, "first", 0.2),  # fails last, but comes first by position
         functools.partial(helpers.fail, "second"),
@@ -100,7 +104,9 @@ async def test_the_first_failure_by_position_wins_and_the_others_are_noted(concu
 async def test_all_tasks_finish_even_when_one_fails(concurrency: Concurrency, tmp_path: Path) -> None:
     marker = tmp_path / "marker"
     with pytest.raises(ValueError, match="early"):
-        await concurrency.run([functools.partial(helpers.fail, "early"), functools.partial(helpers.sleep_then_touch, marker, 0.2)])
+        await concurrency.run(
+            [functools.partial(helpers.fail, "early"), functools.partial(helpers.sleep_then_touch, marker, 0.2)]
+        )
     assert marker.read_text() == "ran"
 
 
@@ -184,6 +190,4 @@ async def test_a_closed_facade_starts_again_when_entered(driver_name: str) -> No
 async def test_defer_outside_a_request_runs_in_the_background(concurrency: Concurrency, tmp_path: Path) -> None:
     markers = [tmp_path / "a", tmp_path / "b"]
     concurrency.defer([functools.partial(helpers.sleep_then_touch, marker, 0.05) for marker in markers])
-    with anyio.fail_after(10):
-        while not all(marker.exists() for marker in markers):
-            await anyio.sleep(0.02)
+    await helpers.eventually(lambda: all(marker.exists() for marker in markers))

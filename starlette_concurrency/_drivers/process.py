@@ -171,7 +171,8 @@ class _Worker:
     async def exit_status(self) -> int | None:
         """Wait (briefly) for a worker whose pipe closed to exit; None if it closed the pipe but lives on."""
         deadline = time.monotonic() + 1.0
-        while (returncode := self.process.poll()) is None and time.monotonic() < deadline:
+        # A child's exit has no event to wait on short of SIGCHLD, which belongs to the application.
+        while (returncode := self.process.poll()) is None and time.monotonic() < deadline:  # noqa: ASYNC110
             await anyio.sleep(0.002)
         self.close(kill=returncode is None)
         return returncode
@@ -269,9 +270,9 @@ class ProcessDriver(Driver):
         preload: Iterable[str] = (),
     ) -> None:
         self.workers: int = positive("workers", workers, int) or os.cpu_count() or 1
-        self.max_tasks_per_worker = positive("max_tasks_per_worker", max_tasks_per_worker, int)
-        self.idle_timeout = positive("idle_timeout", idle_timeout, float)
-        self.max_worker_memory = positive("max_worker_memory", max_worker_memory, int)
+        self.max_tasks_per_worker: int | None = positive("max_tasks_per_worker", max_tasks_per_worker, int)
+        self.idle_timeout: float | None = positive("idle_timeout", idle_timeout, float)
+        self.max_worker_memory: int | None = positive("max_worker_memory", max_worker_memory, int)
         if initializer is not None and not callable(initializer):
             raise ConfigurationError(f"initializer must be callable, not {type(initializer).__name__}")
         config = {
@@ -526,7 +527,7 @@ class ProcessDriver(Driver):
         self._waiters.clear()
         deadline = time.monotonic() + _STOP_GRACE
         with anyio.CancelScope(shield=True):
-            while any(process.poll() is None for process, _ in self._stopping) and time.monotonic() < deadline:
+            while any(p.poll() is None for p, _ in self._stopping) and time.monotonic() < deadline:  # noqa: ASYNC110
                 await anyio.sleep(0.005)
         for process, _ in self._stopping:
             if process.poll() is None:
