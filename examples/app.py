@@ -1,0 +1,88 @@
+"""A small dashboard that counts things concurrently and reports metrics after responding.
+
+Run it with `scripts/example` (or `uvicorn examples.app:app`), then open http://127.0.0.1:8000/.
+"""
+
+from __future__ import annotations
+
+import functools
+import html
+import json
+import os
+import time
+
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.routing import Route
+
+from starlette_concurrency import Concurrency, ConcurrencyMiddleware
+
+from .work import METRICS_LOG, count_primes, count_rows, report
+
+concurrency = Concurrency()  # the driver comes from CONCURRENCY_DRIVER, "process" by default
+
+
+async def dashboard_data() -> dict[str, object]:
+    started = time.perf_counter()
+    counts = await concurrency.run(
+        {
+            "users": functools.partial(count_rows, "users"),
+            "orders": functools.partial(count_rows, "orders"),
+            "invoices": functools.partial(count_rows, "invoices"),
+            "primes below 200k": functools.partial(count_primes, 200_000),
+        }
+    )
+    elapsed = time.perf_counter() - started
+    # Reported once the response has been sent: the client does not wait for these.
+    concurrency.defer(
+        {
+            "dashboard.elapsed": functools.partial(report, "dashboard.elapsed", elapsed),
+            "dashboard.users": functools.partial(report, "dashboard.users", counts["users"]["count"]),
+        }
+    )
+    return {"elapsed_seconds": round(elapsed, 3), "server_pid": os.getpid(), "counts": counts}
+
+
+async def dashboard(request: Request) -> Response:
+    data = await dashboard_data()
+    rows = "".join(
+        f"<tr><td>{html.escape(name)}</td><td>{value['count']}</td><td>{value['pid']}</td></tr>"
+        for name, value in data["counts"].items()  # type: ignore[attr-defined]
+    )
+    return HTMLResponse(
+        f"""<!doctype html><title>Dashboard</title>
+<h1>Dashboard</h1>
+<p>Four slow things (three 300 ms queries and a CPU-bound count) ran at the same time in worker
+processes: {data["elapsed_seconds"]} s in all. Server pid {data["server_pid"]}.</p>
+<table border=1 cellpadding=4><tr><th>what</th><th>count</th><th>worker pid</th></tr>{rows}</table>
+<p>Two metrics are reported after this page was sent: see <a href="/metrics">/metrics</a>.
+Also: <a href="/api/dashboard">/api/dashboard</a> (JSON), <a href="/workers">/workers</a>.</p>"""
+    )
+
+
+async def api_dashboard(request: Request) -> Response:
+    return JSONResponse(await dashboard_data())
+
+
+async def workers(request: Request) -> Response:
+    """Which worker process ran which of eight tasks."""
+    pids = await concurrency.run([functools.partial(os.getpid) for _ in range(8)])
+    return JSONResponse({"server_pid": os.getpid(), "task_pids": pids, "distinct_workers": sorted(set(pids))})
+
+
+async def metrics(request: Request) -> Response:
+    lines = METRICS_LOG.read_text().splitlines()[-20:] if METRICS_LOG.exists() else []
+    return JSONResponse([json.loads(line) for line in lines])
+
+
+app = Starlette(
+    routes=[
+        Route("/", dashboard),
+        Route("/api/dashboard", api_dashboard),
+        Route("/workers", workers),
+        Route("/metrics", metrics),
+    ],
+    middleware=[Middleware(ConcurrencyMiddleware, concurrency=concurrency)],
+)

@@ -1,0 +1,120 @@
+"""An app exercising the middleware, served by uvicorn in a subprocess or driven in-process.
+
+Deferred tasks write a JSON marker file (pid, start, end) into the directory named by
+`TEST_MARKERS` (workers inherit the environment), so tests can see what ran, where and when.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import anyio
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket
+
+from starlette_concurrency import Concurrency, ConcurrencyMiddleware
+
+
+def markers() -> Path:
+    return Path(os.environ["TEST_MARKERS"])
+
+
+def mark(name: str, seconds: float = 0.0) -> str:
+    """A deferred task: sleep, then record that it ran."""
+    start = time.time()
+    time.sleep(seconds)
+    (markers() / f"{name}.json").write_text(json.dumps({"pid": os.getpid(), "start": start, "end": time.time()}))
+    return name
+
+
+def explode(message: str) -> None:
+    raise RuntimeError(message)
+
+
+def make_app(concurrency: Concurrency) -> Starlette:
+    async def defer_slow(request: Request) -> Response:
+        seconds = float(request.query_params.get("seconds", "1.0"))
+        concurrency.defer([functools.partial(mark, "slow-a", seconds), functools.partial(mark, "slow-b", seconds)])
+        return PlainTextResponse("deferred")
+
+    async def status(request: Request) -> Response:
+        code = int(request.path_params["code"])
+        concurrency.defer(functools.partial(mark, f"normal-{code}"))
+        concurrency.defer(functools.partial(mark, f"always-{code}"), always=True)
+        return PlainTextResponse("status", status_code=code)
+
+    async def error(request: Request) -> Response:
+        concurrency.defer(functools.partial(mark, "normal-error"))
+        concurrency.defer(functools.partial(mark, "always-error"), always=True)
+        raise RuntimeError("the handler failed")
+
+    async def stream(request: Request) -> Response:
+        concurrency.defer(functools.partial(mark, "stream"))
+
+        async def body() -> AsyncIterator[bytes]:
+            for i in range(3):
+                yield f"chunk {i}\n".encode()
+                await anyio.sleep(0.3)
+
+        return StreamingResponse(body())
+
+    async def file(request: Request) -> Response:
+        concurrency.defer(functools.partial(mark, "file"))
+        return FileResponse(__file__)
+
+    async def failing(request: Request) -> Response:
+        tasks: dict[str, Callable[[], object]] = {
+            "doomed": functools.partial(explode, "deferred failure"),
+            "sibling": functools.partial(mark, "sibling"),
+        }
+        concurrency.defer(tasks)
+        return PlainTextResponse("ok")
+
+    async def run(request: Request) -> Response:
+        results = await concurrency.run({"a": functools.partial(os.getpid), "b": lambda: 2 + 2})
+        return JSONResponse({"results": results, "server": os.getpid()})
+
+    def sync_endpoint(request: Request) -> Response:
+        # Sync endpoints run in the threadpool: the deferral scope must follow them there.
+        concurrency.defer(functools.partial(mark, "from-thread"))
+        return PlainTextResponse("sync")
+
+    async def echo(websocket: WebSocket) -> None:
+        await websocket.accept()
+        await websocket.send_text(await websocket.receive_text())
+        await websocket.close()
+
+    class Header(BaseHTTPMiddleware):
+        async def dispatch(self, request: Request, call_next: RequestResponseEndpoint) -> Response:
+            response = await call_next(request)
+            response.headers["x-wrapped"] = "yes"
+            return response
+
+    return Starlette(
+        routes=[
+            Route("/defer", defer_slow),
+            Route("/status/{code:int}", status),
+            Route("/error", error),
+            Route("/stream", stream),
+            Route("/file", file),
+            Route("/failing", failing),
+            Route("/run", run),
+            Route("/sync", sync_endpoint),
+            WebSocketRoute("/ws", echo),
+        ],
+        middleware=[Middleware(ConcurrencyMiddleware, concurrency=concurrency), Middleware(Header)],
+    )
+
+
+# What `uvicorn tests.apps:app` serves.
+app = make_app(Concurrency(workers=2, drain_timeout=20))

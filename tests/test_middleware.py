@@ -1,0 +1,215 @@
+"""ConcurrencyMiddleware and defer() in-process (httpx's ASGI transport), on asyncio and trio."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import anyio
+import pytest
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Route
+from starlette.types import Message, Receive, Scope, Send
+
+from starlette_concurrency import Concurrency, ConcurrencyError, ConcurrencyMiddleware, DeferralRejected
+
+from . import apps, helpers
+from .asgi import LifespanFailed, client, lifespan, read_marker
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def markers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("TEST_MARKERS", str(tmp_path))  # before the workers start: they inherit it
+    return tmp_path
+
+
+async def test_deferred_work_runs_after_the_response_in_the_background(markers: Path) -> None:
+    app = apps.make_app(Concurrency(workers=2, env_file=None))
+    async with lifespan(app), client(app) as http:
+        response = await http.get("/defer", params={"seconds": 0.5})
+        assert response.text == "deferred"
+        assert list(markers.iterdir()) == []
+        await helpers.eventually(lambda: len(list(markers.iterdir())) == 2)
+    a, b = read_marker(markers, "slow-a"), read_marker(markers, "slow-b")
+    assert a["pid"] != b["pid"]
+
+
+async def test_status_and_exceptions_decide_what_runs(markers: Path) -> None:
+    app = apps.make_app(Concurrency(workers=2, env_file=None))
+    async with lifespan(app), client(app) as http:
+        assert (await http.get("/status/201")).status_code == 201
+        assert (await http.get("/status/400")).status_code == 400
+        assert (await http.get("/error")).status_code == 500
+    # Leaving the lifespan drained everything accepted.
+    assert sorted(path.stem for path in markers.iterdir()) == ["always-201", "always-400", "always-error", "normal-201"]
+
+
+async def test_the_app_lifespan_still_runs_and_shutdown_waits_for_the_drain(markers: Path) -> None:
+    events: list[str] = []
+    concurrency = Concurrency(workers=2, env_file=None)
+
+    @asynccontextmanager
+    async def app_lifespan(app: Starlette) -> AsyncIterator[None]:
+        events.append("startup")
+        yield
+        events.append("shutdown")
+
+    async def endpoint(request: Request) -> Response:
+        concurrency.defer(functools.partial(apps.mark, "late", 0.5))
+        return PlainTextResponse("hello")
+
+    app = Starlette(
+        routes=[Route("/", endpoint)],
+        lifespan=app_lifespan,
+        middleware=[Middleware(ConcurrencyMiddleware, concurrency=concurrency)],
+    )
+    async with lifespan(app) as sent, client(app) as http:
+        assert (await http.get("/")).text == "hello"
+    assert events == ["startup", "shutdown"]
+    assert [message["type"] for message in sent] == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
+    assert (markers / "late.json").exists(), "shutdown completed before the deferred task ran"
+
+
+async def test_a_worker_pool_that_cannot_start_fails_the_startup() -> None:
+    app = ConcurrencyMiddleware(
+        Starlette(), Concurrency(workers=1, initializer=functools.partial(helpers.fail, "no db"), env_file=None)
+    )
+    with pytest.raises(LifespanFailed, match="no db"):
+        async with lifespan(app):
+            pass  # pragma: no cover
+
+
+async def test_work_still_running_after_the_drain_timeout_is_logged_as_abandoned(
+    markers: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = apps.make_app(Concurrency(workers=2, drain_timeout=0.5, env_file=None))
+    with caplog.at_level(logging.ERROR, logger="starlette_concurrency"):
+        async with lifespan(app), client(app) as http:
+            await http.get("/defer", params={"seconds": 30})
+    abandoned = sorted(record.getMessage() for record in caplog.records)
+    assert abandoned == [
+        "deferred task 0 abandoned: still running after the 0.5 s drain timeout",
+        "deferred task 1 abandoned: still running after the 0.5 s drain timeout",
+    ]
+    assert list(markers.iterdir()) == []
+
+
+async def test_failures_are_logged_with_the_task_key_and_never_reach_the_client(
+    markers: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = apps.make_app(Concurrency(workers=2, env_file=None))
+    with caplog.at_level(logging.ERROR, logger="starlette_concurrency"):
+        async with lifespan(app), client(app) as http:
+            response = await http.get("/failing")
+            assert (response.status_code, response.text) == (200, "ok")
+    assert (markers / "sibling.json").exists()
+    [record] = caplog.records
+    assert record.getMessage() == "deferred task 'doomed' failed"
+    assert record.exc_info is not None
+    assert str(record.exc_info[1]) == "deferred failure"
+
+
+async def test_without_a_lifespan_deferred_work_runs_after_the_response_in_the_request(markers: Path) -> None:
+    concurrency = Concurrency(workers=1, env_file=None)
+    app = apps.make_app(concurrency)
+    async with client(app) as http:  # no lifespan: the pool starts lazily
+        assert (await http.get("/defer", params={"seconds": 0})).text == "deferred"
+    assert {path.name for path in markers.iterdir()} == {"slow-a.json", "slow-b.json"}
+    await concurrency.aclose()
+
+
+async def test_the_pending_bound_rejects_new_deferrals_clearly(markers: Path) -> None:
+    concurrency = Concurrency(workers=1, max_pending_deferred=3, env_file=None)
+    outcomes: list[str] = []
+
+    async def endpoint(request: Request) -> Response:
+        try:
+            concurrency.defer([functools.partial(apps.mark, f"{request.query_params['n']}-{i}", 0.3) for i in range(2)])
+        except DeferralRejected as exc:
+            outcomes.append(str(exc))
+            return PlainTextResponse("busy", status_code=503)
+        outcomes.append("accepted")
+        return PlainTextResponse("ok")
+
+    app = Starlette(
+        routes=[Route("/", endpoint)], middleware=[Middleware(ConcurrencyMiddleware, concurrency=concurrency)]
+    )
+    async with lifespan(app), client(app) as http:
+        assert (await http.get("/", params={"n": "first"})).status_code == 200
+        assert (await http.get("/", params={"n": "second"})).status_code == 503
+    assert outcomes == [
+        "accepted",
+        "defer() of 2 task(s) refused: 2 deferred task(s) are already pending and max_pending_deferred is 3",
+    ]
+    # Nothing accepted was lost, nothing rejected ran.
+    assert sorted(path.stem for path in markers.iterdir()) == ["first-0", "first-1"]
+
+
+async def test_defer_outside_a_request_needs_a_started_facade() -> None:
+    concurrency = Concurrency(driver="sync", env_file=None)
+    with pytest.raises(ConcurrencyError, match="async with concurrency"):
+        concurrency.defer(lambda: None)
+    with pytest.raises(TypeError, match=r"tasks\[0\] is not callable"):
+        concurrency.defer([42])  # type: ignore[list-item]
+
+
+async def test_websockets_and_other_scopes_pass_through() -> None:
+    seen: list[str] = []
+
+    async def inner(scope: Scope, receive: Receive, send: Send) -> None:
+        seen.append(scope["type"])
+
+    middleware = ConcurrencyMiddleware(inner, Concurrency(driver="sync", env_file=None))
+
+    async def receive() -> Message:  # pragma: no cover - never called
+        raise AssertionError
+
+    async def send(message: Message) -> None:  # pragma: no cover - never called
+        raise AssertionError
+
+    await middleware({"type": "websocket"}, receive, send)
+    assert seen == ["websocket"]
+
+
+async def test_websocket_endpoints_work_behind_the_middleware() -> None:
+    app = apps.make_app(Concurrency(driver="sync", env_file=None))
+    incoming: list[Message] = [
+        {"type": "websocket.connect"},
+        {"type": "websocket.receive", "text": "ping"},
+        {"type": "websocket.disconnect", "code": 1000},
+    ]
+    outgoing: list[Message] = []
+
+    async def receive() -> Message:
+        return incoming.pop(0)
+
+    async def send(message: Message) -> None:
+        outgoing.append(message)
+
+    scope = {"type": "websocket", "path": "/ws", "raw_path": b"/ws", "query_string": b"", "headers": [], "scheme": "ws"}
+    await app(scope, receive, send)
+    assert [message["type"] for message in outgoing] == ["websocket.accept", "websocket.send", "websocket.close"]
+    assert outgoing[1]["text"] == "ping"
+
+
+async def test_concurrent_requests_keep_their_batches_apart(markers: Path) -> None:
+    app = apps.make_app(Concurrency(workers=2, env_file=None))
+    async with lifespan(app), client(app) as http, anyio.create_task_group() as tg:
+        for code in (200, 404, 202, 418):
+            tg.start_soon(http.get, f"/status/{code}")
+    assert sorted(path.stem for path in markers.iterdir()) == [
+        "always-200",
+        "always-202",
+        "always-404",
+        "always-418",
+        "normal-200",
+        "normal-202",
+    ]

@@ -1,0 +1,123 @@
+"""The middleware under a real uvicorn server on 127.0.0.1 (tests/apps.py, served in a subprocess)."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from .asgi import Server, read_marker, uvicorn
+
+MARKERS_WAIT = 20.0  # seconds: a bound against hangs, not a speed expectation
+
+
+@pytest.fixture
+def markers(tmp_path: Path) -> Path:
+    directory = tmp_path / "markers"
+    directory.mkdir()
+    return directory
+
+
+@pytest.fixture
+def server(markers: Path, tmp_path: Path) -> Iterator[Server]:
+    with uvicorn("tests.apps:app", tmp_path / "server.log", env={"TEST_MARKERS": str(markers)}) as running:
+        yield running
+
+
+def wait_for(*paths: Path) -> None:
+    deadline = time.monotonic() + MARKERS_WAIT
+    while not all(path.exists() for path in paths):
+        assert time.monotonic() < deadline, f"never appeared: {[str(p) for p in paths if not p.exists()]}"
+        time.sleep(0.02)
+
+
+def test_the_response_does_not_wait_for_deferred_work(server: Server, markers: Path) -> None:
+    response = httpx.get(f"{server.url}/defer", params={"seconds": 1.5})
+    assert response.text == "deferred"
+    # The batch sleeps 1.5 s before writing its markers: had the response waited for it, they would exist.
+    assert list(markers.iterdir()) == []
+    wait_for(markers / "slow-a.json", markers / "slow-b.json")
+    a, b = read_marker(markers, "slow-a"), read_marker(markers, "slow-b")
+    assert a["pid"] != b["pid"], "the batch's tasks ran in the same worker"
+    assert a["start"] < b["end"], "the batch's tasks did not run at the same time"
+    assert b["start"] < a["end"], "the batch's tasks did not run at the same time"
+
+
+def test_error_statuses_run_only_always_tasks(server: Server, markers: Path) -> None:
+    assert httpx.get(f"{server.url}/status/200").status_code == 200
+    assert httpx.get(f"{server.url}/status/404").status_code == 404
+    assert httpx.get(f"{server.url}/status/503").status_code == 503
+    assert httpx.get(f"{server.url}/error").status_code == 500
+    server.stop()  # shutdown drains: whatever was accepted has run once the server is gone
+    ran = sorted(path.stem for path in markers.iterdir())
+    assert ran == ["always-200", "always-404", "always-503", "always-error", "normal-200"]
+
+
+def test_streaming_responses_defer_until_the_last_chunk(server: Server, markers: Path) -> None:
+    with httpx.stream("GET", f"{server.url}/stream") as response:
+        chunks = response.iter_bytes()
+        assert next(chunks).startswith(b"chunk 0")
+        assert not (markers / "stream.json").exists(), "deferred work started before the body was complete"
+        rest = b"".join(chunks)
+    assert rest.endswith(b"chunk 2\n")
+    wait_for(markers / "stream.json")
+
+
+def test_file_responses_and_sync_endpoints_defer(server: Server, markers: Path) -> None:
+    assert httpx.get(f"{server.url}/file").text.startswith('"""An app exercising the middleware')
+    assert httpx.get(f"{server.url}/sync").text == "sync"
+    wait_for(markers / "file.json", markers / "from-thread.json")
+
+
+def test_a_failing_deferred_task_is_logged_and_its_siblings_still_run(server: Server, markers: Path) -> None:
+    response = httpx.get(f"{server.url}/failing")
+    assert response.status_code == 200
+    assert response.text == "ok"
+    wait_for(markers / "sibling.json")
+    server.stop()
+    log = server.output()
+    assert "deferred task 'doomed' failed" in log
+    assert "RuntimeError: deferred failure" in log
+
+
+def test_run_inside_a_request_uses_worker_processes(server: Server) -> None:
+    body = httpx.get(f"{server.url}/run").json()
+    assert body["results"]["b"] == 4
+    assert body["results"]["a"] != body["server"]
+
+
+def test_other_middleware_still_applies(server: Server) -> None:
+    assert httpx.get(f"{server.url}/run").headers["x-wrapped"] == "yes"
+
+
+def test_sigterm_drains_deferred_work_in_flight(server: Server, markers: Path) -> None:
+    # A module-level function behind functools.partial: the workers import tests.apps to run it.
+    assert httpx.get(f"{server.url}/defer", params={"seconds": 1.5}).text == "deferred"
+    server.stop()
+    assert {path.name for path in markers.iterdir()} == {"slow-a.json", "slow-b.json"}
+    assert "abandoned" not in server.output()
+
+
+def test_a_client_that_goes_away_cancels_nothing(server: Server, markers: Path) -> None:
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as connection:
+        connection.sendall(b"GET /defer?seconds=0.5 HTTP/1.1\r\nHost: test\r\n\r\n")
+        assert connection.recv(1024).startswith(b"HTTP/1.1 200")
+    wait_for(markers / "slow-a.json", markers / "slow-b.json")
+
+
+def test_the_example_app_serves_its_dashboard(tmp_path: Path) -> None:
+    env = {"EXAMPLE_METRICS_LOG": str(tmp_path / "metrics.log"), "CONCURRENCY_WORKERS": "2"}
+    with uvicorn("examples.app:app", tmp_path / "example.log", env=env) as example:
+        data = httpx.get(f"{example.url}/api/dashboard", timeout=30).json()
+        assert data["counts"]["users"]["count"] == sum(map(ord, "users")) * 7
+        assert data["counts"]["primes below 200k"]["count"] == 17984
+        assert {count["pid"] for count in data["counts"].values()}.isdisjoint({data["server_pid"]})
+        assert "<h1>Dashboard</h1>" in httpx.get(example.url, timeout=30).text
+        example.stop()
+    metrics = (tmp_path / "metrics.log").read_text().splitlines()
+    assert len(metrics) == 4  # two deferred metrics per dashboard request, all drained at shutdown
