@@ -58,12 +58,20 @@ async def dashboard(request: Request) -> Response:
 processes: {data["elapsed_seconds"]} s in all. Server pid {data["server_pid"]}.</p>
 <table border=1 cellpadding=4><tr><th>what</th><th>count</th><th>worker pid</th></tr>{rows}</table>
 <p>Two metrics are reported after this page was sent: see <a href="/metrics">/metrics</a>.
-Also: <a href="/api/dashboard">/api/dashboard</a> (JSON), <a href="/workers">/workers</a>.</p>"""
+Also: <a href="/api/dashboard">/api/dashboard</a> (JSON), <a href="/api/quick">/api/quick</a>,
+<a href="/workers">/workers</a>.</p>"""
     )
 
 
 async def api_dashboard(request: Request) -> Response:
     return JSONResponse(await dashboard_data())
+
+
+async def quick(request: Request) -> Response:
+    """A light endpoint (two small counts now, one metric later): what a busy API does all day."""
+    small = await concurrency.run([functools.partial(count_primes, 1_000), functools.partial(count_primes, 1_500)])
+    concurrency.defer(functools.partial(report, "quick", small[0]["count"], delay=0))
+    return JSONResponse({"primes": [result["count"] for result in small]})
 
 
 async def workers(request: Request) -> Response:
@@ -81,6 +89,7 @@ app = Starlette(
     routes=[
         Route("/", dashboard),
         Route("/api/dashboard", api_dashboard),
+        Route("/api/quick", quick),
         Route("/workers", workers),
         Route("/metrics", metrics),
     ],

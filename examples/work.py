@@ -22,9 +22,9 @@ def count_primes(limit: int) -> dict[str, int]:
     return {"count": count, "pid": os.getpid()}
 
 
-def report(metric: str, value: float) -> None:
+def report(metric: str, value: float, delay: float = 0.2) -> None:
     """Send a metric somewhere slow (here: append to a log file, after a 200 ms 'network' delay)."""
-    time.sleep(0.2)
+    time.sleep(delay)
     line = json.dumps({"metric": metric, "value": value, "pid": os.getpid(), "at": time.time()})
     with METRICS_LOG.open("a") as log:
         log.write(line + "\n")
