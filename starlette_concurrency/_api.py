@@ -6,6 +6,7 @@ import importlib
 import logging
 import math
 import os
+import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
@@ -13,7 +14,10 @@ from types import TracebackType
 from typing import Any, overload
 
 import anyio
+import anyio.from_thread
+import anyio.lowlevel
 from anyio.abc import TaskGroup
+from anyio.lowlevel import EventLoopToken
 
 from ._config import Settings, positive
 from ._context import Deferred, RequestDeferrals, new_deferrals_var
@@ -59,8 +63,10 @@ class _Core:
         self.open_requests: set[RequestDeferrals] = set()
         self.running: set[_Running] = set()
         self.pending = 0  # deferred tasks accepted and not yet finished (or skipped)
+        self.pending_lock = threading.Lock()  # defer() may be called from the threadpool
         self.drained: anyio.Event | None = None
         self.task_group: TaskGroup | None = None
+        self.loop: tuple[EventLoopToken, int] | None = None  # the hosting event loop and its thread
         self.exit_stack: AsyncExitStack | None = None
         self.closed = False
         if isinstance(default, Driver):
@@ -99,20 +105,27 @@ class _Core:
 
     def reserve(self, count: int) -> None:
         limit = self.settings.max_pending_deferred
-        if limit is not None and self.pending + count > limit:
-            raise DeferralRejected(
-                f"defer() of {count} task(s) refused: {self.pending} deferred task(s) are already pending "
-                f"and max_pending_deferred is {limit}"
-            )
-        self.pending += count
+        with self.pending_lock:
+            if limit is not None and self.pending + count > limit:
+                raise DeferralRejected(
+                    f"defer() of {count} task(s) refused: {self.pending} deferred task(s) are already pending "
+                    f"and max_pending_deferred is {limit}"
+                )
+            self.pending += count
 
     def settle(self, count: int) -> None:
-        self.pending -= count
-        if self.pending == 0 and self.drained is not None:
+        with self.pending_lock:
+            self.pending -= count
+            drained = self.pending == 0
+        if drained and self.drained is not None:
             self.drained.set()
 
     def launch(self, driver: str, tasks: list[Task]) -> None:
-        assert self.task_group is not None
+        assert self.task_group is not None and self.loop is not None
+        token, thread = self.loop
+        if threading.get_ident() != thread:  # defer() from a worker thread (a sync function in the threadpool)
+            anyio.from_thread.run_sync(self.launch, driver, tasks, token=token)
+            return
         self.task_group.start_soon(self.run_deferred, driver, tasks, name=f"deferred batch of {len(tasks)}")
 
     async def run_deferred(self, driver_name: str, tasks: list[Task]) -> None:
@@ -414,6 +427,7 @@ class Concurrency:
         core.closed = False
         stack = AsyncExitStack()
         core.task_group = await stack.enter_async_context(anyio.create_task_group())
+        core.loop = (anyio.lowlevel.current_token(), threading.get_ident())
         core.exit_stack = stack
         try:
             await core.started_driver(core.default)
@@ -429,7 +443,7 @@ class Concurrency:
         core = self._core
         await core.aclose()
         stack, core.exit_stack = core.exit_stack, None
-        core.task_group = None
+        core.task_group = core.loop = None
         if stack is not None:
             await stack.aclose()
 

@@ -187,6 +187,12 @@ async def test_a_closed_facade_starts_again_when_entered(driver_name: str) -> No
         assert await concurrency.run(lambda: 2) == 2
 
 
+async def test_defer_from_a_worker_thread_runs_in_the_background(concurrency: Concurrency, tmp_path: Path) -> None:
+    marker = tmp_path / "from-thread"
+    await anyio.to_thread.run_sync(concurrency.defer, functools.partial(helpers.sleep_then_touch, marker, 0))
+    await helpers.eventually(marker.exists)
+
+
 async def test_defer_outside_a_request_runs_in_the_background(concurrency: Concurrency, tmp_path: Path) -> None:
     markers = [tmp_path / "a", tmp_path / "b"]
     concurrency.defer([functools.partial(helpers.sleep_then_touch, marker, 0.05) for marker in markers])
