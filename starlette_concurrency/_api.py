@@ -121,7 +121,8 @@ class _Core:
             self.drained.set()
 
     def launch(self, driver: str, tasks: list[Task]) -> None:
-        assert self.task_group is not None and self.loop is not None
+        assert self.task_group is not None
+        assert self.loop is not None
         token, thread = self.loop
         if threading.get_ident() != thread:  # defer() from a worker thread (a sync function in the threadpool)
             anyio.from_thread.run_sync(self.launch, driver, tasks, token=token)
