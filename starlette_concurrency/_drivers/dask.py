@@ -1,0 +1,306 @@
+"""The `dask` driver: tasks run on a Dask distributed cluster (one at an address, or an embedded LocalCluster).
+
+```
+ run([t0 … tn])                          DaskDriver (asyncio)                          cluster
+ ──────────────                          ────────────────────                          ───────
+ pickle every task (cloudpickle; nothing is submitted if one fails)
+ client.map(_run_pickled, payloads, key=[unique keys]) ──── one graph update ───▶ scheduler ──▶ worker thread:
+                                                                                  unpickle, call, run a coroutine
+                                                                                  to completion, frame the outcome
+ as_completed: whichever futures finished ◀─────────────────── status ──────────
+ gather them, one round trip per batch    ◀─────────────────── RESULT frames ───  (the process driver's frames)
+ outcome[i] = decode(frame); KilledWorker → WorkerCrashed
+ cancelled → client.cancel(futures): queued tasks are dropped; a running coroutine task is
+             cancelled inside its worker; a running plain function finishes, its result dropped
+```
+
+A task travels as the same cloudpickle payload the process driver sends, wrapped in a call of the
+module-level `_run_pickled` (which the workers import by reference, so they need this package). The
+worker frames the outcome exactly as `_worker.py` does, so exceptions keep their type and worker
+traceback, and those that cannot round-trip come back as `RemoteError`. Every task gets a unique
+key: Dask would otherwise merge identical closures into one task (``pure=True``).
+
+`distributed` is imported here only, when the driver is chosen; it runs on asyncio alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import os
+import pickle
+import re
+import traceback
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from types import ModuleType
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+
+from .. import _worker
+from .._config import Settings, positive
+from .._exceptions import ConcurrencyClosed, ConcurrencyError, ConfigurationError, WorkerCrashed
+from .._pickling import decode_outcome, dumps_task, remote_exception
+from .._tasks import Outcome, Task
+from .base import Driver
+
+__all__ = ["DaskDriver"]
+
+_POLL = 0.05  # seconds between two looks, in a worker, at whether a running coroutine task was cancelled
+_INSTALL_HINT = "pip install 'starlette-concurrency[dask]'"
+
+
+def _import_distributed() -> ModuleType:
+    try:
+        import distributed
+    except ImportError as exc:
+        raise ConfigurationError(
+            f"the 'dask' driver needs Dask distributed, which is not installed ({exc}); {_INSTALL_HINT}"
+        ) from exc
+    return distributed
+
+
+def _require_asyncio() -> None:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        raise ConfigurationError(
+            "the 'dask' driver runs on asyncio only (Dask distributed is built on it); "
+            "serve the app with asyncio, or choose another driver"
+        ) from None
+
+
+class DaskDriver(Driver):
+    """Run tasks on a Dask distributed cluster, through an asynchronous `distributed.Client`.
+
+    With an address the driver connects to that scheduler; the workers must run the same Python
+    version and have this package and the app's own modules importable (module-level functions
+    travel by reference). Without one it starts an embedded `LocalCluster` of worker processes
+    (one thread each) in `start()` and closes it in `aclose()`.
+
+    Each task is one Dask task with a unique key, so identical closures are never merged. A worker
+    that dies while running a task makes Dask retry it elsewhere up to the scheduler's
+    ``distributed.scheduler.allowed-failures``; past that the task fails with `WorkerCrashed`.
+
+    On a timeout or a cancellation the call's futures are cancelled: tasks not yet running never
+    run, and a running coroutine task is cancelled inside its worker. What Dask cannot do is
+    interrupt a thread: a plain function already running goes on to its end, and its result is
+    dropped. Runs on asyncio only; on trio, `start()` raises `ConfigurationError`.
+
+    Args:
+        address: the scheduler's address (``tcp://host:8786``); ``None`` starts an embedded cluster.
+        workers: worker processes of the embedded cluster (default: the CPU count); ignored with an
+            address, where the cluster decides.
+
+    Raises:
+        ConfigurationError: Dask distributed is not installed, or `workers` is not positive.
+    """
+
+    name = "dask"
+
+    def __init__(self, address: str | None = None, *, workers: int | None = None) -> None:
+        self._distributed = _import_distributed()
+        self.address = address
+        self.workers: int = positive("workers", workers, int) or os.cpu_count() or 1
+        self._client: Any = None
+        self._cluster: Any = None
+        self._closed = False
+
+    @property
+    def client(self) -> Any:
+        """The `distributed.Client` once started (``None`` before), to inspect the cluster with."""
+        return self._client
+
+    async def start(self) -> None:
+        """Connect to the scheduler, starting the embedded cluster first when there is no address.
+
+        Raises:
+            ConfigurationError: the event loop is not asyncio.
+            ConcurrencyError: the scheduler could not be reached.
+        """
+        _require_asyncio()
+        self._closed = False
+        if self._client is not None:
+            return
+        distributed = self._distributed
+        cluster = None
+        try:
+            if self.address is None:
+                cluster = await distributed.LocalCluster(
+                    n_workers=self.workers,
+                    threads_per_worker=1,
+                    processes=True,
+                    scheduler_port=0,
+                    dashboard_address="127.0.0.1:0",  # the default, 8787, may be taken: a second cluster, a proxy
+                    asynchronous=True,
+                )
+            # Not the default client: the app may have one of its own, and `dask.compute` would pick ours.
+            client = await distributed.Client(cluster or self.address, asynchronous=True, set_as_default=False)
+        except OSError as exc:
+            await self._close(None, cluster)
+            where = f"the dask scheduler at {self.address}" if self.address else "the embedded dask cluster"
+            raise ConcurrencyError(f"cannot reach {where}: {exc}") from exc
+        except BaseException:
+            await self._close(None, cluster)
+            raise
+        self._client, self._cluster = client, cluster
+
+    async def execute(self, tasks: Sequence[Task], outcomes: list[Outcome | None]) -> None:
+        """Run the tasks on the cluster; see `Driver.execute`."""
+        if self._closed:
+            raise ConcurrencyClosed("this dask driver has been closed")
+        if self._client is None:
+            await self.start()
+        payloads = []
+        for index, task in enumerate(tasks):
+            payloads.append(dumps_task(task))
+            if index % 512 == 511:
+                await anyio.lowlevel.checkpoint()
+        client = self._client
+        keys = [f"concurrency-{_name(task)}-{uuid.uuid4().hex}" for task in tasks]
+        futures = client.map(_run_pickled, payloads, key=keys, pure=False)
+        index_of = {future.key: index for index, future in enumerate(futures)}
+        try:
+            done = self._distributed.as_completed(futures, loop=client.loop)
+            async for first in done:
+                batch = [first, *done.next_batch(block=False)]
+                for future, outcome in await self._outcomes(batch, tasks, index_of):
+                    outcomes[index_of[future.key]] = outcome
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await client.cancel(futures, reason="the starlette-concurrency call was cancelled or timed out")
+            raise
+
+    async def _outcomes(
+        self, batch: list[Any], tasks: Sequence[Task], index_of: dict[Any, int]
+    ) -> list[tuple[Any, Outcome]]:
+        """Fetch the results of a batch of finished futures in one round trip, and decode them."""
+        finished = [future for future in batch if future.status in ("finished", "lost")]
+        frames: dict[Any, bytes] = {}
+        if finished:
+            try:
+                frames = dict(zip([f.key for f in finished], await self._client.gather(finished), strict=True))
+            except Exception:  # a result was lost between finishing and the gather: take them one by one
+                frames = {}
+        result = []
+        for future in batch:
+            task = tasks[index_of[future.key]]
+            if future.key in frames:
+                outcome = _decode(frames[future.key], task)
+            else:
+                try:
+                    outcome = _decode(await future, task)
+                except Exception as exc:
+                    outcome = Outcome(error=await self._translate(exc, future, task))
+            result.append((future, outcome))
+        return result
+
+    async def _translate(self, exc: Exception, future: Any, task: Task) -> BaseException:
+        """Turn what Dask raised for a task's future into the error the caller sees."""
+        distributed = self._distributed
+        if isinstance(exc, distributed.KilledWorker):
+            crashed = WorkerCrashed(f"the dask workers running {task.label} died: {exc}")
+            crashed.__cause__ = exc
+            return crashed
+        if future.status == "cancelled":
+            return ConcurrencyError(f"the dask cluster cancelled {task.label}: {exc}")
+        # `_run_pickled` itself failed: most likely this package is not importable on the worker.
+        frames = await future.traceback()
+        text = "".join(traceback.format_tb(frames)) if frames is not None else ""
+        error = remote_exception(exc, f"Traceback (most recent call last):\n{text}{type(exc).__name__}: {exc}\n")
+        error.add_note(f"(the dask worker could not run {task.label}; is starlette-concurrency installed there?)")
+        return error
+
+    async def aclose(self) -> None:
+        """Close the client, and the embedded cluster if the driver started one."""
+        if self._closed:
+            return
+        self._closed = True
+        client, cluster = self._client, self._cluster
+        self._client = self._cluster = None
+        await self._close(client, cluster)
+
+    @staticmethod
+    async def _close(client: Any, cluster: Any) -> None:
+        with anyio.CancelScope(shield=True):
+            if client is not None:
+                await client.close()
+            if cluster is not None:
+                await cluster.close()
+
+
+def _decode(frame: bytes, task: Task) -> Outcome:
+    size = _worker.HEADER.size
+    return decode_outcome(frame[size : size + 1], frame[size + 1 :], task)
+
+
+def _name(task: Task) -> str:
+    # What the dashboard groups tasks by: `concurrency-report`, `concurrency-_lambda_`.
+    fn = task.fn
+    name = getattr(fn, "__qualname__", None) or getattr(getattr(fn, "func", None), "__qualname__", None)
+    return re.sub(r"[^\w.]", "_", name or type(fn).__qualname__)
+
+
+# In the worker ----------------------------------------------------------------------------------
+
+
+def _run_pickled(payload: bytes) -> bytes:
+    """Run one task in a Dask worker thread and frame how it ended, as `_worker.py` does; never raises."""
+    import cloudpickle  # type: ignore[import-untyped]
+
+    try:
+        fn = cloudpickle.loads(payload)
+    except BaseException as exc:
+        text = "".join(traceback.format_exception(exc))
+        return _worker.frame(_worker.LOAD_FAILED, pickle.dumps((type(exc).__qualname__, str(exc), text)))
+    return _worker.result_frame(functools.partial(_call, fn), cloudpickle.dumps)
+
+
+def _call(fn: Callable[[], Any]) -> Any:
+    value = fn()
+    if hasattr(value, "__await__"):
+        # Worker threads have no event loop of their own, so each coroutine task gets a fresh one.
+        return asyncio.run(_until_cancelled(value))
+    return value
+
+
+async def _until_cancelled(awaitable: Awaitable[Any]) -> Any:
+    """Await the task, cancelling it as soon as its Dask key is released (the caller cancelled it)."""
+    task = asyncio.ensure_future(awaitable)
+    released = _release_probe()
+    while released is not None:
+        done, _ = await asyncio.wait({task}, timeout=_POLL)
+        if done:
+            break
+        if released():
+            task.cancel()
+            break
+    return await task
+
+
+def _release_probe() -> Callable[[], bool] | None:
+    try:
+        from distributed import get_worker
+
+        worker = get_worker()
+        key = worker.get_current_task()
+    except Exception:  # not in a Dask worker (a test calling `_run_pickled` directly)
+        return None
+
+    def released() -> bool:
+        # Read-only look at the worker's state from the task's thread: a dict lookup, atomic under the GIL.
+        state = worker.state.tasks.get(key)
+        return state is None or state.state in ("cancelled", "released", "forgotten")
+
+    return released
+
+
+def create(settings: Settings) -> DaskDriver:
+    """Build the driver from a facade's settings.
+
+    Raises:
+        ConfigurationError: Dask distributed is not installed.
+    """
+    return DaskDriver(settings.dask_address, workers=settings.workers)
