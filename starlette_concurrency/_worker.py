@@ -13,7 +13,14 @@
 Every frame is a 4-byte big-endian length and a body; a result body is one tag byte and a pickle.
 Because a worker answers the tasks of a TASKS frame strictly in order and writes each answer before
 starting the next task, the parent knows exactly which task a worker was running when it died.
-Results never travel on stdout or stderr, so a task may print freely.
+Results never travel on stdout or stderr, so a task may print freely; the worker flushes both after
+every task, so that what a task printed shows in the server's output even if the worker is killed later.
+
+The two pipe ends are the worker's only link to the parent, and nothing it starts inherits them: they
+are made non-inheritable (an `os.system("… &")` in a task does not keep them open) and replaced by
+/dev/null in any child forked without exec (multiprocessing's "fork", a bare `os.fork()`). Otherwise
+such a child would hold the result pipe open after the worker died, and the parent, which learns of a
+death from EOF on that pipe, would wait for it forever.
 
 This file imports nothing from the package and only the standard library at start-up (cloudpickle
 is imported before READY), so it can be started by path: `python -m starlette_concurrency._worker`
@@ -23,6 +30,8 @@ per worker for nothing.
 
 from __future__ import annotations
 
+import contextlib
+import copyreg
 import os
 import pickle
 import signal
@@ -54,6 +63,7 @@ def main(argv: list[str]) -> int:
     """Serve tasks from the parent until it closes the pipe."""
     reader = int(argv[1])
     writer: BinaryIO = os.fdopen(int(argv[2]), "wb")
+    _keep_to_this_process(reader, writer.fileno())
     # The parent owns this process's lifetime: Ctrl-C in a terminal reaches the whole process
     # group, and a worker that died of it would fail a task the server is about to drain.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -67,10 +77,14 @@ def main(argv: list[str]) -> int:
 
     import cloudpickle  # type: ignore[import-untyped]  # imported before READY so that the first task does not pay for it
 
-    for module in config["preload"]:
-        __import__(module)
-    if config["initializer"] is not None:
-        cloudpickle.loads(config["initializer"])()
+    try:
+        for module in config["preload"]:
+            __import__(module)
+        if config["initializer"] is not None:
+            cloudpickle.loads(config["initializer"])()
+    except BaseException as exc:  # instead of READY: the parent raises it as the reason it failed to start
+        _write(writer, frame(REMOTE, _describe(exc)))
+        return 1
     idle_timeout: float | None = config["idle_timeout"]
 
     _write(writer, frame(READY, str(os.getpid()).encode()))
@@ -87,7 +101,9 @@ def main(argv: list[str]) -> int:
             except BaseException as exc:
                 _write(writer, frame(LOAD_FAILED, _describe(exc)))
             else:
-                _write(writer, result_frame(fn, cloudpickle.dumps))
+                result = result_frame(fn, cloudpickle.dumps)
+                _flush_stdio()  # before the answer, so that the output shows before run() returns
+                _write(writer, result)
 
 
 def result_frame(fn: Callable[[], Any], dumps: Callable[[Any], bytes]) -> bytes:
@@ -124,19 +140,50 @@ def _await(awaitable: Any) -> Any:
 
 def _encode_error(exc: BaseException, dumps: Callable[[Any], bytes]) -> bytes:
     text = "".join(traceback.format_exception(exc))
-    try:
-        body = dumps((exc, text))
+    if isinstance(exc, Exception):  # SystemExit, KeyboardInterrupt... raised in the server would stop it
         # An exception pickles as (type, args); one whose __init__ wants other arguments than it
-        # passed to Exception.__init__ pickles fine and then fails to load, so try it here.
-        pickle.loads(body)
-    except BaseException:
-        return frame(REMOTE, pickle.dumps((_qualname(exc), str(exc), text)))
-    return frame(ERROR, body)
+        # passed to Exception.__init__ pickles fine and then fails to load, so try it here, then try
+        # rebuilding it without calling __init__. What still fails travels as a RemoteError.
+        cls = type(exc)  # a class with a __reduce__ of its own said how it pickles: respect that
+        by_default = cls.__reduce__ in _BUILTIN_REDUCE and cls.__reduce_ex__ is object.__reduce_ex__
+        for candidate in (exc, _ByState(exc)) if by_default else (exc,):
+            try:
+                body = dumps((candidate, text))
+                pickle.loads(body)
+            except BaseException:
+                continue
+            return frame(ERROR, body)
+    return frame(REMOTE, pickle.dumps((_qualname(exc), _str(exc), text)))
+
+
+_BUILTIN_REDUCE = (BaseException.__reduce__, OSError.__reduce__)
+
+
+class _ByState:
+    """Pickles as the exception it wraps, rebuilt from its args and attributes without calling __init__."""
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        exc = self.exc
+        base = next(cls for cls in type(exc).__mro__ if cls.__module__ == "builtins")
+        state = {**getattr(exc, "__dict__", {}), "args": exc.args}
+        if isinstance(exc, OSError):
+            state.update(errno=exc.errno, strerror=exc.strerror, filename=exc.filename, filename2=exc.filename2)
+        return copyreg._reconstructor, (type(exc), base, None), state  # type: ignore[attr-defined]
 
 
 def _describe(exc: BaseException) -> bytes:
     text = "".join(traceback.format_exception(exc))
-    return pickle.dumps((_qualname(exc), str(exc), text))
+    return pickle.dumps((_qualname(exc), _str(exc), text))
+
+
+def _str(exc: BaseException) -> str:
+    try:
+        return str(exc)
+    except BaseException:
+        return "<exception str() failed>"
 
 
 def _qualname(exc: BaseException) -> str:
@@ -170,6 +217,26 @@ def _write(writer: BinaryIO, data: bytes) -> None:
         writer.flush()
     except BrokenPipeError:
         os._exit(0)  # the parent is gone: nobody is left to answer
+
+
+def _flush_stdio() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):  # a task closed or replaced it: its problem, not the protocol's
+            stream.flush()
+
+
+def _keep_to_this_process(*fds: int) -> None:
+    """Make sure no process a task starts holds the pipes (see the module docstring)."""
+    for fd in fds:
+        os.set_inheritable(fd, False)
+
+    def blind() -> None:
+        devnull = os.open(os.devnull, os.O_RDWR)
+        for fd in fds:
+            os.dup2(devnull, fd, inheritable=False)
+        os.close(devnull)
+
+    os.register_at_fork(after_in_child=blind)
 
 
 def _readable_within(fd: int, timeout: float) -> bool:

@@ -83,3 +83,260 @@ class TwoArgumentError(Exception):
 
 def raise_two_argument_error() -> None:
     raise TwoArgumentError(418, "teapot")
+
+
+# Process driver: reliability and fault injection (tests/drivers/test_process.py, tests/faults/) -------------
+
+WORKER_SCRIPT = "_worker.py"
+
+
+def worker_children() -> list[int]:
+    """The pids of this process's children that are process-driver workers (zombies included)."""
+    import psutil
+
+    pids = []
+    for child in psutil.Process().children():
+        try:
+            if any(arg.endswith(WORKER_SCRIPT) for arg in child.cmdline()):
+                pids.append(child.pid)
+        except psutil.Error:  # it exited meanwhile (or is a zombie with no command line left)
+            continue
+    return pids
+
+
+def gone(pid: int) -> bool:
+    """True once the process has exited (a zombie waiting for a parent that no longer exists counts)."""
+    import psutil
+
+    try:
+        return bool(psutil.Process(pid).status() == psutil.STATUS_ZOMBIE)
+    except psutil.NoSuchProcess:
+        return True
+
+
+def timed_burn(n: int) -> tuple[int, float, float]:
+    """Burn CPU; return (pid, start, end) on the system-wide monotonic clock."""
+    start = time.monotonic()
+    burn(n)
+    return os.getpid(), start, time.monotonic()
+
+
+def report_then_sleep(path: Path, seconds: float, value: object) -> object:
+    """Write this worker's pid to `path` (atomically), sleep, return `value`."""
+    partial = path.with_suffix(".tmp")
+    partial.write_text(str(os.getpid()))
+    partial.rename(path)
+    time.sleep(seconds)
+    return value
+
+
+def report_sleep_touch(pid_path: Path, marker: Path, seconds: float) -> None:
+    """Report the pid, then leave a side effect after a blocking (uncooperative) sleep."""
+    report_then_sleep(pid_path, seconds, None)
+    marker.write_text("ran")
+
+
+def echo_or_crash(value: object, crash: bool) -> object:
+    if crash:
+        os._exit(7)
+    return value
+
+
+def echo_raise_or_crash(value: object, fate: str) -> object:
+    if fate == "crash":
+        os._exit(7)
+    if fate == "raise":
+        raise ValueError(value)
+    return value
+
+
+def close_result_pipe_and_hang() -> None:
+    """Close the worker's result pipe (its fd is argv[2]) but stay alive: EOF without an exit status."""
+    import sys
+
+    os.close(int(sys.argv[2]))
+    time.sleep(30)
+
+
+def spawn_then_crash(pid_path: Path) -> None:
+    """Leave a long-lived child that inherits whatever it can (close_fds=False), then die."""
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"], close_fds=False)
+    pid_path.write_text(str(child.pid))
+    os._exit(3)
+
+
+def fork_then_crash(pid_path: Path) -> None:
+    """Leave a forked (not exec'd) child behind, then die."""
+    child = os.fork()
+    if child == 0:
+        time.sleep(30)
+        os._exit(0)
+    pid_path.write_text(str(child))
+    os._exit(3)
+
+
+def fork_and_return() -> tuple[str, int]:
+    """Fork; both processes return into the worker's loop. Only the worker's answer may reach the parent."""
+    child = os.fork()
+    return ("child", os.getpid()) if child == 0 else ("parent", os.getpid())
+
+
+_hoard: list[bytes] = []
+
+
+def hoard(nbytes: int) -> int:
+    """Keep `nbytes` of touched memory alive in this worker; return its pid."""
+    if nbytes:
+        _hoard.append(b"x" * nbytes)
+    return os.getpid()
+
+
+def chatter(value: object) -> object:
+    """Write to stdout and stderr every way a task might, including bytes that look like frames."""
+    import struct
+    import sys
+    import warnings
+
+    frame_like = struct.pack("!I", 5) + b"Ohello"
+    print(f"print {value}")
+    print("no newline", end="")
+    print(f"to stderr {value}", file=sys.stderr)
+    sys.stdout.buffer.write(frame_like + b"\n")
+    os.write(1, frame_like + f" os.write(1) {value}\n".encode())
+    os.write(2, frame_like + f" os.write(2) {value}\n".encode())
+    warnings.warn(f"warning {value}", UserWarning, stacklevel=1)
+    return value
+
+
+def print_a_lot(nbytes: int) -> int:
+    print("y" * nbytes)
+    return nbytes
+
+
+def close_stdout() -> str:
+    import sys
+
+    sys.stdout.close()
+    return "closed"
+
+
+def read_stdin() -> str:
+    return input()
+
+
+def big_bytes(nbytes: int) -> bytes:
+    return bytes(range(256)) * (nbytes // 256)
+
+
+def digest(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
+
+
+def surroundings(variable: str) -> tuple[str, list[str], str | None, int]:
+    """What a worker inherited: cwd, sys.path, one environment variable, and its parent's pid."""
+    import sys
+
+    return os.getcwd(), list(sys.path), os.environ.get(variable), os.getppid()
+
+
+class ManyArgumentsError(Exception):
+    def __init__(self, code: int, reason: str, retry: bool) -> None:
+        super().__init__(f"{code} {reason}")
+        self.code, self.reason, self.retry = code, reason, retry
+
+
+class KeywordOnlyError(Exception):
+    def __init__(self, *, field: str) -> None:
+        super().__init__(f"bad field {field}")
+        self.field = field
+
+
+class UnpicklableAttributeError(Exception):
+    def __init__(self, message: str) -> None:
+        import threading
+
+        super().__init__(message)
+        self.lock = threading.Lock()
+
+
+class RefusesPicklingError(Exception):
+    def __reduce__(self) -> tuple[object, ...]:
+        raise TypeError("I do not travel")
+
+
+class BadStrError(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("no str for you")
+
+    def __reduce__(self) -> tuple[object, ...]:
+        raise TypeError("nor pickling")
+
+
+class CustomOSError(OSError):
+    def __init__(self, path: str, hint: str) -> None:
+        super().__init__(2, "No such file or directory", path)
+        self.hint = hint
+
+
+class Unloadable:
+    """Pickles in the worker; unpickling it fails (in the parent)."""
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return int, ("not a number",)
+
+
+def raise_(exc: BaseException) -> None:
+    raise exc
+
+
+def raise_many_arguments_error() -> None:
+    raise ManyArgumentsError(503, "busy", True)
+
+
+def raise_keyword_only_error() -> None:
+    raise KeywordOnlyError(field="email")
+
+
+def raise_unpicklable_attribute_error() -> None:
+    raise UnpicklableAttributeError("has a lock")
+
+
+def raise_refuses_pickling_error() -> None:
+    raise RefusesPicklingError("stay")
+
+
+def raise_bad_str_error() -> None:
+    raise BadStrError()
+
+
+def raise_custom_os_error() -> None:
+    raise CustomOSError("/nope", "check the path")
+
+
+def return_lock() -> object:
+    import threading
+
+    return threading.Lock()
+
+
+def return_generator() -> object:
+    return (i for i in range(3))
+
+
+def return_unloadable() -> object:
+    return Unloadable()
+
+
+def exit_worker(code: int) -> None:
+    import sys
+
+    sys.exit(code)
+
+
+def interrupt() -> None:
+    raise KeyboardInterrupt

@@ -19,15 +19,36 @@
 The caller's own task does all the I/O, straight on the event loop with `anyio.wait_readable` /
 `wait_writable`: no background task, no thread, no polling. That is also why the pool can start
 lazily inside any request: nothing of it outlives the call that uses it except the processes.
+
+How a worker dies tells the pool what happened: EOF on its result pipe (answers it wrote before dying
+are still read and count), or a broken task pipe when we send. Only the first task it had not
+answered fails, with `WorkerCrashed`; the rest go back to the call.
+
+What a worker inherits, and what it does not. It is `sys.executable` running `_worker.py`, with no
+interpreter flags, started with the server's environment (`os.environ`) and working directory as they
+are when that worker starts, and the server's `sys.path` as it was when the pool started (sent in the
+INIT frame). stdin is /dev/null; stdout and stderr are the server's, so what a task prints shows in
+the server's output. No other file descriptor crosses: `Popen(close_fds=True)` passes only the
+worker's two pipe ends, so a listening socket of the server never reaches a worker, even one marked
+inheritable. The pipes are anonymous, private to the parent and that one worker: no listening
+socket, no path in a shared directory, nothing another user or process can connect to.
+
+Trust model. Payloads are cloudpickle, and unpickling runs code. Only the server produces the task
+payloads, from its own callables, and only a worker the server started produces the results, by
+running those callables; nothing else can write to these pipes. Never hand `run()` a callable built
+from untrusted bytes: that is running untrusted code, pickled or not. Payloads and results are
+never logged by the driver.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import subprocess
 import sys
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -48,17 +69,38 @@ __all__ = ["ProcessDriver"]
 _WORKER_SCRIPT = _worker.__file__
 _MAX_CHUNK = 128  # tasks per TASKS frame: enough to amortise a round trip, small enough to balance
 _PIPELINE = 2  # chunks in flight per worker, so that it never waits for the parent between chunks
+_START_ATTEMPTS = 3  # for a task, of a worker that gets killed while it starts
 _STOP_GRACE = 2.0  # seconds a closed worker gets to exit before it is killed
 
 
 class _WorkerGone(Exception):
-    """The worker's result pipe reached EOF, or the pool closed it.
+    """The worker's result pipe reached EOF, its task pipe broke, or the pool closed it.
 
-    `idle` means the worker said it left on its idle timeout, before reading anything we sent.
+    `untouched` means it cannot have started any task in flight: it said it left on its idle timeout,
+    or it was gone before the first byte of the only frame in flight reached it.
     """
 
-    def __init__(self, *, idle: bool = False) -> None:
-        self.idle = idle
+    def __init__(self, *, untouched: bool = False) -> None:
+        self.untouched = untouched
+
+
+# Every live worker of every pool, so that a child forked from the server (the fork driver's, a
+# multiprocessing one) can let go of their pipes: holding them, it would keep the workers alive
+# after the server died, and could corrupt their protocol by using them.
+_live_workers: weakref.WeakSet[_Worker] = weakref.WeakSet()
+
+
+def _forget_workers_in_forked_child() -> None:
+    for worker in list(_live_workers):
+        if not worker.closed:
+            worker.closed = True
+            for fd in (worker._to_worker, worker._from_worker):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+
+
+if hasattr(os, "register_at_fork"):  # pragma: no branch - POSIX
+    os.register_at_fork(after_in_child=_forget_workers_in_forked_child)
 
 
 class _Worker:
@@ -96,15 +138,20 @@ class _Worker:
         except BlockingIOError:
             written = 0
         self._unsent = init_frame[written:]
+        _live_workers.add(self)
 
     def alive(self) -> bool:
         return not self.closed and self.process.poll() is None
 
     async def handshake(self) -> None:
         """Finish sending the configuration and wait for READY."""
-        if self._unsent:
-            await self.send(self._unsent)
-            self._unsent = b""
+        while self._unsent:  # trimmed as it goes: a cancelled handshake resumes where it stopped
+            try:
+                self._unsent = self._unsent[os.write(self._to_worker, self._unsent) :]
+            except BlockingIOError:
+                await _wait(anyio.wait_writable, self._to_worker)
+            except BrokenPipeError:
+                self._unsent = b""
         message = await self.receive()
         if message is None:
             returncode = await self.exit_status()
@@ -126,7 +173,7 @@ class _Worker:
             except BlockingIOError:
                 await _wait(anyio.wait_writable, self._to_worker)
             except BrokenPipeError:
-                raise _WorkerGone from None
+                raise _WorkerGone(untouched=len(view) == len(data)) from None
 
     async def receive(self) -> tuple[bytes, bytes] | None:
         """Return the next frame as (tag, body), or None once the worker is gone."""
@@ -169,12 +216,26 @@ class _Worker:
         return tag, body
 
     async def exit_status(self) -> int | None:
-        """Wait (briefly) for a worker whose pipe closed to exit; None if it closed the pipe but lives on."""
+        """Wait (briefly) for a worker that went away to exit, collect what it wrote before, close it.
+
+        Returns None if it closed its pipe but lives on (it is killed then).
+        """
         deadline = time.monotonic() + 1.0
         # A child's exit has no event to wait on short of SIGCHLD, which belongs to the application.
         while (returncode := self.process.poll()) is None and time.monotonic() < deadline:  # noqa: ASYNC110
             await anyio.sleep(0.002)
-        self.close(kill=returncode is None)
+        if returncode is None:
+            self.process.kill()
+        # A send that failed (the worker had died) may leave answers it wrote before dying unread.
+        while not self.closed:
+            try:
+                data = os.read(self._from_worker, 1 << 20)
+            except OSError:  # BlockingIOError: something else holds the pipe open; nothing more of it
+                break
+            if not data:
+                break
+            self._buffer += data
+        self.close()
         return returncode
 
     def close(self, *, kill: bool = False) -> None:
@@ -235,6 +296,16 @@ class _Call:
         return _worker.HEADER.pack(len(body)) + body
 
 
+def _record(worker: _Worker, call: _Call, inflight: deque[range], tag: bytes, body: bytes) -> None:
+    """Store the outcome a RESULT frame brings: it answers the first unanswered task in flight."""
+    index = inflight[0].start
+    call.outcomes[index] = decode_outcome(tag, body, call.tasks[index])
+    worker.tasks_done += 1
+    inflight[0] = inflight[0][1:]
+    if not inflight[0]:
+        inflight.popleft()
+
+
 class ProcessDriver(Driver):
     """Run tasks in a warm pool of fresh Python interpreters (`python starlette_concurrency/_worker.py`).
 
@@ -275,19 +346,23 @@ class ProcessDriver(Driver):
         self.max_worker_memory: int | None = positive("max_worker_memory", max_worker_memory, int)
         if initializer is not None and not callable(initializer):
             raise ConfigurationError(f"initializer must be callable, not {type(initializer).__name__}")
-        config = {
-            "sys_path": list(sys.path),
+        self._config = {
             "preload": list(preload),
             "initializer": dumps(initializer) if initializer is not None else None,
             "idle_timeout": self.idle_timeout,
         }
-        body = pickle.dumps(config)
-        self._init_frame = _worker.HEADER.pack(len(body)) + body
+        self._init_frame = self._build_init_frame()
         self._pool: set[_Worker] = set()
         self._idle: list[_Worker] = []
         self._waiters: deque[_Waiter] = deque()
         self._stopping: list[tuple[subprocess.Popen[bytes], float]] = []
         self._closed = False
+
+    def _build_init_frame(self) -> bytes:
+        # sys.path as it is when the pool starts, not when the driver was built: an app may extend it
+        # between the two, and cwd and the environment are the ones of the moment a worker starts too.
+        body = pickle.dumps({**self._config, "sys_path": list(sys.path)})
+        return _worker.HEADER.pack(len(body)) + body
 
     @property
     def pids(self) -> list[int]:
@@ -301,6 +376,8 @@ class ProcessDriver(Driver):
             WorkerCrashed: a worker failed to start (its initializer raised, say).
         """
         self._closed = False
+        if not self._pool:
+            self._init_frame = self._build_init_frame()
         fresh = [self._spawn() for _ in range(self.workers - len(self._pool))]
         errors: list[Exception] = []
         async with anyio.create_task_group() as tg:
@@ -362,7 +439,7 @@ class ProcessDriver(Driver):
             try:
                 await self._feed(worker, call, inflight)
             except _WorkerGone as gone:
-                await self._bury(worker, call, inflight, ran=not gone.idle)
+                await self._bury(worker, call, inflight, ran=not gone.untouched)
             except BaseException:
                 if inflight:  # it holds tasks of ours that must not go on running
                     self._replace(worker, kill=True)
@@ -382,7 +459,12 @@ class ProcessDriver(Driver):
                     chunk = chunk[:budget]
                 budget -= len(chunk)
                 inflight.append(chunk)
-                await worker.send(call.frame(chunk))
+                try:
+                    await worker.send(call.frame(chunk))
+                except _WorkerGone as gone:
+                    if gone.untouched and len(inflight) > 1:  # but it may have been running the one before
+                        raise _WorkerGone from None
+                    raise
             if not inflight:
                 return  # the worker is due for replacement; _release sees to it
             message = await worker.receive()
@@ -390,15 +472,10 @@ class ProcessDriver(Driver):
                 raise _WorkerGone
             tag, body = message
             if tag == _worker.IDLE_EXIT:
-                raise _WorkerGone(idle=True)
-            index = inflight[0].start
-            call.outcomes[index] = decode_outcome(tag, body, call.tasks[index])
-            worker.tasks_done += 1
-            inflight[0] = inflight[0][1:]
-            if not inflight[0]:
-                inflight.popleft()
-                if not inflight and self._waiters:
-                    return  # another call is waiting: take turns
+                raise _WorkerGone(untouched=True)
+            _record(worker, call, inflight, tag, body)
+            if not inflight and self._waiters:
+                return  # another call is waiting: take turns
 
     def _may_pipeline(self, call: _Call, inflight: deque[range]) -> bool:
         # A second chunk in flight saves the worker a round trip, but only while every other lane
@@ -406,14 +483,24 @@ class ProcessDriver(Driver):
         return len(inflight) < _PIPELINE and len(call.chunks) >= call.lanes and not self._waiters
 
     def _budget(self, worker: _Worker, inflight: deque[range]) -> int:
+        if self.max_worker_memory is not None and worker.tasks_done and self._over_memory(worker):
+            return 0  # let it finish what it holds, then _release replaces it
         if self.max_tasks_per_worker is None:
             return _MAX_CHUNK * _PIPELINE
         return max(0, self.max_tasks_per_worker - worker.tasks_done - sum(map(len, inflight)))
 
     async def _bury(self, worker: _Worker, call: _Call, inflight: deque[range], *, ran: bool) -> None:
         """A worker died: fail the task it was running, give the others back to the call, replace it."""
-        returncode = await worker.exit_status()
+        try:
+            returncode = await worker.exit_status()
+        finally:  # even when cancelled meanwhile: a worker nobody releases is lost to the pool
+            self._replace(worker, kill=True)
         self._check_open()
+        while ran and inflight and (message := worker._next_frame()) is not None:
+            if message[0] == _worker.IDLE_EXIT:  # it left on its idle timeout before our send reached it
+                ran = False
+            else:
+                _record(worker, call, inflight, *message)  # answered before it died: these tasks did run
         if inflight and ran:
             index = inflight[0].start
             task = call.tasks[index]
@@ -421,7 +508,6 @@ class ProcessDriver(Driver):
             call.outcomes[index] = Outcome(error=crashed)
             inflight[0] = inflight[0][1:]
         call.chunks.extendleft(reversed([chunk for chunk in inflight if chunk]))
-        self._replace(worker)
 
     async def _acquire(self) -> _Worker:
         self._check_open()
@@ -445,25 +531,33 @@ class ProcessDriver(Driver):
             self._check_open()
             assert waiter.worker is not None
             worker = waiter.worker
-        if not worker.alive():  # it left while idle: idle timeout, or killed from outside
-            worker = self._replace(worker, release=False)
-        if not worker.ready:
+        for attempt in range(_START_ATTEMPTS):
+            if not worker.alive():  # it left while idle: idle timeout, or killed from outside
+                worker = self._replace(worker, release=False)
+            if worker.ready:
+                return worker
             try:
                 await worker.handshake()
-            except WorkerCrashed:
-                self._replace(worker, kill=True)
-                raise
+            except WorkerCrashed as exc:
+                # Killed by a signal while starting (from outside: no task of ours ran) is worth another
+                # try; failing to start by itself (an initializer that raises...) would only fail again.
+                if exc.signal is None or attempt == _START_ATTEMPTS - 1:
+                    self._replace(worker, kill=True)
+                    raise
+                worker = self._replace(worker, kill=True, release=False)
             except BaseException:
                 self._release(worker)
                 raise
-        return worker
+            else:
+                return worker
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def _release(self, worker: _Worker) -> None:
-        if self._closed or not worker.alive():
+        if self._closed:
             self._retire(worker)
             return
-        if self._due_for_replacement(worker):
-            self._replace(worker)
+        if not worker.alive() or self._due_for_replacement(worker):
+            self._replace(worker)  # a dead one too (killed from outside, say): the pool keeps its size
             return
         if self._waiters:
             waiter = self._waiters.popleft()
@@ -475,14 +569,23 @@ class ProcessDriver(Driver):
     def _due_for_replacement(self, worker: _Worker) -> bool:
         if self.max_tasks_per_worker is not None and worker.tasks_done >= self.max_tasks_per_worker:
             return True
-        if self.max_worker_memory is not None and worker.tasks_done:
-            rss = _rss(worker.pid)
-            return rss is not None and rss > self.max_worker_memory
-        return False
+        return self.max_worker_memory is not None and worker.tasks_done > 0 and self._over_memory(worker)
+
+    def _over_memory(self, worker: _Worker) -> bool:
+        rss = _rss(worker.pid)
+        return rss is not None and self.max_worker_memory is not None and rss > self.max_worker_memory
 
     def _replace(self, worker: _Worker, *, kill: bool = False, release: bool = True) -> _Worker:
-        """Retire `worker` and start a fresh one in its place; hand it on unless told not to."""
+        """Retire `worker` and start a fresh one in its place; hand it on unless told not to.
+
+        Raises:
+            ConcurrencyClosed: only when `release` is false (the caller wants a worker) and the pool
+                was closed; otherwise nothing is started after `aclose()`.
+        """
         self._retire(worker, kill=kill)
+        if self._closed and release:
+            return worker
+        self._check_open()
         fresh = self._spawn()
         if release:
             self._release(fresh)
