@@ -5,7 +5,7 @@
    ───────────────────                                   ────────────────────
    spawn: python _worker.py R W  ──────────────────────▶ read INIT frame: sys.path, initializer, limits
                                   ◀───────── READY ────  import cloudpickle, run initializer
-   TASKS frame [payload, ...]     ── pipe R ───────────▶ for each payload: unpickle, call, await if needed
+   TASKS frame [fn, ...]          ── pipe R ───────────▶ unpickle the chunk; call each, await if needed
                                   ◀──────── pipe W ────  one RESULT frame per task, in order
    close pipe R (or die)          ─────── EOF/HUP ─────▶ exit
 ```
@@ -95,15 +95,16 @@ def main(argv: list[str]) -> int:
         body = _read_frame(reader)
         if body is None:
             return 0
-        for payload in pickle.loads(body):
-            try:
-                fn = pickle.loads(payload)
-            except BaseException as exc:
-                _write(writer, frame(LOAD_FAILED, _describe(exc)))
-            else:
-                result = result_frame(fn, cloudpickle.dumps)
-                _flush_stdio()  # before the answer, so that the output shows before run() returns
-                _write(writer, result)
+        try:
+            fns = pickle.loads(body)
+        except BaseException as exc:  # one answer for the whole chunk: the parent resends it task by task
+            _write(writer, frame(LOAD_FAILED, _describe(exc)))
+            continue
+        for fn in fns:
+            result = result_frame(fn, cloudpickle.dumps)
+            _flush_stdio()  # before the answer, so that the output shows before run() returns
+            _write(writer, result)
+        del fns
 
 
 def result_frame(fn: Callable[[], Any], dumps: Callable[[Any], bytes]) -> bytes:

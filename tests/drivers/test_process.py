@@ -71,6 +71,20 @@ async def test_a_crashing_task_raises_worker_crashed_and_the_pool_heals(
     assert len(set(before) - set(driver.pids)) == 1
 
 
+async def test_a_crash_in_a_short_call_fails_only_its_task(pool: tuple[Concurrency, ProcessDriver]) -> None:
+    concurrency, driver = pool
+    # One task per idle worker: the call takes the scatter path (no task group); the crash of the
+    # second worker must not disturb the answer of the first, nor the call after it.
+    for crashing in (0, 1):
+        tasks = [functools.partial(helpers.identity, "fine"), functools.partial(helpers.identity, "fine")]
+        tasks[crashing] = functools.partial(helpers.crash, 5)
+        results = await concurrency.run(tasks, return_exceptions=True)
+        assert isinstance(results[crashing], WorkerCrashed)
+        assert results[crashing].exitcode == 5
+        assert results[1 - crashing] == "fine"
+        assert len(driver.pids) == 2
+
+
 async def test_a_timeout_kills_the_task_and_the_worker_is_replaced(
     pool: tuple[Concurrency, ProcessDriver], tmp_path: Path
 ) -> None:
