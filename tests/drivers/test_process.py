@@ -9,7 +9,7 @@ import random
 import socket
 import sys
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import anyio
@@ -76,7 +76,7 @@ async def test_a_crash_in_a_short_call_fails_only_its_task(pool: tuple[Concurren
     # One task per idle worker: the call takes the scatter path (no task group); the crash of the
     # second worker must not disturb the answer of the first, nor the call after it.
     for crashing in (0, 1):
-        tasks = [functools.partial(helpers.identity, "fine"), functools.partial(helpers.identity, "fine")]
+        tasks: list[Callable[[], object]] = [functools.partial(helpers.identity, "fine")] * 2
         tasks[crashing] = functools.partial(helpers.crash, 5)
         results = await concurrency.run(tasks, return_exceptions=True)
         assert isinstance(results[crashing], WorkerCrashed)
