@@ -3,15 +3,17 @@
 ```
  run([t0 … tn])                               ProcessDriver                          workers
  ──────────────                               ─────────────                          ───────
- pickle every task (nothing runs if one fails)
  cut the indices into chunks ──▶ deque[range]
- one lane per worker it may use:
+ pickle each chunk in one go (nothing runs if a task will not pickle)
+ short call, an idle worker per chunk: send every chunk, then read the answers in turn
+ otherwise one lane per worker it may use:
     lane: acquire a worker (FIFO among calls) ─────────────────────────────────────▶ idle worker
           send up to two chunks ahead        ── TASKS [f_i, …]  ──────────────────▶ runs them in order
           read RESULT frames                 ◀─ RESULT (one per task, in order) ──
           outcome[i] = decode(frame)
           worker died → the first unanswered task gets WorkerCrashed, the rest of its
                         chunks go back to the deque, a fresh worker takes its place
+          chunk would not unpickle there → its tasks go back one by one; only culprits fail
           cancelled   → a worker holding unanswered tasks is killed and replaced
     release the worker (or hand it to the next waiting call)
 ```

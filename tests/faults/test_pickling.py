@@ -150,3 +150,22 @@ async def test_a_task_that_cannot_be_unpickled_in_the_worker_is_a_serialization_
             await concurrency.run(sc_only_here.where)
     finally:
         del sys.modules["sc_only_here"]
+
+
+async def test_in_a_long_call_only_the_task_that_cannot_be_unpickled_fails(
+    concurrency: Concurrency, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Tasks travel in chunks pickled together; a chunk the worker cannot load is resent task by task.
+    (tmp_path / "sc_only_here_too.py").write_text("def where():\n    return 'here'\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import sc_only_here_too  # type: ignore[import-not-found]
+
+    try:
+        tasks: list[Callable[[], object]] = [functools.partial(helpers.identity, i) for i in range(40)]
+        tasks[7] = sc_only_here_too.where
+        results = await concurrency.run(tasks, return_exceptions=True)
+    finally:
+        del sys.modules["sc_only_here_too"]
+    assert isinstance(results[7], SerializationError)
+    assert "task 7 could not be unpickled in the worker" in str(results[7])
+    assert results[:7] + results[8:] == [i for i in range(40) if i != 7]
