@@ -13,6 +13,9 @@ from pathlib import Path
 import pytest
 
 from starlette_concurrency import Concurrency
+from starlette_concurrency._drivers.process import ProcessDriver
+
+from . import helpers
 
 # Every driver that must honour the shared contract; the dask one only runs on asyncio.
 CONTRACT_DRIVERS = ["process", "fork", "sync", "dask"]
@@ -36,6 +39,15 @@ def driver_name(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch)
 async def concurrency(driver_name: str) -> AsyncIterator[Concurrency]:
     async with Concurrency(driver=driver_name, workers=2, env_file=None) as facade:
         yield facade
+
+
+@pytest.fixture
+async def pool() -> AsyncIterator[tuple[Concurrency, ProcessDriver]]:
+    """A facade on a two-worker process pool, and the pool; no worker may outlive it."""
+    driver = ProcessDriver(2)
+    async with Concurrency(driver=driver, env_file=None) as concurrency:
+        yield concurrency, driver
+    assert helpers.worker_children() == []
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

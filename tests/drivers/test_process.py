@@ -9,7 +9,7 @@ import random
 import socket
 import sys
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 
 import anyio
@@ -22,14 +22,6 @@ from starlette_concurrency._drivers.process import ProcessDriver
 from .. import helpers
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-async def pool() -> AsyncIterator[tuple[Concurrency, ProcessDriver]]:
-    driver = ProcessDriver(2)
-    async with Concurrency(driver=driver, env_file=None) as concurrency:
-        yield concurrency, driver
-    assert helpers.worker_children() == []
 
 
 async def wait_for_pid(path: Path) -> int:

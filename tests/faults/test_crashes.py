@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import textwrap
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 
 import anyio
@@ -23,14 +23,6 @@ from starlette_concurrency._drivers.process import ProcessDriver
 from .. import helpers
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-async def pool() -> AsyncIterator[tuple[Concurrency, ProcessDriver]]:
-    driver = ProcessDriver(2)
-    async with Concurrency(driver=driver, env_file=None) as concurrency:
-        yield concurrency, driver
-    assert helpers.worker_children() == []
 
 
 def assert_healed(driver: ProcessDriver) -> None:
