@@ -142,7 +142,7 @@ class _Core:
                     for task, outcome in zip(tasks, running.outcomes, strict=True):
                         if outcome is None:
                             logger.error(
-                                "deferred %s timed out after %s s and was stopped", task.label, timeout.deadline
+                                "deferred %s timed out after %s s and was stopped", task.label, self.settings.timeout
                             )
         except Exception as exc:  # the batch could not run at all: pickling, a closed pool...
             for task, outcome in zip(tasks, running.outcomes, strict=True):

@@ -102,6 +102,21 @@ async def test_work_still_running_after_the_drain_timeout_is_logged_as_abandoned
     assert list(markers.iterdir()) == []
 
 
+async def test_deferred_work_that_overruns_the_timeout_is_stopped_and_logged(
+    markers: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = apps.make_app(Concurrency(workers=2, timeout=0.3, env_file=None))
+    with caplog.at_level(logging.ERROR, logger="starlette_concurrency"):
+        async with lifespan(app), client(app) as http:
+            await http.get("/defer", params={"seconds": 5})
+            await helpers.eventually(lambda: len(caplog.records) == 2)
+    assert sorted(record.getMessage() for record in caplog.records) == [
+        "deferred task 0 timed out after 0.3 s and was stopped",
+        "deferred task 1 timed out after 0.3 s and was stopped",
+    ]
+    assert list(markers.iterdir()) == []
+
+
 async def test_failures_are_logged_with_the_task_key_and_never_reach_the_client(
     markers: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
