@@ -216,7 +216,8 @@ class Concurrency:
     Args:
         driver: a driver name (``"process"``, ``"fork"``, ``"sync"``, ``"dask"``, or one registered
             with `extend`) or a `Driver` instance. Default: ``CONCURRENCY_DRIVER``, else ``"process"``.
-        workers: how many tasks run at once. Default: ``CONCURRENCY_WORKERS``, else the CPU count.
+        workers: how many tasks run at once (worker processes, fork children, or the size of the
+            dask driver's embedded cluster). Default: ``CONCURRENCY_WORKERS``, else the CPU count.
         timeout: default timeout of a `run()` call and of a deferred batch, in seconds. Default:
             ``CONCURRENCY_TIMEOUT``, else none.
         drain_timeout: how long shutdown waits for deferred work, in seconds (then it is stopped and
