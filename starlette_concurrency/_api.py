@@ -58,7 +58,10 @@ class _Core:
         self.drivers: dict[str, Driver] = {}
         self.views: dict[str, Concurrency] = {}
         self.started: set[str] = set()
-        self.locks: dict[str, anyio.Lock] = {}
+        # Drivers being started, and the event their other callers wait on. Nothing outlives a start:
+        # an anyio primitive belongs to the event loop that made it, and the facade may serve one
+        # loop after another (each test, each TestClient without a lifespan).
+        self.starting: dict[str, anyio.Event] = {}
         self.deferrals = new_deferrals_var()
         self.open_requests: set[RequestDeferrals] = set()
         self.running: set[_Running] = set()
@@ -93,12 +96,16 @@ class _Core:
 
     async def started_driver(self, name: str) -> Driver:
         driver = self.driver(name)
-        if name not in self.started:
-            lock = self.locks.setdefault(name, anyio.Lock())
-            async with lock:
-                if name not in self.started:
-                    await driver.start()
-                    self.started.add(name)
+        while name not in self.started:
+            if name in self.starting:
+                await self.starting[name].wait()
+                continue  # started now, or the starter failed: then this caller tries in its turn
+            self.starting[name] = anyio.Event()
+            try:
+                await driver.start()
+                self.started.add(name)
+            finally:
+                self.starting.pop(name).set()
         return driver
 
     # Deferred work -------------------------------------------------------------------------------

@@ -5,11 +5,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+import anyio
 import pytest
 
 import starlette_concurrency
 from starlette_concurrency import (
     Concurrency,
+    ConcurrencyClosed,
     ConcurrencyError,
     ConfigurationError,
     Driver,
@@ -217,3 +219,19 @@ async def test_entering_twice_is_an_error() -> None:
     async with Concurrency(driver="sync", env_file=None) as concurrency:
         with pytest.raises(ConcurrencyError, match="already started"):
             await concurrency.__aenter__()
+
+
+def test_a_facade_serves_one_event_loop_after_another() -> None:
+    # A module-level facade outlives event loops: each test, each server run, each TestClient block.
+    concurrency = Concurrency(workers=1, env_file=None)
+
+    async def lifetime(value: int) -> int:
+        async with concurrency:
+            result: int = await concurrency.run(lambda: value)
+            return result
+
+    assert anyio.run(lifetime, 1, backend="asyncio") == 1
+    assert anyio.run(lifetime, 2, backend="trio") == 2
+    assert anyio.run(lifetime, 3, backend="asyncio") == 3
+    with pytest.raises(ConcurrencyClosed):
+        anyio.run(concurrency.run, lambda: 4, backend="trio")

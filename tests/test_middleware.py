@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import functools
+import json
 import logging
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -228,3 +230,17 @@ async def test_concurrent_requests_keep_their_batches_apart(markers: Path) -> No
         "normal-200",
         "normal-202",
     ]
+
+
+async def test_the_fastapi_example_runs_and_defers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    metrics = tmp_path / "metrics.log"
+    monkeypatch.setenv("EXAMPLE_METRICS_LOG", str(metrics))  # read by the workers, which start below
+    from examples import fastapi_app
+
+    async with lifespan(fastapi_app.app), client(fastapi_app.app) as http:
+        body = (await http.get("/")).json()
+    assert body["users"]["count"] == sum(map(ord, "users")) * 7
+    assert body["primes"]["count"] == 9592
+    assert {body["users"]["pid"], body["primes"]["pid"]}.isdisjoint({os.getpid()})
+    [reported] = [json.loads(line) for line in metrics.read_text().splitlines()]  # drained at shutdown
+    assert reported["metric"] == "fastapi.dashboard"
