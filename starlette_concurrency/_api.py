@@ -190,6 +190,7 @@ class _Core:
             self.drained = anyio.Event()
             with anyio.move_on_after(self.settings.drain_timeout):
                 await self.drained.wait()
+            self.drained = None
         for running in list(self.running):
             for task, outcome in zip(running.tasks, running.outcomes, strict=True):
                 if outcome is None:
