@@ -44,9 +44,10 @@ import anyio.lowlevel
 
 from .._config import Settings, positive
 from .._exceptions import ConcurrencyClosed, ConfigurationError, WorkerCrashed
+from .._frames import FrameBuffer
 from .._pickling import decode_outcome, dumps
 from .._tasks import Outcome, Task
-from .._worker import HEADER, result_frame
+from .._worker import result_frame
 from .base import Driver
 from .process import _grow_pipe
 
@@ -70,7 +71,7 @@ class _Child:
         self.returncode: int | None = None
         self.reaped = False
         self.lingered = False  # it sent its result or closed its pipe, but did not exit: we killed it
-        self._buffer = bytearray()
+        self.frames = FrameBuffer()
 
     def poll(self) -> bool:
         """Reap the child if it has exited, without waiting; return whether it has been reaped."""
@@ -104,7 +105,7 @@ class _Child:
 
     async def receive(self) -> tuple[bytes, bytes] | None:
         """Return the child's RESULT frame as (tag, body), or None if it ended without sending one."""
-        while (message := self._frame()) is None:
+        while (message := self.frames.next()) is None:
             try:
                 data = os.read(self.fd, 1 << 20)
             except BlockingIOError:
@@ -114,30 +115,20 @@ class _Child:
                     await anyio.wait_readable(self.fd)
                 if scope.cancelled_caught and self.poll():
                     self._drain()
-                    return self._frame()
+                    return self.frames.next()
                 continue
             if not data:
                 return None
-            self._buffer += data
+            self.frames.feed(data)
         return message
 
     def _drain(self) -> None:
         # The child has exited: whatever it wrote is in the pipe already.
         try:
             while data := os.read(self.fd, 1 << 20):
-                self._buffer += data
+                self.frames.feed(data)
         except BlockingIOError:
             pass
-
-    def _frame(self) -> tuple[bytes, bytes] | None:
-        buffer = self._buffer
-        if len(buffer) < HEADER.size:
-            return None
-        (size,) = HEADER.unpack_from(buffer)
-        end = HEADER.size + size
-        if len(buffer) < end:
-            return None
-        return bytes(buffer[HEADER.size : HEADER.size + 1]), bytes(buffer[HEADER.size + 1 : end])
 
     async def reap(self) -> None:
         """Wait (briefly) for a child that sent its result or closed its pipe to exit; kill it if it lingers."""

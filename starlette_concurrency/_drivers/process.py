@@ -62,6 +62,7 @@ import anyio.lowlevel
 from .. import _worker
 from .._config import Settings, positive
 from .._exceptions import ConcurrencyClosed, ConfigurationError, SerializationError, WorkerCrashed
+from .._frames import FrameBuffer
 from .._pickling import decode_outcome, dumps, dumps_task, remote_exception
 from .._tasks import Outcome, Task
 from .base import Driver
@@ -131,8 +132,7 @@ class _Worker:
         self.tasks_done = 0
         self.ready = False
         self.closed = False
-        self._buffer = bytearray()
-        self._pos = 0
+        self.frames = FrameBuffer()
         # Starting the interpreter takes tens of milliseconds; hand it its configuration now so that
         # it is ready by the time somebody needs it. What does not fit in the pipe goes at handshake.
         try:
@@ -180,7 +180,7 @@ class _Worker:
     async def receive(self) -> tuple[bytes, bytes] | None:
         """Return the next frame as (tag, body), or None once the worker is gone."""
         while True:
-            message = self._next_frame()
+            message = self.frames.next()
             if message is not None:
                 return message
             if self.closed:
@@ -195,27 +195,7 @@ class _Worker:
                 continue
             if not data:
                 return None
-            self._buffer += data
-
-    def _next_frame(self) -> tuple[bytes, bytes] | None:
-        buffer, start = self._buffer, self._pos
-        if len(buffer) - start < _worker.HEADER.size:
-            return None
-        (size,) = _worker.HEADER.unpack_from(buffer, start)
-        end = start + _worker.HEADER.size + size
-        if len(buffer) < end:
-            if start:  # make room at the front before a large frame accumulates behind it
-                del buffer[:start]
-                self._pos = 0
-            return None
-        tag = bytes(buffer[start + 4 : start + 5])
-        body = bytes(buffer[start + 5 : end])
-        if end == len(buffer):
-            buffer.clear()
-            self._pos = 0
-        else:
-            self._pos = end
-        return tag, body
+            self.frames.feed(data)
 
     async def exit_status(self) -> int | None:
         """Wait (briefly) for a worker that went away to exit, collect what it wrote before, close it.
@@ -236,7 +216,7 @@ class _Worker:
                 break
             if not data:
                 break
-            self._buffer += data
+            self.frames.feed(data)
         self.close()
         return returncode
 
@@ -554,7 +534,7 @@ class ProcessDriver(Driver):
         finally:  # even when cancelled meanwhile: a worker nobody releases is lost to the pool
             self._replace(worker, kill=True)
         self._check_open()
-        while ran and inflight and (message := worker._next_frame()) is not None:
+        while ran and inflight and (message := worker.frames.next()) is not None:
             if message[0] == _worker.IDLE_EXIT:  # it left on its idle timeout before our send reached it
                 ran = False
             else:
