@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import functools
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import anyio
 import pytest
 
-from starlette_concurrency import Concurrency, ConcurrencyClosed, TaskTimeout
+from starlette_concurrency import Concurrency, ConcurrencyClosed, RemoteError, TaskTimeout
 
 from . import helpers
 
@@ -108,6 +109,14 @@ async def test_all_tasks_finish_even_when_one_fails(concurrency: Concurrency, tm
             [functools.partial(helpers.fail, "early"), functools.partial(helpers.sleep_then_touch, marker, 0.2)]
         )
     assert marker.read_text() == "ran"
+
+
+async def test_a_task_calling_sys_exit_does_not_stop_the_caller(concurrency: Concurrency) -> None:
+    with pytest.raises(RemoteError) as info:
+        await concurrency.run([lambda: 1, functools.partial(sys.exit, 3)])
+    assert (info.value.type_name, info.value.message) == ("SystemExit", "3")
+    assert "(raised by task 1)" in info.value.__notes__
+    assert await concurrency.run(lambda: "still here") == "still here"
 
 
 async def test_return_exceptions_puts_failures_in_the_results(concurrency: Concurrency) -> None:

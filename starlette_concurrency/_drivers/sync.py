@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import inspect
+import traceback
 from collections.abc import Sequence
 
 import anyio.lowlevel
 
 from .._config import Settings
+from .._exceptions import RemoteError
 from .._tasks import Outcome, Task
 from .base import Driver
 
@@ -21,6 +23,8 @@ class SyncDriver(Driver):
     and coroutine functions are awaited. What it cannot do: run tasks in parallel, or stop a task
     that is running. A timeout or a cancellation takes effect between tasks (and at the `await`s of
     a coroutine task); a plain function runs to its end and blocks the event loop meanwhile.
+    A task's `SystemExit` comes back as a `RemoteError`, as with the other drivers, rather than
+    stopping the server; `KeyboardInterrupt` is left alone (here it is the server's own Ctrl-C).
     """
 
     name = "sync"
@@ -35,6 +39,9 @@ class SyncDriver(Driver):
                     value = await value
             except Exception as exc:
                 outcomes[index] = Outcome(error=exc)
+            except SystemExit as exc:  # as itself it would stop the server; the other drivers agree
+                text = "".join(traceback.format_exception(exc))
+                outcomes[index] = Outcome(error=RemoteError("SystemExit", str(exc), text))
             else:
                 outcomes[index] = Outcome(value=value)
 
