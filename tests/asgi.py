@@ -103,12 +103,23 @@ class Server:
 
 
 @contextmanager
-def uvicorn(app: str, log: Path, env: dict[str, str] | None = None) -> Iterator[Server]:
+def uvicorn(app: str, log: Path, env: dict[str, str] | None = None, *options: str) -> Iterator[Server]:
     """Start `python -m uvicorn APP` on a free port and wait until it answers; stop it afterwards."""
     port = free_port()
     with log.open("wb") as output:
         process = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(port), "--no-access-log"],
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                app,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--no-access-log",
+                *options,
+            ],
             cwd=ROOT,
             env={**os.environ, **(env or {})},
             stdout=output,

@@ -109,6 +109,12 @@ def gone(pid: int) -> bool:
     import psutil
 
     try:
+        # A child of ours: exited means waitable. /proc shows a killed process as a zombie as soon as
+        # its main thread is gone, but waitpid() reports it only once its other threads are gone too.
+        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:
+        pass  # not our child (a worker of a server we started), or reaped already
+    try:
         return bool(psutil.Process(pid).status() == psutil.STATUS_ZOMBIE)
     except psutil.NoSuchProcess:
         return True

@@ -34,7 +34,10 @@ def snapshot(server: psutil.Process) -> tuple[set[int], int, int]:
 
 async def test_two_hundred_concurrent_clients(tmp_path: Path) -> None:
     env = {"EXAMPLE_METRICS_LOG": str(tmp_path / "metrics.log"), "CONCURRENCY_WORKERS": "2"}
-    with uvicorn("examples.app:app", tmp_path / "server.log", env=env) as server:
+    # Keep-alive connections must outlive the test: when uvicorn closes an idle one (after 5 s by
+    # default, which a slow run reaches) just as a client reuses it, the client sees a ReadError that
+    # says nothing about this package.
+    with uvicorn("examples.app:app", tmp_path / "server.log", env, "--timeout-keep-alive", "120") as server:
         process = psutil.Process(server.process.pid)
         statuses: dict[int, int] = {}
         errors: list[str] = []
