@@ -31,10 +31,6 @@ class RequestDeferrals:
 
     entries: list[Deferred] = field(default_factory=list)
 
-    @property
-    def count(self) -> int:
-        return sum(len(entry.tasks) for entry in self.entries)
-
 
 def new_deferrals_var() -> ContextVar[RequestDeferrals | None]:
     """Make the ContextVar of one facade (two facades in one app keep separate batches)."""

@@ -4,7 +4,17 @@ from __future__ import annotations
 
 from ._worker import HEADER
 
-__all__ = ["FrameBuffer"]
+__all__ = ["FrameBuffer", "grow_pipe"]
+
+
+def grow_pipe(fd: int) -> None:
+    """Enlarge a result pipe: fewer wake-ups for large results (Linux only; best effort)."""
+    try:
+        import fcntl
+
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, 1 << 20)
+    except (ImportError, AttributeError, OSError):  # pragma: no cover - platform dependent
+        pass
 
 
 class FrameBuffer:

@@ -44,12 +44,11 @@ import anyio.lowlevel
 
 from .._config import Settings, positive
 from .._exceptions import ConcurrencyClosed, ConfigurationError, WorkerCrashed
-from .._frames import FrameBuffer
+from .._frames import FrameBuffer, grow_pipe
 from .._pickling import decode_outcome, dumps
 from .._tasks import Outcome, Task
 from .._worker import result_frame
 from .base import Driver
-from .process import _grow_pipe
 
 __all__ = ["ForkDriver"]
 
@@ -319,7 +318,7 @@ def _fork(fn: Callable[[], Any]) -> _Child:
         os.close(write_end)
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     os.set_blocking(read_end, False)
-    _grow_pipe(read_end)
+    grow_pipe(read_end)
     return _Child(pid, read_end)
 
 

@@ -62,7 +62,7 @@ import anyio.lowlevel
 from .. import _worker
 from .._config import Settings, positive
 from .._exceptions import ConcurrencyClosed, ConfigurationError, SerializationError, WorkerCrashed
-from .._frames import FrameBuffer
+from .._frames import FrameBuffer, grow_pipe
 from .._pickling import decode_outcome, dumps, dumps_task, remote_exception
 from .._tasks import Outcome, Task
 from .base import Driver
@@ -125,7 +125,7 @@ class _Worker:
         finally:
             os.close(task_read)
             os.close(result_write)
-        _grow_pipe(self._from_worker)
+        grow_pipe(self._from_worker)
         os.set_blocking(self._to_worker, False)
         os.set_blocking(self._from_worker, False)
         self.pid = self.process.pid
@@ -236,16 +236,6 @@ async def _wait(wait: Callable[[int], Any], fd: int) -> None:
         await wait(fd)
     except (anyio.ClosedResourceError, OSError):
         raise _WorkerGone from None
-
-
-def _grow_pipe(fd: int) -> None:
-    # A bigger result pipe means fewer wake-ups for large results (Linux only; best effort).
-    try:
-        import fcntl
-
-        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, 1 << 20)
-    except (ImportError, AttributeError, OSError):  # pragma: no cover - platform dependent
-        pass
 
 
 def _rss(pid: int) -> int | None:
