@@ -5,6 +5,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
+from .._stats import Stats
 from .._tasks import Outcome, Task
 
 __all__ = ["Driver"]
@@ -37,3 +38,10 @@ class Driver(ABC):
 
     async def aclose(self) -> None:
         """Release what `start()` acquired. Called once; the driver is not used afterwards."""
+
+    def stats(self) -> Stats:
+        """Return a snapshot of the driver's workers, queue and counters; cheap, no I/O.
+
+        Drivers fill in what they can; this default knows only the driver's name.
+        """
+        return Stats(driver=self.name)

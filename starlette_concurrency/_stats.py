@@ -1,0 +1,92 @@
+"""What `Concurrency.stats()` returns, and the counters a driver keeps to fill it in."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from ._exceptions import WorkerCrashed
+from ._tasks import Outcome
+
+__all__ = ["Stats", "TaskCounters"]
+
+
+@dataclass(frozen=True, slots=True)
+class Stats:
+    """A snapshot of one driver: its workers, its queue and what its tasks did so far.
+
+    Attributes:
+        driver: the driver's name.
+        workers: live worker processes (or the slots/threads the driver has).
+        busy: workers running a task now.
+        queued: tasks accepted and waiting for a worker.
+        deferred_pending: deferred tasks accepted and not finished yet (the facade's count).
+        tasks_completed: tasks that returned a value.
+        tasks_failed: tasks that raised.
+        tasks_crashed: tasks whose worker died under them (`WorkerCrashed`).
+        tasks_timed_out: tasks stopped by a timeout or a cancellation before they finished.
+        worker_restarts: workers replaced after a crash, a timeout, a recycle or an idle exit.
+        task_time_p50: median run time of recent tasks, in seconds (``None`` before the first).
+        task_time_p99: 99th percentile of the same window, in seconds.
+    """
+
+    driver: str
+    workers: int = 0
+    busy: int = 0
+    queued: int = 0
+    deferred_pending: int = 0
+    tasks_completed: int = 0
+    tasks_failed: int = 0
+    tasks_crashed: int = 0
+    tasks_timed_out: int = 0
+    worker_restarts: int = 0
+    task_time_p50: float | None = None
+    task_time_p99: float | None = None
+
+
+class TaskCounters:
+    """The counters behind `Stats`: an addition and a deque append per task, percentiles on demand."""
+
+    __slots__ = ("completed", "crashed", "durations", "failed", "restarts", "timed_out")
+
+    def __init__(self, window: int = 1024) -> None:
+        self.completed = 0
+        self.failed = 0
+        self.crashed = 0
+        self.timed_out = 0
+        self.restarts = 0
+        self.durations: deque[float] = deque(maxlen=window)  # the most recent run times, in seconds
+
+    def record(self, outcome: Outcome, seconds: float | None = None) -> None:
+        """Count how a task ended; `seconds` is its run time where the driver knows it."""
+        if outcome.error is None:
+            self.completed += 1
+        elif isinstance(outcome.error, WorkerCrashed):
+            self.crashed += 1
+        else:
+            self.failed += 1
+        if seconds is not None:
+            self.durations.append(seconds)
+
+    def snapshot(self, driver: str, *, workers: int = 0, busy: int = 0, queued: int = 0) -> Stats:
+        """Freeze the counters, with the live figures the driver passes, into a `Stats`."""
+        ordered = sorted(self.durations)
+        return Stats(
+            driver=driver,
+            workers=workers,
+            busy=busy,
+            queued=queued,
+            tasks_completed=self.completed,
+            tasks_failed=self.failed,
+            tasks_crashed=self.crashed,
+            tasks_timed_out=self.timed_out,
+            worker_restarts=self.restarts,
+            task_time_p50=_percentile(ordered, 0.50),
+            task_time_p99=_percentile(ordered, 0.99),
+        )
+
+
+def _percentile(ordered: list[float], fraction: float) -> float | None:
+    if not ordered:
+        return None
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
