@@ -20,6 +20,11 @@ worker frames the outcome exactly as `_worker.py` does, so exceptions keep their
 traceback, and those that cannot round-trip come back as `RemoteError`. Every task gets a unique
 key: Dask would otherwise merge identical closures into one task (``pure=True``).
 
+The embedded cluster talks TLS with certificates made in memory at `start()` (`Security.temporary()`) and
+handed only to our client and, through the nannies' spawn pipes, to its workers: another process on the
+machine (any uid) cannot connect to it, let alone run code there. An external cluster gets whatever
+`distributed.Security` the caller passes, or the `CONCURRENCY_DASK_TLS_*` files.
+
 `distributed` is imported here only, when the driver is chosen; it runs on asyncio alone.
 """
 
@@ -30,6 +35,7 @@ import functools
 import os
 import pickle
 import re
+import time
 import traceback
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
@@ -38,12 +44,24 @@ from typing import Any
 
 import anyio
 import anyio.lowlevel
+import anyio.to_thread
 
 from .. import _worker
 from .._config import Settings, positive
 from .._exceptions import ConcurrencyClosed, ConcurrencyError, ConfigurationError, WorkerCrashed
 from .._pickling import decode_outcome, dumps_task, remote_exception
+from .._stats import Stats, TaskCounters
 from .._tasks import Outcome, Task
+from ._dask_security import (
+    ADDRESS,
+    TLS_CA,
+    TLS_CERT,
+    TLS_KEY,
+    check_address,
+    check_cryptography,
+    check_security,
+    security_from_environment,
+)
 from .base import Driver
 
 __all__ = ["DaskDriver"]
@@ -89,21 +107,51 @@ class DaskDriver(Driver):
     interrupt a thread: a plain function already running goes on to its end, and its result is
     dropped. Runs on asyncio only; on trio, `start()` raises `ConfigurationError`.
 
+    The embedded cluster speaks TLS with certificates made in memory for it at `start()`, known only
+    to this driver's client and its workers: nobody else on the machine can connect to it. For an
+    external cluster pass `security`, or set ``CONCURRENCY_DASKTLS_CA_FILE``,
+    ``CONCURRENCY_DASKTLS_CERT`` (and ``CONCURRENCY_DASKTLS_KEY`` unless the certificate file holds
+    the key); without either, Dask's own ``distributed.comm.tls`` configuration applies.
+
     Args:
-        address: the scheduler's address (``tcp://host:8786``); ``None`` starts an embedded cluster.
+        address: the scheduler's address (``tcp://host:8786``, ``tls://host:8786``); ``None`` starts
+            an embedded cluster.
         workers: worker processes of the embedded cluster (default: the CPU count); ignored with an
             address, where the cluster decides.
+        security: a `distributed.Security` for the connection to the external cluster at `address`
+            (default: from the ``CONCURRENCY_DASK_TLS_*`` variables, if set).
 
     Raises:
-        ConfigurationError: Dask distributed is not installed, or `workers` is not positive.
+        ConfigurationError: Dask distributed is not installed (or `cryptography`, for the embedded
+            cluster); `workers` is not positive; `address` is not one distributed can connect to;
+            the TLS settings are unusable (a missing or invalid file, named by its variable) or do
+            not fit the address.
     """
 
     name = "dask"
 
-    def __init__(self, address: str | None = None, *, workers: int | None = None) -> None:
-        self._distributed = _import_distributed()
-        self.address = address
+    def __init__(self, address: str | None = None, *, workers: int | None = None, security: Any = None) -> None:
+        distributed = self._distributed = _import_distributed()
+        self.address = None if address is None else check_address(address)
         self.workers: int = positive("workers", workers, int) or os.cpu_count() or 1
+        if security is not None and not isinstance(security, distributed.Security):
+            raise ConfigurationError(f"security must be a distributed.Security, not {type(security).__name__}")
+        origin = "security"
+        if security is None:
+            security = security_from_environment(distributed)
+            origin = f"{TLS_CA} / {TLS_CERT}"
+        if security is not None:
+            check_security(distributed, security, self.address, origin)
+        elif self.address is None:
+            check_cryptography()
+        elif self.address.startswith("tls://") and not distributed.Security().get_tls_config_for_role("client")["cert"]:
+            raise ConfigurationError(
+                f"{ADDRESS} {self.address!r} is a tls:// address, but no client certificate is configured: "
+                f"pass security=distributed.Security(...) or set {TLS_CA}, {TLS_CERT} and {TLS_KEY}"
+            )
+        self.security: Any = security
+        self._counters = TaskCounters()
+        self._unfinished = 0  # tasks of this driver submitted to the cluster and not finished
         self._client: Any = None
         self._cluster: Any = None
         self._closed = False
@@ -126,18 +174,26 @@ class DaskDriver(Driver):
             return
         distributed = self._distributed
         cluster = None
+        security = self.security
         try:
             if self.address is None:
+                # Certificates for this cluster alone, in memory: the nannies hand them to the workers they
+                # spawn over their private pipes, and a process without them cannot even finish a handshake.
+                security = await anyio.to_thread.run_sync(distributed.Security.temporary)  # an RSA key: ~0.1 s of CPU
                 cluster = await distributed.LocalCluster(
                     n_workers=self.workers,
                     threads_per_worker=1,
                     processes=True,
+                    host="127.0.0.1",
                     scheduler_port=0,
                     dashboard_address="127.0.0.1:0",  # the default, 8787, may be taken: a second cluster, a proxy
+                    security=security,
                     asynchronous=True,
                 )
             # Not the default client: the app may have one of its own, and `dask.compute` would pick ours.
-            client = await distributed.Client(cluster or self.address, asynchronous=True, set_as_default=False)
+            client = await distributed.Client(
+                cluster or self.address, security=security, asynchronous=True, set_as_default=False
+            )
         except OSError as exc:
             await self._close(None, cluster)
             where = f"the dask scheduler at {self.address}" if self.address else "the embedded dask cluster"
@@ -162,39 +218,65 @@ class DaskDriver(Driver):
         keys = [f"concurrency-{_name(task)}-{uuid.uuid4().hex}" for task in tasks]
         futures = client.map(_run_pickled, payloads, key=keys, pure=False)
         index_of = {future.key: index for index, future in enumerate(futures)}
+        unfinished = len(futures)
+        self._unfinished += unfinished
         try:
             done = self._distributed.as_completed(futures, loop=client.loop)
             async for first in done:
                 batch = [first, *done.next_batch(block=False)]
-                for future, outcome in await self._outcomes(batch, tasks, index_of):
+                for future, outcome, seconds in await self._outcomes(batch, tasks, index_of):
                     outcomes[index_of[future.key]] = outcome
+                    self._counters.record(outcome, seconds)
+                    unfinished -= 1
+                    self._unfinished -= 1
         except BaseException:
+            self._counters.timed_out += unfinished
             with anyio.CancelScope(shield=True):
                 await client.cancel(futures, reason="the starlette-concurrency call was cancelled or timed out")
             raise
+        finally:
+            self._unfinished -= unfinished
+
+    def stats(self) -> Stats:
+        """Return a snapshot of the cluster's workers and of this driver's tasks; cheap, no I/O.
+
+        `workers` is the cluster's worker count as the client last heard it from the scheduler (every
+        2 s, ``distributed.client.scheduler-info-interval``). The client cannot tell without asking
+        the scheduler which of its tasks are running, so `busy` and `queued` are an estimate: this
+        driver's unfinished tasks up to the cluster's thread count are counted busy, the rest queued
+        (other clients' tasks on a shared cluster are not seen). Run times are measured in the
+        workers. `worker_restarts` stays 0: Dask's nannies replace workers out of the client's sight.
+        """
+        workers = threads = 0
+        if self._client is not None:
+            info = self._client.scheduler_info()  # an asynchronous client returns its cached copy: no I/O
+            known = info.get("workers") or {}
+            workers = int(info.get("n_workers", len(known)))
+            threads = int(info.get("total_threads", sum(int(w.get("nthreads", 1)) for w in known.values())))
+        busy = min(self._unfinished, threads)
+        return self._counters.snapshot(self.name, workers=workers, busy=busy, queued=self._unfinished - busy)
 
     async def _outcomes(
         self, batch: list[Any], tasks: Sequence[Task], index_of: dict[Any, int]
-    ) -> list[tuple[Any, Outcome]]:
-        """Fetch the results of a batch of finished futures in one round trip, and decode them."""
+    ) -> list[tuple[Any, Outcome, float | None]]:
+        """Fetch the results of a batch of finished futures in one round trip; decode them, with their run times."""
         finished = [future for future in batch if future.status in ("finished", "lost")]
-        frames: dict[Any, bytes] = {}
+        frames: dict[Any, tuple[bytes, float]] = {}
         if finished:
             try:
                 frames = dict(zip([f.key for f in finished], await self._client.gather(finished), strict=True))
             except Exception:  # a result was lost between finishing and the gather: take them one by one
                 frames = {}
-        result = []
+        result: list[tuple[Any, Outcome, float | None]] = []
         for future in batch:
             task = tasks[index_of[future.key]]
             if future.key in frames:
-                outcome = _decode(frames[future.key], task)
-            else:
-                try:
-                    outcome = _decode(await future, task)
-                except Exception as exc:
-                    outcome = Outcome(error=await self._translate(exc, future, task))
-            result.append((future, outcome))
+                result.append((future, *_decode(frames[future.key], task)))
+                continue
+            try:
+                result.append((future, *_decode(await future, task)))
+            except Exception as exc:
+                result.append((future, Outcome(error=await self._translate(exc, future, task)), None))
         return result
 
     async def _translate(self, exc: Exception, future: Any, task: Task) -> BaseException:
@@ -231,9 +313,10 @@ class DaskDriver(Driver):
                 await cluster.close()
 
 
-def _decode(frame: bytes, task: Task) -> Outcome:
+def _decode(answer: tuple[bytes, float], task: Task) -> tuple[Outcome, float]:
+    frame, seconds = answer
     size = _worker.HEADER.size
-    return decode_outcome(frame[size : size + 1], frame[size + 1 :], task)
+    return decode_outcome(frame[size : size + 1], frame[size + 1 :], task), seconds
 
 
 def _name(task: Task) -> str:
@@ -246,16 +329,19 @@ def _name(task: Task) -> str:
 # In the worker ----------------------------------------------------------------------------------
 
 
-def _run_pickled(payload: bytes) -> bytes:
-    """Run one task in a Dask worker thread and frame how it ended, as `_worker.py` does; never raises."""
+def _run_pickled(payload: bytes) -> tuple[bytes, float]:
+    """Run one task in a Dask worker thread; frame how it ended, as `_worker.py` does, and time it; never raises."""
     import cloudpickle  # type: ignore[import-untyped]
 
+    started = time.perf_counter()
     try:
         fn = cloudpickle.loads(payload)
     except BaseException as exc:
         text = "".join(traceback.format_exception(exc))
-        return _worker.frame(_worker.LOAD_FAILED, pickle.dumps((type(exc).__qualname__, str(exc), text)))
-    return _worker.result_frame(functools.partial(_call, fn), cloudpickle.dumps)
+        failed = _worker.frame(_worker.LOAD_FAILED, pickle.dumps((type(exc).__qualname__, str(exc), text)))
+        return failed, time.perf_counter() - started
+    frame = _worker.result_frame(functools.partial(_call, fn), cloudpickle.dumps)
+    return frame, time.perf_counter() - started
 
 
 def _call(fn: Callable[[], Any]) -> Any:
@@ -301,6 +387,6 @@ def create(settings: Settings) -> DaskDriver:
     """Build the driver from a facade's settings.
 
     Raises:
-        ConfigurationError: Dask distributed is not installed.
+        ConfigurationError: Dask distributed is not installed, the address or the TLS settings are invalid.
     """
     return DaskDriver(settings.dask_address, workers=settings.workers)
