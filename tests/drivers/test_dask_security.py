@@ -185,7 +185,7 @@ async def test_the_strangers_script_does_get_into_an_open_cluster(tmp_path: Path
     markers = tmp_path / "markers"
     markers.mkdir()
     async with (
-        distributed.LocalCluster(
+        distributed.LocalCluster(  # type: ignore[no-untyped-call]
             n_workers=1,
             threads_per_worker=1,
             processes=True,
@@ -194,7 +194,7 @@ async def test_the_strangers_script_does_get_into_an_open_cluster(tmp_path: Path
             dashboard_address=None,
             asynchronous=True,
         ) as cluster,  # fmt: skip
-        distributed.Client(cluster, asynchronous=True, set_as_default=False) as client,
+        distributed.Client(cluster, asynchronous=True, set_as_default=False) as client,  # type: ignore[no-untyped-call]
     ):
         scheduler, servers = await _servers(client)
         plan = {"scheduler": scheduler, "servers": servers, "markers": str(markers)}
@@ -209,7 +209,7 @@ async def test_the_strangers_script_does_get_into_an_open_cluster(tmp_path: Path
 
 def _write_certificates(directory: Path) -> dict[str, Path]:
     """Write a fresh self-signed certificate (its own CA) and its key to files, as an operator would have them."""
-    security = Security.temporary()
+    security = Security.temporary()  # type: ignore[no-untyped-call]
     files = {"ca": directory / "ca.pem", "cert": directory / "cert.pem", "key": directory / "key.pem"}
     files["ca"].write_text(security.tls_ca_file)
     files["cert"].write_text(security.tls_client_cert)
@@ -265,7 +265,7 @@ def _address_from(scheduler_file: Path, scheduler: subprocess.Popen[bytes]) -> s
 async def test_an_external_tls_cluster_with_a_security_argument(tls_cluster: tuple[str, dict[str, Path]]) -> None:
     address, files = tls_cluster
     assert address.startswith("tls://")
-    security = Security(
+    security = Security(  # type: ignore[no-untyped-call]
         tls_ca_file=str(files["ca"]),
         tls_client_cert=str(files["cert"]),
         tls_client_key=str(files["key"]),
@@ -301,7 +301,7 @@ async def test_an_external_tls_cluster_refuses_other_certificates(
     other = _write_certificates(tmp_path)
     stranger = DaskDriver(
         address,
-        security=Security(
+        security=Security(  # type: ignore[no-untyped-call]
             tls_ca_file=str(other["ca"]),
             tls_client_cert=str(other["cert"]),
             tls_client_key=str(other["key"]),
