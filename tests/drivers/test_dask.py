@@ -36,6 +36,7 @@ from starlette_concurrency import (
     WorkerCrashed,
 )
 from starlette_concurrency._drivers.dask import DaskDriver
+from starlette_concurrency._stats import Stats
 
 from .. import helpers
 from ..conftest import DaskCluster
@@ -176,6 +177,29 @@ async def test_a_timeout_cancels_running_and_queued_tasks(dask_cluster: DaskClus
         assert await concurrency.run(lambda: "still works") == "still works"
 
 
+async def test_stats_count_the_tasks_and_see_the_cluster(dask_cluster: DaskCluster) -> None:
+    driver = DaskDriver(dask_cluster.address)
+    assert driver.stats() == Stats(driver="dask")
+    async with Concurrency(driver=driver, env_file=None) as concurrency:
+        assert driver.stats().workers == 2
+        async with anyio.create_task_group() as group:
+            # Four tasks on two single-threaded workers: two run, two wait.
+            group.start_soon(concurrency.run, [functools.partial(helpers.async_sleep_then, n, 1.0) for n in range(4)])
+            await helpers.eventually(lambda: driver.stats().queued > 0)
+            assert (driver.stats().busy, driver.stats().queued) == (2, 2)
+        done = driver.stats()
+        assert (done.busy, done.queued, done.tasks_completed) == (0, 0, 4)
+        assert done.task_time_p50 is not None
+        assert done.task_time_p99 is not None
+        assert done.task_time_p99 >= done.task_time_p50 >= 0.99, "the run time measured in the worker is too short"
+        await concurrency.run([functools.partial(helpers.fail, "boom"), lambda: 1], return_exceptions=True)
+        with pytest.raises(TaskTimeout):
+            await concurrency.run([functools.partial(helpers.async_sleep_then, n, 30.0) for n in range(3)], timeout=0.5)
+        final = driver.stats()
+    assert (final.tasks_completed, final.tasks_failed, final.tasks_timed_out) == (5, 1, 3)
+    assert (final.busy, final.queued, final.worker_restarts) == (0, 0, 0)
+
+
 async def test_deferred_work_runs_on_the_cluster_after_the_response(dask_cluster: DaskCluster, tmp_path: Path) -> None:
     marker = tmp_path / "marker"
     concurrency = Concurrency(driver="dask", dask_address=dask_cluster.address, env_file=None)
@@ -209,6 +233,7 @@ async def test_an_embedded_cluster_lives_with_the_facade() -> None:
             assert before <= children, "the embedded workers are not processes of this one"
             with pytest.raises(WorkerCrashed, match="task 'crash'"):
                 await concurrency.run({"crash": functools.partial(helpers.crash, 3), "fine": lambda: 1})
+            assert driver.stats().tasks_crashed == 1
             await driver.client.wait_for_workers(2, timeout=60)
             after = set((await driver.client.run(os.getpid)).values())
             assert len(after - before) == 1, "the crashed worker was not replaced"
