@@ -73,7 +73,7 @@ def security_from_environment(distributed: ModuleType) -> Any:
     return distributed.Security(tls_ca_file=ca, tls_client_cert=cert, tls_client_key=key, require_encryption=True)
 
 
-def check_security(distributed: ModuleType, security: Any, address: str | None, origin: str) -> None:
+def check_security(security: Any, address: str | None, origin: str) -> None:
     """Refuse TLS settings that cannot work with the address, before anything connects."""
     if address is None:
         raise ConfigurationError(

@@ -141,10 +141,11 @@ class DaskDriver(Driver):
             security = security_from_environment(distributed)
             origin = f"{TLS_CA} / {TLS_CERT}"
         if security is not None:
-            check_security(distributed, security, self.address, origin)
+            check_security(security, self.address, origin)
         elif self.address is None:
             check_cryptography()
-        elif self.address.startswith("tls://") and not distributed.Security().get_tls_config_for_role("client")["cert"]:
+        client_tls = (security or distributed.Security()).get_tls_config_for_role("client")  # or Dask's config
+        if self.address is not None and self.address.startswith("tls://") and not client_tls["cert"]:
             raise ConfigurationError(
                 f"{ADDRESS} {self.address!r} is a tls:// address, but no client certificate is configured: "
                 f"pass security=distributed.Security(...) or set {TLS_CA}, {TLS_CERT} and {TLS_KEY}"

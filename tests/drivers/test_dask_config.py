@@ -154,6 +154,8 @@ def test_tls_settings_must_fit_the_address(pem: dict[str, Path], monkeypatch: py
         DaskDriver("tls://127.0.0.1:8786", security={"tls_ca_file": str(pem["ca"])})
     with pytest.raises(ConfigurationError, match="tls:// address, but no client certificate is configured"):
         DaskDriver("tls://127.0.0.1:8786")
+    with pytest.raises(ConfigurationError, match="tls:// address, but no client certificate is configured"):
+        DaskDriver("tls://127.0.0.1:8786", security=Security())  # type: ignore[no-untyped-call]
     # The TLS variables without an address would go unused: say so rather than start an embedded cluster.
     monkeypatch.setenv("CONCURRENCY_DASK_TLS_CA_FILE", str(pem["ca"]))
     monkeypatch.setenv("CONCURRENCY_DASK_TLS_CERT", str(pem["cert"]))
