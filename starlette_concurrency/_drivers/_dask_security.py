@@ -11,6 +11,7 @@ from .._exceptions import ConfigurationError
 
 __all__ = [
     "ADDRESS",
+    "SECURE_SCHEMES",
     "TLS_CA",
     "TLS_CERT",
     "TLS_KEY",
@@ -21,6 +22,7 @@ __all__ = [
 ]
 
 ADDRESS = "dask_address / CONCURRENCY_DASK_ADDRESS"
+SECURE_SCHEMES = ("tls://", "wss://")  # the transports distributed encrypts
 TLS_CA, TLS_CERT, TLS_KEY = "CONCURRENCY_DASK_TLS_CA_FILE", "CONCURRENCY_DASK_TLS_CERT", "CONCURRENCY_DASK_TLS_KEY"
 _INSTALL_HINT = "pip install 'starlette-concurrency[dask]'"
 
@@ -84,7 +86,7 @@ def check_security(security: Any, address: str | None, origin: str) -> None:
         security.get_connection_args("client")
     except (OSError, ValueError, ssl.SSLError) as exc:
         raise ConfigurationError(f"{origin} cannot build a TLS client: {exc}") from None
-    if security.require_encryption and not address.startswith("tls://"):
+    if security.require_encryption and not address.startswith(SECURE_SCHEMES):
         raise ConfigurationError(f"{origin} requires encryption, but {ADDRESS} {address!r} is not a tls:// address")
 
 

@@ -54,6 +54,7 @@ from .._stats import Stats, TaskCounters
 from .._tasks import Outcome, Task
 from ._dask_security import (
     ADDRESS,
+    SECURE_SCHEMES,
     TLS_CA,
     TLS_CERT,
     TLS_KEY,
@@ -109,8 +110,8 @@ class DaskDriver(Driver):
 
     The embedded cluster speaks TLS with certificates made in memory for it at `start()`, known only
     to this driver's client and its workers: nobody else on the machine can connect to it. For an
-    external cluster pass `security`, or set ``CONCURRENCY_DASKTLS_CA_FILE``,
-    ``CONCURRENCY_DASKTLS_CERT`` (and ``CONCURRENCY_DASKTLS_KEY`` unless the certificate file holds
+    external cluster pass `security`, or set ``CONCURRENCY_DASK_TLS_CA_FILE``,
+    ``CONCURRENCY_DASK_TLS_CERT`` (and ``CONCURRENCY_DASK_TLS_KEY`` unless the certificate file holds
     the key); without either, Dask's own ``distributed.comm.tls`` configuration applies.
 
     Args:
@@ -144,8 +145,8 @@ class DaskDriver(Driver):
             check_security(security, self.address, origin)
         elif self.address is None:
             check_cryptography()
-        client_tls = (security or distributed.Security()).get_tls_config_for_role("client")  # or Dask's config
-        if self.address is not None and self.address.startswith("tls://") and not client_tls["cert"]:
+        client_tls = (security if security is not None else distributed.Security()).get_tls_config_for_role("client")
+        if self.address is not None and self.address.startswith(SECURE_SCHEMES) and not client_tls["cert"]:
             raise ConfigurationError(
                 f"{ADDRESS} {self.address!r} is a tls:// address, but no client certificate is configured: "
                 f"pass security=distributed.Security(...) or set {TLS_CA}, {TLS_CERT} and {TLS_KEY}"

@@ -150,6 +150,8 @@ def test_tls_settings_must_fit_the_address(pem: dict[str, Path], monkeypatch: py
         DaskDriver("tcp://127.0.0.1:8786", security=security)
     with pytest.raises(ConfigurationError, match="no dask_address / CONCURRENCY_DASK_ADDRESS is set"):
         DaskDriver(security=security)
+    for encrypted in ("tls://127.0.0.1:8786", "wss://127.0.0.1:8786"):
+        assert DaskDriver(encrypted, security=security).security is security
     with pytest.raises(ConfigurationError, match=r"security must be a distributed\.Security, not dict"):
         DaskDriver("tls://127.0.0.1:8786", security={"tls_ca_file": str(pem["ca"])})
     with pytest.raises(ConfigurationError, match="tls:// address, but no client certificate is configured"):
