@@ -58,7 +58,7 @@ async def dashboard(request: Request) -> Response:
         for name, value in data["counts"].items()  # type: ignore[attr-defined]
     )
     return HTMLResponse(
-        f"""<!doctype html><title>Dashboard</title>
+        f"""<!doctype html><title>Dashboard</title><link rel="icon" href="data:,">
 <h1>Dashboard</h1>
 <p>Four slow things (three 300 ms queries and a CPU-bound count) ran at the same time in worker
 processes: {data["elapsed_seconds"]} s in all. Server pid {data["server_pid"]}.</p>
