@@ -36,7 +36,7 @@ class Stats:
         task_time_p99: 99th percentile of the same window, in seconds.
         task_time_buckets: the run-time histogram since the driver started, cumulative as in
             Prometheus: ``(upper bound in seconds, tasks that took at most that long)`` pairs, the
-            last bound ``inf``. Empty when the driver keeps no `TaskCounters`.
+            last bound ``inf``. Empty before the first timed task.
         task_time_sum: the run times of those tasks added up, in seconds.
     """
 
@@ -104,7 +104,8 @@ class TaskCounters:
             worker_restarts=self.restarts,
             task_time_p50=_percentile(ordered, 0.50),
             task_time_p99=_percentile(ordered, 0.99),
-            task_time_buckets=tuple(buckets),
+            # Empty before the first timed task: a fresh driver's snapshot equals `Stats(driver=name)`.
+            task_time_buckets=tuple(buckets) if cumulative else (),
             task_time_sum=self.seconds,
         )
 

@@ -80,7 +80,9 @@ def test_percentiles_cover_a_window_of_recent_tasks() -> None:
 
 def test_the_histogram_is_cumulative_and_counts_every_timed_task() -> None:
     counters = TaskCounters(window=2)
-    assert counters.snapshot("sync").task_time_buckets == tuple((bound, 0) for bound in (*DURATION_BOUNDS, math.inf))
+    assert counters.snapshot("sync") == Stats(driver="sync")  # no histogram before the first timed task
+    counters.record(Outcome())  # nor for a task the driver did not time
+    assert counters.snapshot("sync").task_time_buckets == ()
     for seconds in (0.001, 0.005, 0.0051, 0.3, 59.0, 3600.0):  # 0.005 is at most 0.005: in that bucket
         counters.record(Outcome(), seconds)
     buckets = dict(counters.snapshot("sync").task_time_buckets)
@@ -90,6 +92,7 @@ def test_the_histogram_is_cumulative_and_counts_every_timed_task() -> None:
     assert buckets[0.5] == 4
     assert buckets[60.0] == 5
     assert buckets[math.inf] == 6  # the whole history, not the window of two
+    assert list(buckets) == [*DURATION_BOUNDS, math.inf]
     assert counters.snapshot("sync").task_time_sum == pytest.approx(3659.3111)
 
 
