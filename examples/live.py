@@ -156,14 +156,16 @@ function chart(canvas, title, series, unit) {
   const g = canvas.getContext("2d"), w = canvas.width, h = canvas.height;
   g.clearRect(0, 0, w, h);
   const top = Math.max(1e-9, ...series.flatMap((s) => s.values.filter((v) => v !== null)));
+  // The x axis spans the history so far (at least a minute, at most WINDOW): the first minute fills it.
+  const span = Math.min(WINDOW, Math.max(60, series[0].values.length));
   g.font = "12px sans-serif"; g.fillStyle = "#333";
-  g.fillText(`${title} — last ${WINDOW / 60} min, max ${unit(top)}`, 6, 14);
+  g.fillText(`${title} — last ${span} s, max ${unit(top)}`, 6, 14);
   series.forEach((s, k) => {
     g.strokeStyle = s.color; g.lineWidth = 1.5; g.beginPath();
     let drawing = false;
     s.values.forEach((v, i) => {
       if (v === null) { drawing = false; return; }
-      const x = w - (s.values.length - 1 - i) * (w / WINDOW), y = h - 4 - (v / top) * (h - 24);
+      const x = w - 2 - (s.values.length - 1 - i) * ((w - 4) / (span - 1)), y = h - 4 - (v / top) * (h - 24);
       drawing ? g.lineTo(x, y) : g.moveTo(x, y); drawing = true;
     });
     g.stroke(); g.fillStyle = s.color; g.fillText(s.name, 6 + k * 70, h - 6);
