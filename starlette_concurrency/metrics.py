@@ -142,7 +142,7 @@ def register_metrics(concurrency: Concurrency, registry: CollectorRegistry | Non
 
     Raises:
         ImportError: ``prometheus_client`` is not installed (``pip install starlette-concurrency[prometheus]``).
-        TypeError: `concurrency` is not a `Concurrency`.
+        TypeError: `concurrency` is not a `Concurrency`, or `registry` not a ``CollectorRegistry``.
         ValueError: the registry already has these metrics (``register_metrics`` was called twice).
     """
     try:
@@ -151,6 +151,8 @@ def register_metrics(concurrency: Concurrency, registry: CollectorRegistry | Non
         raise ImportError(
             "register_metrics() needs prometheus_client: pip install 'starlette-concurrency[prometheus]'"
         ) from exc
+    if registry is not None and not isinstance(registry, prometheus_client.CollectorRegistry):
+        raise TypeError(f"registry must be a prometheus_client CollectorRegistry, not {type(registry).__name__}")
     collector = ConcurrencyCollector(concurrency)
     (prometheus_client.REGISTRY if registry is None else registry).register(collector)
     return collector
@@ -166,7 +168,9 @@ class _Progress:
 _progress: weakref.WeakKeyDictionary[Concurrency, dict[str, _Progress]] = weakref.WeakKeyDictionary()
 
 
-def _check_stuck_after(stuck_after: object) -> None:
+def _check_health_arguments(concurrency: object, stuck_after: object) -> None:
+    if not isinstance(concurrency, Concurrency):
+        raise TypeError(f"concurrency must be a Concurrency, not {type(concurrency).__name__}")
     if isinstance(stuck_after, bool) or not isinstance(stuck_after, int | float) or not stuck_after > 0:
         raise ValueError(f"stuck_after must be a positive number of seconds, not {stuck_after!r}")
 
@@ -188,9 +192,10 @@ def health(concurrency: Concurrency, *, stuck_after: float = 60.0) -> tuple[bool
         "queued", "deferred_pending", "stalled_seconds", "problems": [...]}}}``.
 
     Raises:
+        TypeError: `concurrency` is not a `Concurrency`.
         ValueError: `stuck_after` is not a positive number.
     """
-    _check_stuck_after(stuck_after)
+    _check_health_arguments(concurrency, stuck_after)
     now = time.monotonic()
     progress = _progress.setdefault(concurrency, {})
     drivers: dict[str, Any] = {}
@@ -228,9 +233,10 @@ def health_endpoint(concurrency: Concurrency, *, stuck_after: float = 60.0) -> C
         stuck_after: see `health`.
 
     Raises:
+        TypeError: `concurrency` is not a `Concurrency`.
         ValueError: `stuck_after` is not a positive number.
     """
-    _check_stuck_after(stuck_after)  # at wiring time, not on the first probe
+    _check_health_arguments(concurrency, stuck_after)  # at wiring time, not on the first probe
 
     async def endpoint(request: Request) -> Response:
         ok, detail = health(concurrency, stuck_after=stuck_after)

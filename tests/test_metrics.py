@@ -152,6 +152,8 @@ def test_registering_twice_or_something_else_is_a_clear_error() -> None:
     register_metrics(concurrency, registry)
     with pytest.raises(TypeError, match="concurrency must be a Concurrency, not str"):
         register_metrics("sync", registry)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="registry must be a prometheus_client CollectorRegistry, not dict"):
+        register_metrics(concurrency, {})  # type: ignore[arg-type]
 
 
 def test_the_package_does_not_import_prometheus_client() -> None:
@@ -209,6 +211,13 @@ async def test_health_is_ok_while_tasks_finish_and_not_when_the_queue_is_stuck()
     assert not health(concurrency, stuck_after=0.05)[0]
     driver.current = Stats(driver="scripted", workers=0, queued=0, tasks_completed=11, tasks_crashed=1)
     assert health(concurrency, stuck_after=0.05)[0]
+
+
+def test_health_rejects_something_else_than_a_facade() -> None:
+    with pytest.raises(TypeError, match="concurrency must be a Concurrency, not str"):
+        health("process")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="concurrency must be a Concurrency, not NoneType"):
+        health_endpoint(None)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("stuck_after", [0, -1, math.nan, "60", True])
