@@ -1,6 +1,7 @@
-"""A small dashboard that counts things concurrently and reports metrics after responding.
+"""A small dashboard that counts things concurrently, reports metrics after responding, and shows the pool live.
 
 Run it with `scripts/example` (or `uvicorn examples.app:app`), then open http://127.0.0.1:8000/.
+Also served: /healthz (a readiness probe) and, when prometheus_client is installed, /prometheus.
 """
 
 from __future__ import annotations
@@ -9,16 +10,21 @@ import functools
 import html
 import json
 import os
+import shutil
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Mount, Route
 
 from starlette_concurrency import Concurrency, ConcurrencyMiddleware
+from starlette_concurrency.metrics import health_endpoint
 
+from . import live
 from .work import METRICS_LOG, count_primes, count_rows, report
 
 concurrency = Concurrency()  # the driver comes from CONCURRENCY_DRIVER, "process" by default
@@ -52,14 +58,15 @@ async def dashboard(request: Request) -> Response:
         for name, value in data["counts"].items()  # type: ignore[attr-defined]
     )
     return HTMLResponse(
-        f"""<!doctype html><title>Dashboard</title>
+        f"""<!doctype html><title>Dashboard</title><link rel="icon" href="data:,">
 <h1>Dashboard</h1>
 <p>Four slow things (three 300 ms queries and a CPU-bound count) ran at the same time in worker
 processes: {data["elapsed_seconds"]} s in all. Server pid {data["server_pid"]}.</p>
 <table border=1 cellpadding=4><tr><th>what</th><th>count</th><th>worker pid</th></tr>{rows}</table>
 <p>Two metrics are reported after this page was sent: see <a href="/metrics">/metrics</a>.
 Also: <a href="/api/dashboard">/api/dashboard</a> (JSON), <a href="/api/quick">/api/quick</a>,
-<a href="/workers">/workers</a>.</p>"""
+<a href="/workers">/workers</a>, <a href="/healthz">/healthz</a>, <a href="/prometheus">/prometheus</a>.</p>
+{live.PAGE}"""
     )
 
 
@@ -85,6 +92,25 @@ async def metrics(request: Request) -> Response:
     return JSONResponse([json.loads(line) for line in lines])
 
 
+def prometheus_routes() -> list[BaseRoute]:
+    """Serve the Prometheus exposition at /prometheus when the `[prometheus]` extra is installed."""
+    try:
+        from prometheus_client import CollectorRegistry, make_asgi_app
+    except ImportError:
+        return []
+    from starlette_concurrency.metrics import register_metrics
+
+    registry = CollectorRegistry()  # only this app's metrics: several apps may share a test process
+    register_metrics(concurrency, registry)
+    return [Mount("/prometheus", make_asgi_app(registry))]
+
+
+@asynccontextmanager
+async def lifespan(app: Starlette) -> AsyncIterator[None]:
+    yield
+    shutil.rmtree(live.ACTIVITY_DIR, ignore_errors=True)  # the workers' notes of what they were doing
+
+
 app = Starlette(
     routes=[
         Route("/", dashboard),
@@ -92,6 +118,10 @@ app = Starlette(
         Route("/api/quick", quick),
         Route("/workers", workers),
         Route("/metrics", metrics),
+        Route("/healthz", health_endpoint(concurrency)),
+        *live.routes(concurrency),
+        *prometheus_routes(),
     ],
     middleware=[Middleware(ConcurrencyMiddleware, concurrency=concurrency)],
+    lifespan=lifespan,
 )

@@ -24,6 +24,7 @@ from ._exceptions import (
     WorkerCrashed,
 )
 from ._middleware import ConcurrencyMiddleware
+from ._stats import Stats
 from ._tasks import Outcome, Task
 
 __version__ = "0.1.0"
@@ -42,6 +43,7 @@ __all__ = [
     "RemoteTraceback",
     "SerializationError",
     "Settings",
+    "Stats",
     "Task",
     "TaskTimeout",
     "WorkerCrashed",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import logging
 import math
@@ -23,6 +24,7 @@ from ._config import Settings, positive
 from ._context import Deferred, RequestDeferrals, new_deferrals_var
 from ._drivers.base import Driver
 from ._exceptions import ConcurrencyClosed, ConcurrencyError, ConfigurationError, DeferralRejected, TaskTimeout
+from ._stats import Stats
 from ._tasks import Batch, Outcome, Task, Tasks
 
 __all__ = ["Concurrency", "DriverFactory"]
@@ -467,3 +469,18 @@ class Concurrency:
 
     def __repr__(self) -> str:
         return f"<Concurrency driver={self._name!r} workers={self._core.settings.workers}>"
+
+    def stats(self) -> Stats:
+        """Return a snapshot of this facade's driver: workers, queue, deferred work and task counters.
+
+        Cheap (no I/O, no await), safe from any thread and at any time, also before start and
+        after close (then the driver's figures are zero). ``deferred_pending`` is the facade's count
+        of deferred tasks accepted and not finished, on all of its drivers. For another driver:
+        ``concurrency.driver("fork").stats()``.
+
+        Returns:
+            A frozen `Stats`.
+        """
+        driver = self._core.drivers.get(self._name)
+        stats = driver.stats() if driver is not None else Stats(driver=self._name)
+        return dataclasses.replace(stats, deferred_pending=self._core.pending)

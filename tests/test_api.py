@@ -38,6 +38,7 @@ def test_the_public_names_are_pinned() -> None:
         "RemoteTraceback",
         "SerializationError",
         "Settings",
+        "Stats",
         "Task",
         "TaskTimeout",
         "WorkerCrashed",

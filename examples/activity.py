@@ -1,0 +1,78 @@
+"""What each worker is doing, for the live dashboard: tasks wrapped in `traced` leave a note per worker.
+
+Stdlib only: workers import this module by name to run the tasks. A note is a small JSON file per
+worker pid in a directory the app chooses; the app reads them on each poll. (The package's own
+`stats()` counts workers and tasks; which task a given worker holds is the app's business.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def _write(directory: str, note: dict[str, Any]) -> None:
+    path = Path(directory) / f"{os.getpid()}.json"
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(json.dumps(note))
+    os.replace(temporary, path)  # atomic: the app never reads half a note
+
+
+def traced(directory: str, label: str, fn: Callable[..., T], *args: Any) -> T:
+    """Run ``fn(*args)``, noting in `directory` that this worker runs `label`, then how long it took."""
+    path = Path(directory) / f"{os.getpid()}.json"
+    try:
+        done = json.loads(path.read_text()).get("done", 0)
+    except (OSError, ValueError):
+        done = 0
+    started = time.time()
+    _write(directory, {"pid": os.getpid(), "task": label, "since": started, "done": done})
+    outcome = "failed"
+    try:
+        result = fn(*args)
+        outcome = "completed"
+        return result
+    finally:
+        _write(
+            directory,
+            {"pid": os.getpid(), "task": None, "since": time.time(), "done": done + 1,
+             "last": label, "last_seconds": time.time() - started, "last_outcome": outcome},
+        )  # fmt: skip
+
+
+def read_notes(directory: Path) -> list[dict[str, Any]]:
+    """Return the notes of the workers still alive, by pid; forget the ones of workers that are gone."""
+    notes = []
+    for path in sorted(directory.glob("*.json")):
+        try:
+            note: dict[str, Any] = json.loads(path.read_text())
+            os.kill(note["pid"], 0)
+        except ProcessLookupError:
+            path.unlink(missing_ok=True)  # the worker exited (recycled, crashed, stopped)
+            continue
+        except (OSError, ValueError, KeyError):
+            continue
+        notes.append(note)
+    return notes
+
+
+def nap(seconds: float) -> float:
+    """Wait like an I/O-bound task does (a query, an HTTP call)."""
+    time.sleep(seconds)
+    return seconds
+
+
+def fail(message: str) -> None:
+    """Raise, as a buggy task does."""
+    raise RuntimeError(message)
+
+
+def crash() -> None:
+    """Kill the worker running this, as a segfault or an OOM kill would."""
+    os._exit(70)
