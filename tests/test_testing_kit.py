@@ -7,10 +7,11 @@ import sys
 import textwrap
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from starlette_concurrency import Driver, Outcome, Settings, Task
+from starlette_concurrency import Driver, DriverFactory, Outcome, Settings, Task
 from starlette_concurrency._drivers.sync import SyncDriver
 from starlette_concurrency.testing import DriverContract
 
@@ -40,6 +41,26 @@ class TestDelegatingDriverPassesTheKit(DriverContract):
     @pytest.fixture
     def driver(self) -> type[Delegating]:
         return Delegating  # a factory: Settings -> Driver
+
+
+def readme_driver() -> type[Driver]:
+    """The `ThreadDriver` that README.md's "Writing a driver" shows, exactly as printed there."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    head, _, tail = readme.partition("class ThreadDriver(Driver):")
+    source = (
+        head.rpartition("```python\n")[2] + "class ThreadDriver(Driver):" + tail.partition("\n\n\nconcurrency =")[0]
+    )
+    namespace: dict[str, Any] = {}
+    exec(compile(source, "README.md", "exec"), namespace)
+    driver: type[Driver] = namespace["ThreadDriver"]
+    return driver
+
+
+class TestTheReadmeDriverPassesTheKit(DriverContract):
+    @pytest.fixture
+    def driver(self) -> DriverFactory:
+        thread_driver = readme_driver()
+        return lambda settings: thread_driver(settings.workers)  # type: ignore[call-arg]
 
 
 # Broken drivers, run by the kit in a pytest of their own: the kit must catch each one.
