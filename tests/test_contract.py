@@ -6,11 +6,18 @@ built-in driver is bound to it by name, as `Concurrency(driver="process")` would
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 from starlette_concurrency.testing import DriverContract
 
 from .conftest import DaskCluster
+
+
+def _under_coverage() -> bool:
+    coverage = sys.modules.get("coverage")
+    return coverage is not None and coverage.Coverage.current() is not None
 
 
 class TestProcess(DriverContract):
@@ -20,6 +27,12 @@ class TestProcess(DriverContract):
 
 
 class TestFork(DriverContract):
+    # Under coverage every forked child starts a Coverage of its own and writes a data file as it
+    # exits (patch = ["fork", "_exit"]): a thousand children took past the 120 s timeout on a loaded
+    # 2-core machine. A hundred go through the same rolling cap, many times over, and still measure
+    # the child's side; without coverage the test sends the kit's full thousand.
+    many_tasks = 100 if _under_coverage() else DriverContract.many_tasks
+
     @pytest.fixture
     def driver(self) -> str:
         return "fork"
