@@ -76,3 +76,11 @@ def test_the_sdist_holds_what_the_tests_and_scripts_need(dist: Path, tmp_path: P
         check=True,
         timeout=120,
     )
+
+
+def test_scripts_example_refuses_a_port_that_is_not_a_number() -> None:
+    # Before it installs anything; serving on a given port is `uvicorn --port`, which test_uvicorn exercises.
+    run = subprocess.run([str(ROOT / "scripts/example"), "80a"], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2
+    assert "usage: scripts/example [PORT]" in run.stderr
+    assert "got '80a'" in run.stderr
