@@ -146,5 +146,5 @@ def _short_repr(value: object) -> str:
     try:
         text = repr(value)
     except Exception as exc:  # a key's or a value's repr may be broken; the message must still be built
-        return f"<{type(value).__qualname__} whose repr raised {type(exc).__name__}>"
+        return f"<{type(value).__name__} whose repr raised {type(exc).__name__}>"
     return text if len(text) <= 40 else text[:37] + "..."
