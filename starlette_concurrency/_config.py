@@ -2,18 +2,153 @@
 
 from __future__ import annotations
 
+import difflib
+import math
 import os
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+import re
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 from starlette.config import Config
 
 from ._exceptions import ConfigurationError
 
-__all__ = ["Settings", "positive"]
+__all__ = ["KNOWN_VARIABLES", "Settings", "check_dask_address", "check_workers", "positive", "usable_cpus"]
 
 T = TypeVar("T", int, float)
+
+# Every variable this package reads. A `CONCURRENCY_*` name not listed here is most likely a typo.
+KNOWN_VARIABLES = {
+    "CONCURRENCY_DRIVER",
+    "CONCURRENCY_WORKERS",
+    "CONCURRENCY_TIMEOUT",
+    "CONCURRENCY_DRAIN_TIMEOUT",
+    "CONCURRENCY_DASK_ADDRESS",
+    # Read by the dask driver (`_drivers/_dask_security.py`) for a TLS-secured external cluster.
+    "CONCURRENCY_DASK_TLS_CA_FILE",
+    "CONCURRENCY_DASK_TLS_CERT",
+    "CONCURRENCY_DASK_TLS_KEY",
+}
+
+# `Concurrency(env_file=...)`'s default: a missing `.env` is normal, any other missing file is a mistake.
+DEFAULT_ENV_FILE = ".env"
+
+# How many workers one usable CPU may have; past it a pool costs more to start than it can give.
+WORKERS_PER_CPU = 64
+
+# Names already warned about in this process, so that a typo warns once, not at every `Concurrency()`.
+_warned: set[str] = set()
+
+
+def usable_cpus(root: str | os.PathLike[str] = "/") -> int:
+    """Count the CPUs this process may actually use: its affinity mask, capped by a cgroup CPU quota.
+
+    Args:
+        root: where the file system starts (tests point it at a fake ``/proc`` and ``/sys``).
+
+    Returns:
+        At least 1; ``os.cpu_count()`` where the platform has no affinity mask.
+    """
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - macOS has no affinity mask
+        cpus = os.cpu_count() or 1
+    quota = _cgroup_quota(Path(root))
+    if quota is not None:
+        cpus = min(cpus, math.ceil(quota))
+    return max(1, cpus)
+
+
+def _cgroup_quota(root: Path) -> float | None:
+    """The smallest CPU quota (in CPUs) of this process's cgroup and its ancestors, or ``None``."""
+    try:
+        lines = (root / "proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    quotas: list[float] = []
+    for line in lines:
+        hierarchy, _, rest = line.partition(":")
+        controllers, _, path = rest.partition(":")
+        if hierarchy == "0" and controllers == "":  # cgroup v2: cpu.max says "<quota> <period>" or "max <period>"
+            for directory in _ancestors(root / "sys/fs/cgroup", path):
+                quotas += _ratio(directory / "cpu.max", None)
+        elif "cpu" in controllers.split(","):  # cgroup v1: cpu.cfs_quota_us is -1 when unlimited
+            for mount in ("cpu,cpuacct", "cpu", "cpuacct,cpu"):
+                for directory in _ancestors(root / "sys/fs/cgroup" / mount, path):
+                    quotas += _ratio(directory / "cpu.cfs_quota_us", directory / "cpu.cfs_period_us")
+    return min(quotas) if quotas else None
+
+
+def _ancestors(base: Path, path: str) -> Iterable[Path]:
+    parts = [part for part in path.split("/") if part and part != ".."]
+    for depth in range(len(parts), -1, -1):
+        yield base.joinpath(*parts[:depth])
+
+
+def _ratio(quota_file: Path, period_file: Path | None) -> list[float]:
+    try:
+        fields = quota_file.read_text().split()
+        if period_file is not None:
+            fields += period_file.read_text().split()
+        quota, period = float(fields[0]), float(fields[1])
+    except (OSError, ValueError, IndexError):  # absent, "max", or unreadable: no quota here
+        return []
+    return [quota / period] if quota > 0 and period > 0 else []
+
+
+def check_workers(name: str, value: Any) -> int | None:
+    """Check a worker count: ``None``, or a positive integer no larger than the limit.
+
+    The limit is `WORKERS_PER_CPU` (64) times the usable CPUs: more workers than that cost more memory
+    and start-up time than they could return, even for I/O-bound tasks.
+
+    Args:
+        name: the argument or variable the value came from, for the error message.
+        value: the value to check.
+
+    Returns:
+        The value as an ``int``, or ``None``.
+
+    Raises:
+        ConfigurationError: naming `name`, the value and the limit.
+    """
+    workers: int | None = positive(name, value, int)
+    limit = WORKERS_PER_CPU * usable_cpus()
+    if workers is not None and workers > limit:
+        raise ConfigurationError(f"{name} must be at most {limit} ({WORKERS_PER_CPU} per usable CPU), got {workers}")
+    return workers
+
+
+_DASK_ADDRESS = re.compile(r"(?:[A-Za-z][A-Za-z0-9+.-]*://)?(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5})")
+
+
+def check_dask_address(name: str, value: Any) -> str | None:
+    """Check the form of a Dask scheduler address: ``scheme://host:port`` or ``host:port``.
+
+    Args:
+        name: the argument or variable the value came from, for the error message.
+        value: the address, or ``None`` for an embedded cluster.
+
+    Returns:
+        The address without surrounding blanks, or ``None``.
+
+    Raises:
+        ConfigurationError: naming `name` and the value.
+    """
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ConfigurationError(f"{name} must be a string such as 'tcp://host:8786', not {type(value).__name__}")
+    address = value.strip()
+    match = _DASK_ADDRESS.fullmatch(address)
+    if match is None or not 0 < int(match.group(1)) < 65536:
+        raise ConfigurationError(
+            f"{name} must look like 'tcp://host:8786' or 'host:8786' (scheme://host:port), got {value!r}"
+        )
+    return address
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,7 +157,7 @@ class Settings:
 
     Attributes:
         driver: the default driver's name.
-        workers: how many tasks may run at once (``None``: the CPU count).
+        workers: how many tasks may run at once (default: the CPUs this process may use).
         timeout: the default timeout of a `run()` call and of a deferred batch, in seconds.
         drain_timeout: how long shutdown waits for deferred work before abandoning it, in seconds.
         max_pending_deferred: how many deferred tasks may be pending at once (``None``: no bound).
@@ -35,7 +170,7 @@ class Settings:
     """
 
     driver: str = "process"
-    workers: int | None = None
+    workers: int = field(default_factory=usable_cpus)
     timeout: float | None = None
     drain_timeout: float = 30.0
     max_pending_deferred: int | None = None
@@ -50,10 +185,20 @@ class Settings:
     def resolve(cls, env_file: str | os.PathLike[str] | None, **arguments: Any) -> Settings:
         """Fill the arguments left as ``None`` from the environment, then from defaults; check them all.
 
+        Args:
+            env_file: a `.env` file to read. Missing, it is skipped: silently when it is the default
+                ``".env"``, with a warning when it was named explicitly.
+            arguments: the `Concurrency` arguments, ``None`` where not given.
+
+        Returns:
+            The settings, every default resolved (`workers` is a number).
+
         Raises:
-            ConfigurationError: a value is invalid; the message names the argument or variable.
+            ConfigurationError: a value is invalid, or the `.env` file is not UTF-8; the message names
+                the argument, the variable, or the file and line.
         """
-        config = Config(os.fspath(env_file) if env_file is not None and os.path.isfile(env_file) else None)
+        config = Config(_env_file(env_file), encoding="utf-8-sig")  # utf-8-sig: a byte-order mark is dropped
+        _warn_about_unknown_variables([*os.environ, *config.file_values], env_file)
 
         def pick(name: str, variable: str, cast: Callable[[str, str], Any]) -> Any:
             if arguments.get(name) is not None:
@@ -61,11 +206,16 @@ class Settings:
             raw = config(variable, default=None)
             return cast(variable, raw) if raw not in (None, "") else None
 
+        # An argument is checked under its own name, a variable under the variable's.
+        workers = check_workers("workers", arguments.get("workers")) or pick(
+            "workers", "CONCURRENCY_WORKERS", lambda variable, raw: check_workers(variable, _parse(int)(variable, raw))
+        )
         values = {
             "driver": pick("driver", "CONCURRENCY_DRIVER", lambda _, raw: raw.strip().lower()) or "process",
-            "workers": positive("workers", pick("workers", "CONCURRENCY_WORKERS", _parse(int)), int),
+            "workers": usable_cpus() if workers is None else workers,
             "timeout": positive("timeout", pick("timeout", "CONCURRENCY_TIMEOUT", _parse(float)), float),
-            "dask_address": pick("dask_address", "CONCURRENCY_DASK_ADDRESS", lambda _, raw: raw.strip()),
+            "dask_address": check_dask_address("dask_address", arguments.get("dask_address"))
+            or pick("dask_address", "CONCURRENCY_DASK_ADDRESS", check_dask_address),
         }
         drain_timeout = pick("drain_timeout", "CONCURRENCY_DRAIN_TIMEOUT", _parse(float))
         values["drain_timeout"] = 30.0 if drain_timeout is None else positive("drain_timeout", drain_timeout, float)
@@ -83,6 +233,42 @@ class Settings:
         if isinstance(preload, str) or not all(isinstance(module, str) for module in preload):
             raise ConfigurationError("preload must be a list of module names")
         return cls(**values, initializer=initializer, preload=tuple(preload))
+
+
+def _env_file(env_file: str | os.PathLike[str] | None) -> str | None:
+    """The `.env` file to read, checked to be UTF-8, or ``None`` when there is none to read."""
+    if env_file is None:
+        return None
+    path = os.fspath(env_file)
+    if not os.path.isfile(path):
+        if path != DEFAULT_ENV_FILE:
+            # A warning, not an error: the real environment may carry every setting (a container
+            # without its .env); but a path someone typed that does not exist is worth saying.
+            warnings.warn(f"env_file {path!r} does not exist; no CONCURRENCY_* settings read from it", stacklevel=4)
+        return None
+    with open(path, "rb") as file:
+        for number, line in enumerate(file, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise ConfigurationError(
+                    f"{path}, line {number}: not UTF-8 (byte {line[exc.start]:#04x} at column {exc.start + 1}); "
+                    "save the file as UTF-8"
+                ) from None
+    return path
+
+
+def _warn_about_unknown_variables(names: Iterable[str], env_file: str | os.PathLike[str] | None) -> None:
+    for name in names:
+        if not name.startswith("CONCURRENCY_") or name in KNOWN_VARIABLES or name in _warned:
+            continue
+        _warned.add(name)
+        # Compare what follows the prefix, which every name shares and would make anything look close.
+        prefix = len("CONCURRENCY_")
+        close = difflib.get_close_matches(name[prefix:], sorted(known[prefix:] for known in KNOWN_VARIABLES), n=1)
+        hint = f"did you mean CONCURRENCY_{close[0]}?" if close else f"known: {', '.join(sorted(KNOWN_VARIABLES))}"
+        where = "the environment" if name in os.environ or env_file is None else repr(os.fspath(env_file))
+        warnings.warn(f"unknown setting {name} in {where} is ignored; {hint}", stacklevel=4)
 
 
 def _parse(kind: type[T]) -> Callable[[str, str], T]:

@@ -7,6 +7,7 @@ driver's `Outcome`s back into the shape the caller gave.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -31,8 +32,26 @@ class Task:
 
     @property
     def label(self) -> str:
-        """Name the task the way error messages and logs do: ``task 0``, ``task 'users'``."""
-        return f"task {self.key!r}"
+        """Name the task the way error messages and logs do: ``task 0 (count_rows)``, ``task 'users' (<lambda>)``.
+
+        Never raises, whatever the key's `repr` or the callable's attributes do: a label is built while
+        reporting another error, which it must not hide.
+        """
+        return f"task {_short_repr(self.key)} ({function_name(self.fn)})"
+
+
+def function_name(fn: object) -> str:
+    """Name a callable briefly: ``count_rows``, ``Counter.next``, ``<lambda>``, ``partial(fail)``; never raises."""
+    try:
+        if isinstance(fn, functools.partial):
+            return f"partial({function_name(fn.func)})"
+        name = getattr(fn, "__qualname__", None)
+        if not isinstance(name, str):
+            name = type(fn).__qualname__  # a callable instance: its class
+        # `dashboard.<locals>.<lambda>` says less than it costs; the innermost part names the function.
+        return name.rpartition("<locals>.")[2]
+    except Exception:
+        return "?"
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,9 +98,11 @@ class Batch:
         for key, fn in items:
             if not callable(fn):
                 raise TypeError(
-                    f"{argument}[{key!r}] is not callable: got {type(fn).__name__} {_short_repr(fn)}; "
+                    f"{argument}[{_short_repr(key)}] is not callable: got {type(fn).__name__} {_short_repr(fn)}; "
                     "wrap the work in a function or a lambda"
                 )
+        if shape is dict:
+            _check_keys(argument, [key for key, _ in items])
         return cls([Task(key, fn) for key, fn in items], shape)
 
     def results(self, outcomes: list[Outcome], *, return_exceptions: bool) -> Any:
@@ -107,6 +128,23 @@ class Batch:
         return values[0]
 
 
+def _check_keys(argument: str, keys: list[Any]) -> None:
+    """Refuse, before anything runs, keys that could not key the result `dict`."""
+    # The results are built after the tasks ran; a key that cannot go in a dict would fail only then.
+    try:
+        distinct = dict.fromkeys(keys)
+    except Exception as exc:
+        raise TypeError(
+            f"{argument} has a key that cannot key the results: {type(exc).__name__}: {exc}; "
+            "use hashable keys (strings, numbers, tuples)"
+        ) from exc
+    if len(distinct) != len(keys):  # only a custom Mapping can do that; a dict would lose results silently
+        raise TypeError(f"{argument} has {len(keys) - len(distinct)} duplicate key(s); each key must be unique")
+
+
 def _short_repr(value: object) -> str:
-    text = repr(value)
+    try:
+        text = repr(value)
+    except Exception as exc:  # a key's or a value's repr may be broken; the message must still be built
+        return f"<{type(value).__name__} whose repr raised {type(exc).__name__}>"
     return text if len(text) <= 40 else text[:37] + "..."

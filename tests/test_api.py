@@ -19,6 +19,7 @@ from starlette_concurrency import (
     Settings,
     Task,
 )
+from starlette_concurrency._config import usable_cpus
 
 pytestmark = pytest.mark.anyio
 
@@ -63,7 +64,7 @@ def test_the_error_tree() -> None:
 def test_the_default_driver_is_process() -> None:
     concurrency = Concurrency(env_file=None)
     assert concurrency.driver_name == "process"
-    assert repr(concurrency) == "<Concurrency driver='process' workers=None>"
+    assert repr(concurrency) == f"<Concurrency driver='process' workers={usable_cpus()}>"  # the resolved default
 
 
 def test_unknown_drivers_are_refused_with_the_known_names() -> None:
@@ -123,7 +124,8 @@ def test_a_dotenv_file_is_read_and_the_environment_wins(tmp_path: Path, monkeypa
     monkeypatch.setenv("CONCURRENCY_WORKERS", "7")
     settings = Concurrency(env_file=env_file).settings
     assert (settings.driver, settings.workers) == ("sync", 7)
-    assert Concurrency(env_file=tmp_path / "missing.env").settings.driver == "process"
+    with pytest.warns(UserWarning, match="missing.env' does not exist"):  # named explicitly: worth a warning
+        assert Concurrency(env_file=tmp_path / "missing.env").settings.driver == "process"
 
 
 @pytest.mark.parametrize(

@@ -98,8 +98,8 @@ async def test_work_still_running_after_the_drain_timeout_is_logged_as_abandoned
             await http.get("/defer", params={"seconds": 30})
     abandoned = sorted(record.getMessage() for record in caplog.records)
     assert abandoned == [
-        "deferred task 0 abandoned: still running after the 0.5 s drain timeout",
-        "deferred task 1 abandoned: still running after the 0.5 s drain timeout",
+        "deferred task 0 (partial(mark)) abandoned: still running after the 0.5 s drain timeout",
+        "deferred task 1 (partial(mark)) abandoned: still running after the 0.5 s drain timeout",
     ]
     assert list(markers.iterdir()) == []
 
@@ -113,8 +113,8 @@ async def test_deferred_work_that_overruns_the_timeout_is_stopped_and_logged(
             await http.get("/defer", params={"seconds": 5})
             await helpers.eventually(lambda: len(caplog.records) == 2)
     assert sorted(record.getMessage() for record in caplog.records) == [
-        "deferred task 0 timed out after 0.3 s and was stopped",
-        "deferred task 1 timed out after 0.3 s and was stopped",
+        "deferred task 0 (partial(mark)) timed out after 0.3 s and was stopped",
+        "deferred task 1 (partial(mark)) timed out after 0.3 s and was stopped",
     ]
     assert list(markers.iterdir()) == []
 
@@ -129,7 +129,7 @@ async def test_failures_are_logged_with_the_task_key_and_never_reach_the_client(
             assert (response.status_code, response.text) == (200, "ok")
     assert (markers / "sibling.json").exists()
     [record] = caplog.records
-    assert record.getMessage() == "deferred task 'doomed' failed"
+    assert record.getMessage() == "deferred task 'doomed' (partial(explode)) failed"
     assert record.exc_info is not None
     assert str(record.exc_info[1]) == "deferred failure"
 

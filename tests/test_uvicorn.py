@@ -80,7 +80,7 @@ def test_a_failing_deferred_task_is_logged_and_its_siblings_still_run(server: Se
     wait_for(markers / "sibling.json")
     server.stop()
     log = server.output()
-    assert "deferred task 'doomed' failed" in log
+    assert "deferred task 'doomed' (partial(explode)) failed" in log
     assert "RuntimeError: deferred failure" in log
 
 

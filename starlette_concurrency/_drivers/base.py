@@ -17,12 +17,20 @@ class Driver(ABC):
     A driver implements one method, `execute()`. `start()` and `aclose()` are optional hooks for
     drivers that hold resources (a pool, a cluster connection). The facade adds everything else:
     argument checking, timeouts (it cancels `execute()`), result shaping and error raising.
+
+    Lifecycle: the facade calls `start()` before the first `execute()`, and `aclose()` when it is
+    closed. A facade closed and entered again (each app lifespan, each `TestClient` block) starts
+    the *same* driver instance again: `start()` and `aclose()` may each be called more than once,
+    in that order (start, aclose, start, aclose...), and `execute()` only after a `start()`, by
+    several callers at once. `aclose()` is also called on a driver that was never started (or whose
+    `start()` failed) and must then release nothing. Check a driver with
+    `starlette_concurrency.testing.DriverContract`.
     """
 
     name: str = "custom"
 
     async def start(self) -> None:
-        """Acquire what the driver needs (called once, before the first `execute()`)."""
+        """Acquire what the driver needs: called before the first `execute()`, and again after each `aclose()`."""
 
     @abstractmethod
     async def execute(self, tasks: Sequence[Task], outcomes: list[Outcome | None]) -> None:
@@ -37,7 +45,7 @@ class Driver(ABC):
         """
 
     async def aclose(self) -> None:
-        """Release what `start()` acquired. Called once; the driver is not used afterwards."""
+        """Release what `start()` acquired; `start()` may be called again afterwards to use the driver again."""
 
     def stats(self) -> Stats:
         """Return a snapshot of the driver's workers, queue and counters; cheap, no I/O.

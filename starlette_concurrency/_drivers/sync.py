@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import inspect
+import time
 import traceback
 from collections.abc import Sequence
 
+import anyio
 import anyio.lowlevel
 
 from .._config import Settings
 from .._exceptions import RemoteError
+from .._stats import Stats, TaskCounters
 from .._tasks import Outcome, Task
 from .base import Driver
 
@@ -23,27 +26,71 @@ class SyncDriver(Driver):
     and coroutine functions are awaited. What it cannot do: run tasks in parallel, or stop a task
     that is running. A timeout or a cancellation takes effect between tasks (and at the `await`s of
     a coroutine task); a plain function runs to its end and blocks the event loop meanwhile.
-    A task's `SystemExit` comes back as a `RemoteError`, as with the other drivers, rather than
-    stopping the server; `KeyboardInterrupt` is left alone (here it is the server's own Ctrl-C).
+    An exception that is not an `Exception` (`SystemExit`, `GeneratorExit`, a custom `BaseException`)
+    comes back as a `RemoteError`, as with the other drivers, rather than unwinding the server;
+    `KeyboardInterrupt` is left alone (here it is the server's own Ctrl-C), and so is the event
+    loop's cancellation.
     """
 
     name = "sync"
 
+    def __init__(self) -> None:
+        self._counters = TaskCounters()
+        self._running = 0
+        self._queued = 0
+
     async def execute(self, tasks: Sequence[Task], outcomes: list[Outcome | None]) -> None:
         """Run the tasks one after the other; see `Driver.execute`."""
-        for index, task in enumerate(tasks):
-            await anyio.lowlevel.checkpoint()
-            try:
-                value = task.fn()
-                if inspect.isawaitable(value):
-                    value = await value
-            except Exception as exc:
-                outcomes[index] = Outcome(error=exc)
-            except SystemExit as exc:  # as itself it would stop the server; the other drivers agree
-                text = "".join(traceback.format_exception(exc))
-                outcomes[index] = Outcome(error=RemoteError("SystemExit", str(exc), text))
-            else:
-                outcomes[index] = Outcome(value=value)
+        self._queued += len(tasks)
+        started = 0
+        try:
+            for index, task in enumerate(tasks):
+                await anyio.lowlevel.checkpoint()
+                self._queued -= 1
+                started += 1
+                self._running += 1
+                begin = time.perf_counter()
+                try:
+                    outcomes[index] = outcome = await _run(task)
+                finally:
+                    self._running -= 1
+                self._counters.record(outcome, time.perf_counter() - begin)
+        finally:
+            self._queued -= len(tasks) - started
+            self._counters.timed_out += sum(outcome is None for outcome in outcomes[: len(tasks)])
+
+    def stats(self) -> Stats:
+        """Return the counters of the tasks run so far; `workers` is 1 (the event loop's thread)."""
+        return self._counters.snapshot(self.name, workers=1, busy=self._running, queued=self._queued)
+
+
+async def _run(task: Task) -> Outcome:
+    try:
+        value = task.fn()
+        if inspect.isawaitable(value):
+            value = await value
+    except Exception as exc:
+        return Outcome(error=exc)
+    except anyio.get_cancelled_exc_class():
+        raise  # the call was cancelled (a timeout, or the caller went away): not the task's outcome
+    except KeyboardInterrupt:
+        raise  # the server's own Ctrl-C
+    except BaseException as exc:  # SystemExit, GeneratorExit, ...: as themselves they would unwind the server
+        text = "".join(traceback.format_exception(exc))
+        return Outcome(error=RemoteError(_qualname(exc), _str(exc), text))
+    return Outcome(value=value)
+
+
+def _qualname(exc: BaseException) -> str:
+    cls = type(exc)
+    return cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _str(exc: BaseException) -> str:
+    try:
+        return str(exc)
+    except Exception:
+        return "<exception str() failed>"
 
 
 def create(settings: Settings) -> SyncDriver:

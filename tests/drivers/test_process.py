@@ -54,7 +54,7 @@ async def test_a_crashing_task_raises_worker_crashed_and_the_pool_heals(
 ) -> None:
     concurrency, driver = pool
     before = driver.pids
-    with pytest.raises(WorkerCrashed, match=r"running task 0 exited with code 3") as info:
+    with pytest.raises(WorkerCrashed, match=r"running task 0 \(partial\(crash\)\) exited with code 3") as info:
         await concurrency.run(functools.partial(helpers.crash, 3))
     assert info.value.exitcode == 3
     assert info.value.signal is None
@@ -111,7 +111,7 @@ async def test_a_closure_that_cannot_be_pickled_runs_nothing(
     concurrency, _ = pool
     lock = threading.Lock()
     marker = tmp_path / "marker"
-    with pytest.raises(SerializationError, match=r"task 'locked' cannot be pickled.*lock"):
+    with pytest.raises(SerializationError, match=r"task 'locked' \(<lambda>\) cannot be pickled.*lock"):
         await concurrency.run(
             {
                 "fine": functools.partial(helpers.sleep_then_touch, marker, 0),

@@ -14,6 +14,7 @@ import pytest
 
 from starlette_concurrency import Concurrency, RemoteError, RemoteTraceback, SerializationError
 from starlette_concurrency._drivers.process import ProcessDriver
+from starlette_concurrency._tasks import function_name
 
 from .. import helpers
 
@@ -37,7 +38,7 @@ async def test_an_unpicklable_closure_names_the_task_and_runs_nothing(
     captured = capture()
     marker = tmp_path / "marker"
     try:
-        with pytest.raises(SerializationError, match=r"task 'bad' cannot be pickled"):
+        with pytest.raises(SerializationError, match=r"task 'bad' \(<lambda>\) cannot be pickled"):
             await concurrency.run(
                 {"first": functools.partial(helpers.sleep_then_touch, marker, 0), "bad": lambda: captured}
             )
@@ -51,9 +52,17 @@ async def test_an_unpicklable_closure_names_the_task_and_runs_nothing(
 @pytest.mark.parametrize(
     ("task", "message"),
     [
-        (helpers.return_lock, r"the result of task 0 cannot be pickled: TypeError: cannot pickle '_thread.lock'"),
-        (helpers.return_generator, r"the result of task 0 cannot be pickled: TypeError: cannot pickle 'generator'"),
-        (helpers.return_unloadable, r"the result of task 0 could not be unpickled: ValueError"),
+        (
+            helpers.return_lock,
+            r"the result of task 0 \(return_lock\) cannot be pickled: "
+            r"TypeError: cannot pickle '_thread.lock'",
+        ),
+        (
+            helpers.return_generator,
+            r"the result of task 0 \(return_generator\) cannot be pickled: "
+            r"TypeError: cannot pickle 'generator'",
+        ),
+        (helpers.return_unloadable, r"the result of task 0 \(return_unloadable\) could not be unpickled: ValueError"),
     ],
     ids=["lock", "generator", "fails-to-load"],
 )
@@ -133,7 +142,7 @@ async def test_an_exception_that_cannot_travel_as_itself_is_a_remote_error(
     assert (error.type_name, error.message) == (type_name, message)
     assert "Traceback" in error.traceback
     assert isinstance(error.__cause__, RemoteTraceback)
-    assert "(raised by task 0)" in error.__notes__
+    assert f"(raised by task 0 ({function_name(task)}))" in error.__notes__
     assert await concurrency.run(lambda: "the worker lives on") == "the worker lives on"
 
 
@@ -146,7 +155,7 @@ async def test_a_task_that_cannot_be_unpickled_in_the_worker_is_a_serialization_
     import sc_only_here  # type: ignore[import-not-found]
 
     try:
-        with pytest.raises(SerializationError, match=r"task 0 could not be unpickled in the worker.*sc_only_here"):
+        with pytest.raises(SerializationError, match=r"task 0 \(where\) could not be unpickled in the worker.*sc_only"):
             await concurrency.run(sc_only_here.where)
     finally:
         del sys.modules["sc_only_here"]
@@ -167,5 +176,5 @@ async def test_in_a_long_call_only_the_task_that_cannot_be_unpickled_fails(
     finally:
         del sys.modules["sc_only_here_too"]
     assert isinstance(results[7], SerializationError)
-    assert "task 7 could not be unpickled in the worker" in str(results[7])
+    assert "task 7 (where) could not be unpickled in the worker" in str(results[7])
     assert results[:7] + results[8:] == [i for i in range(40) if i != 7]
