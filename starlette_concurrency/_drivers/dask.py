@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import os
 import pickle
 import re
 import time
@@ -47,7 +46,7 @@ import anyio.lowlevel
 import anyio.to_thread
 
 from .. import _worker
-from .._config import Settings, positive
+from .._config import Settings, check_workers, usable_cpus
 from .._exceptions import ConcurrencyClosed, ConcurrencyError, ConfigurationError, WorkerCrashed
 from .._pickling import decode_outcome, dumps_task, remote_exception
 from .._stats import Stats, TaskCounters
@@ -134,7 +133,7 @@ class DaskDriver(Driver):
     def __init__(self, address: str | None = None, *, workers: int | None = None, security: Any = None) -> None:
         distributed = self._distributed = _import_distributed()
         self.address = None if address is None else check_address(address)
-        self.workers: int = positive("workers", workers, int) or os.cpu_count() or 1
+        self.workers: int = check_workers("workers", workers) or usable_cpus()
         if security is not None and not isinstance(security, distributed.Security):
             raise ConfigurationError(f"security must be a distributed.Security, not {type(security).__name__}")
         origin = "security"
