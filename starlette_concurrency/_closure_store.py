@@ -1,0 +1,144 @@
+"""The worker's side of the function cache (`_closures.py` explains it): skeletons by key, and the loader.
+
+Only the standard library is imported here, so that the worker, started by path, can load this file
+without the package root; cloudpickle is imported by pickle itself, when a skeleton names it.
+"""
+
+from __future__ import annotations
+
+import builtins
+import io
+import pickle
+import types
+from typing import Any
+
+__all__ = ["REBUILD", "RESTORE", "WorkerStore"]
+
+# How a payload names the two steps of rebuilding a cached function (module, name): pickled by
+# reference to stand-ins in `_closures.py`, answered here by the store's unpickler.
+REBUILD = ("starlette_concurrency._closures", "_rebuild_function")
+RESTORE = ("starlette_concurrency._closures", "_restore_function")
+
+
+class _Loaded:
+    """A skeleton, unpickled once."""
+
+    __slots__ = ("code", "data_names", "globals", "names", "nfree")
+
+    def __init__(self, data: bytes) -> None:
+        code, meta, refs, names, data_names, _submodules = pickle.loads(data)  # importing the submodules
+        self.code: types.CodeType = code
+        self.globals: dict[str, Any] = {**meta, **refs}
+        self.names: tuple[str, str, str, str | None] = names
+        self.data_names: tuple[str, ...] = data_names
+        self.nfree = len(code.co_freevars)
+
+
+class _Broken:
+    """A skeleton that would not load here: every payload naming it fails with its error."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+class WorkerStore:
+    """The skeletons a worker was sent, by key, and the loader of payloads that name them."""
+
+    def __init__(self) -> None:
+        self._skeletons: dict[int, _Loaded | _Broken] = {}
+
+    def __len__(self) -> int:
+        return len(self._skeletons)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._skeletons
+
+    def load_definitions(self, blob: bytes | memoryview) -> None:
+        """Apply a definitions blob from this worker's mirror: forget what it evicted, add what it sent.
+
+        A skeleton that will not load here (its module does not import, say) is kept as that error,
+        raised by every payload that names it, so that the store stays in step with the mirror.
+
+        Args:
+            blob: what `WorkerMirror.prepare` returned (b"": nothing to do).
+        """
+        if not blob:
+            return
+        forget, new = pickle.loads(blob)
+        for key in forget:
+            self._skeletons.pop(key, None)
+        for key, data in new:
+            try:
+                self._skeletons[key] = _Loaded(data)
+            except Exception as exc:
+                self._skeletons[key] = _Broken(exc)
+
+    def load(self, data: bytes | memoryview) -> Any:
+        """Unpickle a payload's data, rebuilding its cached functions from their skeletons.
+
+        Args:
+            data: `Payload.data`, after the definitions it needs were loaded.
+
+        Returns:
+            The object that was pickled.
+
+        Raises:
+            pickle.UnpicklingError: it names a skeleton this worker was never sent.
+            Exception: whatever unpickling raises, or the error of a skeleton that did not load here.
+        """
+        return _Unpickler(io.BytesIO(data), self._skeletons).load()
+
+
+class _Unpickler(pickle.Unpickler):
+    def __init__(self, file: io.BytesIO, skeletons: dict[int, _Loaded | _Broken]) -> None:
+        super().__init__(file)
+        self.skeletons = skeletons
+        self.groups: dict[int, dict[str, Any]] = {}
+        self.building: dict[int, _Loaded] = {}  # id(function) → its skeleton, from rebuild to restore
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) == REBUILD:
+            return self.rebuild
+        if (module, name) == RESTORE:
+            return self.restore
+        return super().find_class(module, name)
+
+    def rebuild(self, key: int, group: int) -> types.FunctionType:
+        skeleton = self.skeletons.get(key)
+        if skeleton is None:
+            raise pickle.UnpicklingError(f"function skeleton {key} was never sent to this worker")
+        if isinstance(skeleton, _Broken):
+            raise skeleton.error
+        g = self.groups.get(group)
+        if g is None:
+            # Fresh globals for every payload, shared by its functions that shared them in the parent,
+            # as cloudpickle makes them: what a task writes to its globals does not reach the next one.
+            g = self.groups[group] = {"__builtins__": builtins.__dict__}
+        g.update(skeleton.globals)
+        # Cells start empty and are filled by restore, once pickle's memo knows the function: a
+        # function in its own cells (recursion) finds itself there.
+        closure = tuple(types.CellType() for _ in range(skeleton.nfree)) if skeleton.nfree else None
+        func = types.FunctionType(skeleton.code, g, skeleton.names[0], None, closure)
+        self.building[id(func)] = skeleton
+        return func
+
+    def restore(self, func: types.FunctionType, state: tuple[Any, ...]) -> None:
+        skeleton = self.building.pop(id(func))
+        names, defaults, kwdefaults, attributes, annotations, cells, empty, values, _submodules = state
+        # Set even when unchanged: FunctionType takes a lambda's first string constant for its __doc__.
+        func.__name__, func.__qualname__, func.__module__, func.__doc__ = names or skeleton.names
+        func.__defaults__ = defaults
+        func.__kwdefaults__ = kwdefaults
+        if attributes:
+            func.__dict__.update(attributes)
+        if annotations:
+            func.__annotations__ = annotations
+        if cells is not None:
+            assert func.__closure__ is not None
+            for index, (cell, value) in enumerate(zip(func.__closure__, cells, strict=True)):
+                if empty is None or index not in empty:
+                    cell.cell_contents = value
+        if values:
+            func.__globals__.update(zip(skeleton.data_names, values, strict=True))

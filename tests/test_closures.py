@@ -1,0 +1,464 @@
+"""The function cache: closures stay correct when only their state travels (issue 10).
+
+Every correctness test runs against four workers: in this process or in a separate interpreter that
+loads only `_closure_store.py` by path (so what it knows, it was sent), and one that has already seen
+the function's skeleton (the second call sends no definitions) or one that has not (a fresh store).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import pickle
+import struct
+import subprocess
+import sys
+import threading
+import types
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import cloudpickle  # type: ignore[import-untyped]
+import pytest
+
+from starlette_concurrency import _closure_store, _closures
+from starlette_concurrency._closures import ClosureCache, Payload, WorkerMirror, WorkerStore
+
+from . import closure_targets as targets
+
+ROOT = Path(__file__).resolve().parent.parent
+HEADER = struct.Struct("!I")
+Fn = Callable[[], Any]
+
+SETTING = 1  # a data global the tests change between calls
+
+
+class WorkerFailed(Exception):
+    """A worker could not load or run a payload (the message says why)."""
+
+
+class Worker:
+    """A worker the tests send payloads to: in this process or not, and one that has seen them or not."""
+
+    def __init__(self, where: str, seen: bool) -> None:
+        self.where, self.seen = where, seen
+        self.cache = ClosureCache()
+        self.process: subprocess.Popen[bytes] | None = None
+        self.mirror, self.store = self.cache.mirror(), WorkerStore()
+        self.sent_definitions = False  # whether the last call's definitions blob was not empty
+        self.keys: list[int] = []  # the worker store's keys after the last call
+
+    def run(self, fns: list[Fn]) -> list[Any]:
+        """Call `fns` in the worker; when it has seen them, prove the call sent no definitions."""
+        payload = self.cache.dumps(fns)
+        if not self.seen:
+            self.close()  # a new worker for every call
+            self.mirror, self.store = self.cache.mirror(), WorkerStore()
+        elif not all(key in self.mirror for key in payload.keys):
+            self._send(payload)  # prime it: the call below is then served from what it holds
+        results = self._send(payload)
+        assert self.sent_definitions is not self.seen or not payload.skeletons
+        return results
+
+    def one(self, fn: Fn) -> Any:
+        return self.run([fn])[0]
+
+    def _send(self, payload: Payload) -> list[Any]:
+        blob = self.mirror.prepare(payload.skeletons)
+        self.sent_definitions = bool(blob)
+        if self.where == "in-process":
+            try:
+                self.store.load_definitions(blob)
+                results = [_call(fn) for fn in self.store.load(payload.data)]
+            except Exception as exc:
+                raise WorkerFailed(f"{type(exc).__name__}: {exc}") from exc
+            finally:
+                self.keys = sorted(self.store._skeletons)
+            return results
+        if self.process is None:
+            self.process = subprocess.Popen(
+                [sys.executable, str(ROOT / "tests" / "closure_worker.py"), _closure_store.__file__, str(ROOT)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+            )
+        assert self.process.stdin is not None
+        assert self.process.stdout is not None
+        body = pickle.dumps((blob, payload.data))
+        self.process.stdin.write(HEADER.pack(len(body)) + body)
+        self.process.stdin.flush()
+        (size,) = HEADER.unpack(self.process.stdout.read(HEADER.size))
+        status, value, self.keys, package_imported = pickle.loads(self.process.stdout.read(size))
+        assert not package_imported, "the stand-alone worker imported the package"
+        if status != "ok":
+            raise WorkerFailed(value)
+        assert isinstance(value, list)
+        return value
+
+    def close(self) -> None:
+        if self.process is not None:
+            assert self.process.stdin is not None
+            assert self.process.stdout is not None
+            self.process.stdin.close()
+            self.process.stdout.close()
+            assert self.process.wait(timeout=60) == 0
+            self.process = None
+
+
+def _call(fn: Fn) -> Any:
+    import asyncio
+
+    value = fn()
+    return asyncio.run(value) if asyncio.iscoroutine(value) else value
+
+
+@pytest.fixture(
+    params=[("in-process", True), ("in-process", False), ("subprocess", True), ("subprocess", False)],
+    ids=["in-process-seen", "in-process-unseen", "subprocess-seen", "subprocess-unseen"],
+)
+def worker(request: pytest.FixtureRequest) -> Iterator[Worker]:
+    where, seen = request.param
+    worker = Worker(where, seen)
+    yield worker
+    worker.close()
+
+
+def test_a_global_changed_since_the_last_call_is_seen(worker: Worker) -> None:
+    global SETTING
+    fn = lambda: SETTING * 10  # noqa: E731
+    SETTING = 1
+    assert worker.one(fn) == 10
+    SETTING = 2
+    try:
+        assert worker.one(fn) == 20
+    finally:
+        SETTING = 1
+
+
+def test_closures_of_the_same_code_with_different_cells(worker: Worker) -> None:
+    def make(n: int) -> Fn:
+        return lambda: targets.add(n, 100)
+
+    one, two = make(1), make(2)
+    assert one.__code__ is two.__code__
+    assert worker.run([one, two]) == [101, 102]
+    assert worker.run([make(3)]) == [103]
+
+
+def test_nested_functions(worker: Worker) -> None:
+    def outer(base: int) -> Fn:
+        def middle() -> int:
+            def inner(x: int) -> int:
+                return targets.scale(x, base)
+
+            return inner(2) + inner(3)
+
+        return middle
+
+    assert worker.run([outer(10), outer(100)]) == [50, 500]
+
+
+def test_recursive_closures(worker: Worker) -> None:
+    def make(limit: int) -> Fn:
+        def even(n: int) -> bool:
+            return True if n == 0 else odd(n - 1)
+
+        def odd(n: int) -> bool:
+            return False if n == 0 else even(n - 1)
+
+        def fact(n: int) -> int:
+            return 1 if n <= 1 else n * fact(n - 1)  # fact is in its own cells
+
+        return lambda: (fact(limit), even(limit), odd(limit))
+
+    assert worker.run([make(5), make(6)]) == [(120, False, True), (720, True, False)]
+
+
+def test_main_functions(worker: Worker) -> None:
+    namespace: dict[str, Any] = {"__name__": "__main__"}
+    exec(
+        "def helper(x):\n    return x + OFFSET\n\ndef task():\n    return helper(1)\n",
+        namespace,
+    )
+    namespace["OFFSET"] = 10
+    assert namespace["task"].__module__ == "__main__"
+    assert worker.one(namespace["task"]) == 11
+    namespace["OFFSET"] = 20
+    assert worker.one(namespace["task"]) == 21
+
+
+def test_functions_with_wrapped(worker: Worker) -> None:
+    def logged(fn: Fn) -> Fn:
+        @functools.wraps(fn)
+        def wrapper() -> Any:
+            return ("logged", fn.__name__, fn())
+
+        return wrapper
+
+    def users() -> int:
+        return targets.add(1, 1)
+
+    def orders() -> int:
+        return targets.add(2, 2)
+
+    # The same wrapper code twice, with other names, cells and __wrapped__ each time.
+    assert worker.run([logged(users), logged(orders)]) == [("logged", "users", 2), ("logged", "orders", 4)]
+    wrapped: Any = logged(users)
+    assert worker.one(lambda: (wrapped.__name__, wrapped.__qualname__.split(".")[-1], wrapped.__wrapped__())) == (
+        "users",
+        "users",
+        2,
+    )
+
+
+def test_methods(worker: Worker) -> None:
+    class Counter:
+        def __init__(self, start: int) -> None:
+            self.start = start
+
+        def next(self) -> int:
+            return self.start + 1
+
+    assert worker.run([Counter(1).next, Counter(41).next]) == [2, 42]
+    greeter = targets.Greeter("hello")
+    assert worker.run([functools.partial(greeter.greet, "me"), lambda: greeter.greet("you")]) == [
+        "hello, me",
+        "hello, you",
+    ]
+
+
+def test_classes_defined_in_functions(worker: Worker) -> None:
+    def make(label: str) -> Fn:
+        class Base:
+            def describe(self) -> str:
+                return f"base {label}"
+
+        class Child(Base):
+            def describe(self) -> str:
+                return "child of " + super().describe()  # the __class__ cell
+
+        return lambda: (Child().describe(), Child.__name__, isinstance(Child(), Base))
+
+    assert worker.run([make("a"), make("b")]) == [
+        ("child of base a", "Child", True),
+        ("child of base b", "Child", True),
+    ]
+
+
+def test_default_arguments_and_keyword_only_defaults(worker: Worker) -> None:
+    def make(a: int, b: int) -> Fn:
+        def task(x: int = a, *, y: int = b) -> int:
+            return targets.scale(x, y)
+
+        return task
+
+    assert worker.run([make(2, 3), make(4, 5)]) == [6, 20]
+    fn = make(1, 1)
+    fn.__defaults__ = (7,)
+    fn.__kwdefaults__ = {"y": 8}
+    assert worker.one(fn) == 56
+
+
+def test_async_functions(worker: Worker) -> None:
+    def make(n: int) -> Fn:
+        async def task() -> int:
+            return targets.add(n, 1)
+
+        return task
+
+    assert worker.run([make(1), make(2)]) == [2, 3]
+
+
+def test_functions_whose_globals_are_not_a_module(worker: Worker) -> None:
+    namespace: dict[str, Any] = {"__name__": "scratch", "targets": targets, "SEED": 3}
+    exec(
+        "def bump():\n    global COUNT\n    COUNT = COUNT + 1 if 'COUNT' in globals() else SEED\n    return COUNT\n"
+        "def read():\n    return COUNT\n",
+        namespace,
+    )
+    bump, read = namespace["bump"], namespace["read"]
+    # Functions that share globals share them in the worker too, within one payload...
+    assert worker.run([bump, bump, read]) == [3, 4, 4]
+    # ...and a task's writes to its globals do not reach the next payload.
+    assert worker.run([bump]) == [3]
+    namespace["SEED"] = 30
+    assert worker.run([bump]) == [30]
+
+
+def test_rebinding_a_global_function_is_seen(worker: Worker) -> None:
+    namespace: dict[str, Any] = {"__name__": "tests.closure_targets", "combine": targets.add}
+    exec("task = lambda: combine(6, 7)\n", namespace)
+    assert worker.one(namespace["task"]) == 13
+    namespace["combine"] = targets.scale  # another function sent by reference
+    assert worker.one(namespace["task"]) == 42
+
+
+def test_a_builtin_shadowed_after_the_first_call_is_seen(worker: Worker) -> None:
+    namespace: dict[str, Any] = {"__name__": "scratch"}
+    exec("task = lambda: len('abc')\n", namespace)
+    assert worker.one(namespace["task"]) == 3
+    namespace["len"] = lambda value: -1  # now a global of its own, sent with the task
+    assert worker.one(namespace["task"]) == -1
+
+
+def test_an_empty_cell_stays_empty(worker: Worker) -> None:
+    def make() -> Fn:
+        later: int
+
+        def task() -> str:
+            try:
+                return str(later)
+            except NameError:
+                return "unbound"
+
+        return task
+        later = 1  # never runs: `later` is a cell that stays empty
+
+    assert worker.one(make()) == "unbound"
+
+
+def test_a_worker_never_sent_a_skeleton_refuses_the_payload() -> None:
+    cache = ClosureCache()
+    payload = cache.dumps(lambda: 1)
+    cache.mirror().prepare(payload.skeletons)  # sent to another worker, not to this one
+    with pytest.raises(pickle.UnpicklingError, match=f"skeleton {payload.keys[0]} was never sent"):
+        WorkerStore().load(payload.data)
+    with pytest.raises(pickle.UnpicklingError, match="can only be loaded by a WorkerStore"):
+        pickle.loads(payload.data)
+
+
+def test_a_skeleton_that_does_not_load_fails_the_tasks_that_name_it() -> None:
+    cache, store = ClosureCache(), WorkerStore()
+    mirror = cache.mirror()
+    module = types.ModuleType("nowhere_to_be_found")
+    module.value = 5  # type: ignore[attr-defined]
+    sys.modules["nowhere_to_be_found"] = module
+    try:
+        fn = eval("lambda: nowhere_to_be_found.value", {"nowhere_to_be_found": module, "__name__": "scratch"})
+        bad = cache.dumps([fn])
+        good = cache.dumps([lambda: 2])
+    finally:
+        del sys.modules["nowhere_to_be_found"]
+    store.load_definitions(mirror.prepare(bad.skeletons))  # does not raise: the store stays in step
+    assert set(store._skeletons) == set(bad.keys)
+    with pytest.raises(ModuleNotFoundError, match="nowhere_to_be_found"):
+        store.load(bad.data)
+    store.load_definitions(mirror.prepare(good.skeletons))
+    assert [fn() for fn in store.load(good.data)] == [2]
+
+
+def test_an_unpicklable_closure_raises_cloudpickles_error() -> None:
+    lock = threading.Lock()
+    with pytest.raises(TypeError, match="lock"):
+        ClosureCache().dumps(lambda: lock.locked())
+
+
+def test_a_skeleton_too_large_to_cache_takes_cloudpickles_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_closures, "MAX_SKELETON_BYTES", 10)
+    cache = ClosureCache()
+    payload = cache.dumps(lambda: SETTING + 1)
+    assert payload.skeletons == ()
+    assert pickle.loads(payload.data)() == 2
+
+
+def test_a_module_registered_by_value_is_sent_by_value() -> None:
+    cache = ClosureCache()
+    fn = lambda: targets.add(1, 2)  # noqa: E731
+    assert targets.__name__ in pickle.loads(cache.dumps(fn).skeletons[0].data)[2]["targets"].__name__
+    cloudpickle.register_pickle_by_value(targets)
+    try:
+        payload = cache.dumps(fn)
+        refs = pickle.loads(payload.skeletons[0].data)[2]
+    finally:
+        cloudpickle.unregister_pickle_by_value(targets)
+    assert "targets" not in refs  # the module travels with the state now, by value
+    store = WorkerStore()
+    store.load_definitions(cache.mirror().prepare(payload.skeletons))
+    assert store.load(payload.data)() == 3
+
+
+def test_the_cache_is_what_the_worker_reads_back() -> None:
+    """The stand-ins the payloads name are the ones the worker's store answers."""
+    assert (_closures._rebuild_function.__module__, _closures._rebuild_function.__name__) == _closure_store.REBUILD
+    assert (_closures._restore_function.__module__, _closures._restore_function.__name__) == _closure_store.RESTORE
+    assert _closures.SUPPORTED, f"cloudpickle {cloudpickle.__version__} lacks a helper the cache relies on"
+
+
+def test_ten_thousand_calls_of_one_lambda_keep_one_entry() -> None:
+    cache, store = ClosureCache(), WorkerStore()
+    mirror = cache.mirror()
+    for n in range(10_000):
+        payload = cache.dumps(lambda n=n: n)
+        store.load_definitions(mirror.prepare(payload.skeletons))
+        assert store.load(payload.data)() == n
+    assert (len(cache), len(mirror), len(store)) == (1, 1, 1)
+
+
+def test_ten_thousand_distinct_lambdas_stay_under_the_bounds() -> None:
+    cache = ClosureCache(max_entries=100)
+    mirror, store = cache.mirror(max_entries=50), WorkerStore()
+    for n in range(10_000):
+        fn = eval(f"lambda: {n}", {"__name__": "scratch"})  # a code object of its own
+        payload = cache.dumps(fn)
+        store.load_definitions(mirror.prepare(payload.skeletons))
+        assert store.load(payload.data)() == n
+        assert len(cache) <= 100
+        assert len(mirror) <= 50
+    assert set(store._skeletons) == set(mirror._sent)  # in lock-step: what it was told to forget, it forgot
+
+
+def test_the_bound_in_bytes_holds_on_both_sides() -> None:
+    cache = ClosureCache(max_bytes=20_000)
+    mirror, store = cache.mirror(max_bytes=10_000), WorkerStore()
+    for n in range(500):
+        payload = cache.dumps(eval(f"lambda: {n}", {"__name__": "scratch"}))
+        store.load_definitions(mirror.prepare(payload.skeletons))
+        assert store.load(payload.data)() == n
+        assert cache.nbytes <= 20_000
+        assert mirror._bytes <= 10_000
+    assert set(store._skeletons) == set(mirror._sent)
+
+
+def test_a_payload_larger_than_the_bound_still_loads_and_is_trimmed_after() -> None:
+    cache = ClosureCache()
+    mirror, store = cache.mirror(max_entries=3), WorkerStore()
+    fns = [eval(f"lambda: {n}", {"__name__": "scratch"}) for n in range(5)]
+    payload = cache.dumps(fns)
+    store.load_definitions(mirror.prepare(payload.skeletons))
+    assert [fn() for fn in store.load(payload.data)] == [0, 1, 2, 3, 4]
+    later = cache.dumps(lambda: "x")
+    store.load_definitions(mirror.prepare(later.skeletons))
+    assert store.load(later.data)() == "x"
+    assert len(mirror) <= 3
+    assert set(store._skeletons) == set(mirror._sent)
+
+
+def test_a_mirror_starts_empty_for_every_worker() -> None:
+    cache = ClosureCache()
+    payload = cache.dumps(lambda: 1)
+    first: WorkerMirror = cache.mirror()
+    assert first.prepare(payload.skeletons) != b""
+    assert first.prepare(payload.skeletons) == b""
+    assert cache.mirror().prepare(payload.skeletons) != b""
+
+
+def test_the_state_travels_and_the_code_does_not() -> None:
+    cache = ClosureCache()
+    big = "x" * 1000  # noqa: F841 - in the code's constants, not in its state
+    fn = lambda: "y" * 1000  # noqa: E731
+    payload = cache.dumps(fn)
+    assert len(payload.data) < 200 < len(payload.skeletons[0].data)
+    assert len(payload.data) < len(cloudpickle.dumps(fn)) / 4
+
+
+def test_worker_processes_never_import_the_package(tmp_path: Path) -> None:
+    """The store file runs with the standard library alone: no starlette_concurrency, no cloudpickle."""
+    script = (
+        "import importlib.util, sys\n"
+        f"spec = importlib.util.spec_from_file_location('store', {_closure_store.__file__!r})\n"
+        "module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module)\n"
+        "print(sorted(m for m in sys.modules if m.startswith(('starlette', 'cloudpickle'))))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, check=True, cwd=tmp_path)
+    assert out.stdout.decode().strip() == "[]"
+    assert os.path.basename(_closure_store.__file__) == "_closure_store.py"
