@@ -7,6 +7,7 @@ the function's skeleton (the second call sends no definitions) or one that has n
 
 from __future__ import annotations
 
+import email.mime.text
 import functools
 import os
 import pickle
@@ -209,6 +210,28 @@ def test_functions_with_wrapped(worker: Worker) -> None:
         "users",
         2,
     )
+
+
+def test_function_attributes_and_names_are_the_current_ones(worker: Worker) -> None:
+    def make() -> Fn:
+        def task() -> str:
+            return "text"  # in 3.11, a lambda's or a def's first string constant is not its __doc__
+
+        return task
+
+    fn = make()
+    fn.label = "first"  # type: ignore[attr-defined]
+    probe = lambda: (fn.label, fn.__name__, fn.__doc__, fn())  # type: ignore[attr-defined]  # noqa: E731
+    assert worker.one(probe) == ("first", "task", None, "text")
+    fn.label = "second"  # type: ignore[attr-defined]
+    fn.__name__ = "renamed"
+    fn.__doc__ = "Now documented."
+    assert worker.one(probe) == ("second", "renamed", "Now documented.", "text")
+
+
+def test_submodules_reached_through_a_package_are_imported(worker: Worker) -> None:
+    # A fresh interpreter has not imported email.mime.text: only the skeleton's submodules bring it.
+    assert worker.one(lambda: email.mime.text.MIMEText("hi").get_payload()) == "hi"
 
 
 def test_methods(worker: Worker) -> None:
