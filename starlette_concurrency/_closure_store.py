@@ -96,6 +96,7 @@ class _Unpickler(pickle.Unpickler):
         super().__init__(file)
         self.skeletons = skeletons
         self.groups: dict[int, dict[str, Any]] = {}
+        self.merged: set[tuple[int, int]] = set()  # (group, key): that skeleton's globals are in that group's
         self.building: dict[int, _Loaded] = {}  # id(function) → its skeleton, from rebuild to restore
 
     def find_class(self, module: str, name: str) -> Any:
@@ -116,7 +117,9 @@ class _Unpickler(pickle.Unpickler):
             # Fresh globals for every payload, shared by its functions that shared them in the parent,
             # as cloudpickle makes them: what a task writes to its globals does not reach the next one.
             g = self.groups[group] = {"__builtins__": builtins.__dict__}
-        g.update(skeleton.globals)
+        if (group, key) not in self.merged:  # nothing runs while loading: once per payload is enough
+            self.merged.add((group, key))
+            g.update(skeleton.globals)
         # Cells start empty and are filled by restore, once pickle's memo knows the function: a
         # function in its own cells (recursion) finds itself there.
         closure = tuple(types.CellType() for _ in range(skeleton.nfree)) if skeleton.nfree else None
@@ -137,8 +140,12 @@ class _Unpickler(pickle.Unpickler):
             func.__annotations__ = annotations
         if cells is not None:
             assert func.__closure__ is not None
-            for index, (cell, value) in enumerate(zip(func.__closure__, cells, strict=True)):
-                if empty is None or index not in empty:
+            if empty is None:
+                for cell, value in zip(func.__closure__, cells):  # noqa: B905 - the code says how many
                     cell.cell_contents = value
+            else:
+                for index, (cell, value) in enumerate(zip(func.__closure__, cells)):  # noqa: B905
+                    if index not in empty:
+                        cell.cell_contents = value
         if values:
-            func.__globals__.update(zip(skeleton.data_names, values, strict=True))
+            func.__globals__.update(zip(skeleton.data_names, values))  # noqa: B905 - as many as names

@@ -289,6 +289,8 @@ class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
     def reducer_override(self, obj: Any) -> Any:
         if type(obj) is not types.FunctionType or not SUPPORTED:
             return super().reducer_override(obj)
+        if obj is _rebuild_function or obj is _restore_function:
+            return NotImplemented  # the stand-ins, by reference (once per payload, then pickle's memo)
         if _cp._should_pickle_by_reference(obj):
             return NotImplemented  # as cloudpickle does: pickle's own reference to module.qualname
         ident = (id(obj.__code__), id(obj.__globals__))
