@@ -194,6 +194,12 @@ def _by_value(module: types.ModuleType) -> bool:
     return bool(_cp._PICKLE_BY_VALUE_MODULES) and bool(_cp._is_registered_pickle_by_value(module))
 
 
+def _check_bounds(max_entries: int, max_bytes: int) -> None:
+    for name, value in (("max_entries", max_entries), ("max_bytes", max_bytes)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive int, not {value!r}")
+
+
 class ClosureCache:
     """Pickle objects so that the functions cloudpickle sends by value travel as skeleton + state.
 
@@ -202,9 +208,13 @@ class ClosureCache:
     Args:
         max_entries: how many skeletons to keep.
         max_bytes: how many bytes of pickled skeletons to keep.
+
+    Raises:
+        ValueError: a bound is not a positive int.
     """
 
     def __init__(self, *, max_entries: int = PARENT_ENTRIES, max_bytes: int = PARENT_BYTES) -> None:
+        _check_bounds(max_entries, max_bytes)
         self.max_entries = max_entries
         self.max_bytes = max_bytes
         self._records: OrderedDict[tuple[int, int], _Record] = OrderedDict()
@@ -362,9 +372,13 @@ class WorkerMirror:
     Args:
         max_entries: how many skeletons the worker may hold.
         max_bytes: how many bytes of pickled skeletons the worker may hold.
+
+    Raises:
+        ValueError: a bound is not a positive int.
     """
 
     def __init__(self, *, max_entries: int = WORKER_ENTRIES, max_bytes: int = WORKER_BYTES) -> None:
+        _check_bounds(max_entries, max_bytes)
         self.max_entries = max_entries
         self.max_bytes = max_bytes
         self._sent: OrderedDict[int, int] = OrderedDict()  # key → size

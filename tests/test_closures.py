@@ -485,3 +485,36 @@ def test_worker_processes_never_import_the_package(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, check=True, cwd=tmp_path)
     assert out.stdout.decode().strip() == "[]"
     assert os.path.basename(_closure_store.__file__) == "_closure_store.py"
+
+
+def test_threads_share_one_cache() -> None:
+    cache = ClosureCache(max_entries=8)
+    errors: list[BaseException] = []
+
+    def hammer(offset: int) -> None:
+        try:
+            mirror, store = cache.mirror(), WorkerStore()
+            for n in range(300):
+                fn = eval(f"lambda: {n % 20} + {offset}", {"__name__": "scratch"})
+                payload = cache.dumps([fn, lambda n=n: n])
+                store.load_definitions(mirror.prepare(payload.skeletons))
+                assert [f() for f in store.load(payload.data)] == [n % 20 + offset, n]
+        except BaseException as exc:  # reported below: an assert in a thread would go unseen
+            errors.append(exc)
+
+    threads = [threading.Thread(target=hammer, args=(offset,)) for offset in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert len(cache) <= 8
+
+
+@pytest.mark.parametrize("bound", ["max_entries", "max_bytes"])
+@pytest.mark.parametrize("value", [0, -1, 1.5, True])
+def test_bounds_must_be_positive(bound: str, value: Any) -> None:
+    with pytest.raises(ValueError, match=f"{bound} must be a positive int"):
+        ClosureCache(**{bound: value})
+    with pytest.raises(ValueError, match=f"{bound} must be a positive int"):
+        ClosureCache().mirror(**{bound: value})
