@@ -23,7 +23,7 @@ RESTORE = ("starlette_concurrency._closures", "_restore_function")
 class _Loaded:
     """A skeleton, unpickled once."""
 
-    __slots__ = ("code", "data_names", "globals", "names", "nfree")
+    __slots__ = ("code", "data_names", "globals", "merged", "names", "nfree", "plain")
 
     def __init__(self, data: bytes) -> None:
         code, meta, refs, names, data_names, _submodules = pickle.loads(data)  # importing the submodules
@@ -32,6 +32,10 @@ class _Loaded:
         self.names: tuple[str, str, str, str | None] = names
         self.data_names: tuple[str, ...] = data_names
         self.nfree = len(code.co_freevars)
+        # Whether FunctionType gives these names by itself (it takes a string constant for __doc__).
+        cells = tuple(types.CellType() for _ in range(self.nfree)) if self.nfree else None
+        probe = types.FunctionType(code, self.globals, names[0], None, cells)
+        self.plain = (probe.__name__, probe.__qualname__, probe.__module__, probe.__doc__) == names
 
 
 class _Broken:
@@ -97,7 +101,10 @@ class _Unpickler(pickle.Unpickler):
         self.skeletons = skeletons
         self.groups: dict[int, dict[str, Any]] = {}
         self.merged: set[tuple[int, int]] = set()  # (group, key): that skeleton's globals are in that group's
-        self.building: dict[int, _Loaded] = {}  # id(function) → its skeleton, from rebuild to restore
+        self.last: tuple[int, int] | None = None  # the (group, key) merged last: most payloads have one
+        # Skeletons from rebuild to restore. Pickle writes a function's state right after the function,
+        # so the functions its state holds are rebuilt and restored in between: last in, first out.
+        self.building: list[_Loaded] = []
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) == REBUILD:
@@ -117,23 +124,30 @@ class _Unpickler(pickle.Unpickler):
             # Fresh globals for every payload, shared by its functions that shared them in the parent,
             # as cloudpickle makes them: what a task writes to its globals does not reach the next one.
             g = self.groups[group] = {"__builtins__": builtins.__dict__}
-        if (group, key) not in self.merged:  # nothing runs while loading: once per payload is enough
-            self.merged.add((group, key))
-            g.update(skeleton.globals)
+        pair = (group, key)
+        if pair != self.last:
+            self.last = pair
+            if pair not in self.merged:  # nothing runs while loading: once per payload is enough
+                self.merged.add(pair)
+                g.update(skeleton.globals)
         # Cells start empty and are filled by restore, once pickle's memo knows the function: a
         # function in its own cells (recursion) finds itself there.
         closure = tuple(types.CellType() for _ in range(skeleton.nfree)) if skeleton.nfree else None
         func = types.FunctionType(skeleton.code, g, skeleton.names[0], None, closure)
-        self.building[id(func)] = skeleton
+        self.building.append(skeleton)
         return func
 
     def restore(self, func: types.FunctionType, state: tuple[Any, ...]) -> None:
-        skeleton = self.building.pop(id(func))
+        skeleton = self.building.pop()
+        if skeleton.code is not func.__code__:
+            raise pickle.UnpicklingError("a cached function's state does not follow it")
         names, defaults, kwdefaults, attributes, annotations, cells, empty, values, _submodules = state
-        # Set even when unchanged: FunctionType takes a lambda's first string constant for its __doc__.
-        func.__name__, func.__qualname__, func.__module__, func.__doc__ = names or skeleton.names
-        func.__defaults__ = defaults
-        func.__kwdefaults__ = kwdefaults
+        if names is not None or not skeleton.plain:
+            func.__name__, func.__qualname__, func.__module__, func.__doc__ = names or skeleton.names
+        if defaults is not None:
+            func.__defaults__ = defaults
+        if kwdefaults is not None:
+            func.__kwdefaults__ = kwdefaults
         if attributes:
             func.__dict__.update(attributes)
         if annotations:

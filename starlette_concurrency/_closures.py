@@ -293,7 +293,6 @@ class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
         self.cache = cache
         self.used: dict[int, Skeleton] = {}
         self.groups: dict[int, int] = {}  # id(__globals__) → index: functions sharing globals share them there too
-
         self.checked: dict[tuple[int, int], _Record] = {}  # checked once per payload
 
     def reducer_override(self, obj: Any) -> Any:
@@ -301,7 +300,8 @@ class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
             return super().reducer_override(obj)
         if obj is _rebuild_function or obj is _restore_function:
             return NotImplemented  # the stand-ins, by reference (once per payload, then pickle's memo)
-        if _cp._should_pickle_by_reference(obj):
+        # A "<locals>" name is never a module attribute (pickle's own lookup refuses it): skip the test.
+        if "<locals>" not in obj.__qualname__ and _cp._should_pickle_by_reference(obj):
             return NotImplemented  # as cloudpickle does: pickle's own reference to module.qualname
         ident = (id(obj.__code__), id(obj.__globals__))
         record = self.checked.get(ident)
@@ -321,7 +321,7 @@ class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
 def _state(func: types.FunctionType, record: _Record) -> tuple[Any, ...]:
     names = (func.__name__, func.__qualname__, func.__module__, func.__doc__)
     g = func.__globals__
-    values = tuple(g[name] for name in record.data_names)
+    values = tuple([g[name] for name in record.data_names]) if record.data_names else ()
     cells: tuple[Any, ...] | None = None
     empty: list[int] = []
     closure = func.__closure__
