@@ -12,12 +12,11 @@ import pickle
 import types
 from typing import Any
 
-__all__ = ["REBUILD", "RESTORE", "WorkerStore"]
+__all__ = ["REBUILD", "WorkerStore"]
 
-# How a payload names the two steps of rebuilding a cached function (module, name): pickled by
-# reference to stand-ins in `_closures.py`, answered here by the store's unpickler.
+# How a payload names the rebuilding of a cached function (module, name): pickled by reference to a
+# stand-in in `_closures.py`, answered here by the store's unpickler.
 REBUILD = ("starlette_concurrency._closures", "_rebuild_function")
-RESTORE = ("starlette_concurrency._closures", "_restore_function")
 
 
 class _Loaded:
@@ -48,10 +47,31 @@ class _Broken:
 
 
 class WorkerStore:
-    """The skeletons a worker was sent, by key, and the loader of payloads that name them."""
+    """The skeletons a worker was sent, by key, and the loader of payloads that name them.
+
+    Not thread-safe: one store serves one worker's main loop.
+    """
 
     def __init__(self) -> None:
         self._skeletons: dict[int, _Loaded | _Broken] = {}
+        # What one load shares: the payload's globals dicts (by the parent's numbering), which
+        # skeletons' globals are in them already, and the functions between rebuild and restore.
+        self._groups: dict[int, dict[str, Any]] = {}
+        self._merged: set[tuple[int, int]] = set()
+        # Pickle writes a function's state right after the function, so the functions its state
+        # holds are rebuilt and restored in between: a stack.
+        self._building: list[tuple[_Loaded, types.FunctionType]] = []
+        rebuild, find_class = self._rebuild, pickle.Unpickler.find_class
+
+        class Unpickler(pickle.Unpickler):
+            # A class per store, so that loading a payload sets up nothing but the unpickler: a
+            # payload is often one task, and this fixed part is most of what it costs.
+            def find_class(self, module: str, name: str) -> Any:
+                if module == REBUILD[0] and name == REBUILD[1]:
+                    return rebuild
+                return find_class(self, module, name)
+
+        self._unpickler = Unpickler
 
     def __len__(self) -> int:
         return len(self._skeletons)
@@ -92,55 +112,41 @@ class WorkerStore:
             pickle.UnpicklingError: it names a skeleton this worker was never sent.
             Exception: whatever unpickling raises, or the error of a skeleton that did not load here.
         """
-        return _Unpickler(io.BytesIO(data), self._skeletons).load()
+        try:
+            return self._unpickler(io.BytesIO(data)).load()
+        finally:
+            if self._groups:
+                self._groups.clear()
+                self._merged.clear()
+                self._building.clear()
 
-
-class _Unpickler(pickle.Unpickler):
-    def __init__(self, file: io.BytesIO, skeletons: dict[int, _Loaded | _Broken]) -> None:
-        super().__init__(file)
-        self.skeletons = skeletons
-        self.groups: dict[int, dict[str, Any]] = {}
-        self.merged: set[tuple[int, int]] = set()  # (group, key): that skeleton's globals are in that group's
-        self.last: tuple[int, int] | None = None  # the (group, key) merged last: most payloads have one
-        # Skeletons from rebuild to restore. Pickle writes a function's state right after the function,
-        # so the functions its state holds are rebuilt and restored in between: last in, first out.
-        self.building: list[_Loaded] = []
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) == REBUILD:
-            return self.rebuild
-        if (module, name) == RESTORE:
-            return self.restore
-        return super().find_class(module, name)
-
-    def rebuild(self, key: int, group: int) -> types.FunctionType:
-        skeleton = self.skeletons.get(key)
+    def _rebuild(self, key: int, group: int) -> types.FunctionType:
+        skeleton = self._skeletons.get(key)
         if skeleton is None:
             raise pickle.UnpicklingError(f"function skeleton {key} was never sent to this worker")
         if isinstance(skeleton, _Broken):
             raise skeleton.error
-        g = self.groups.get(group)
+        g = self._groups.get(group)
         if g is None:
             # Fresh globals for every payload, shared by its functions that shared them in the parent,
             # as cloudpickle makes them: what a task writes to its globals does not reach the next one.
-            g = self.groups[group] = {"__builtins__": builtins.__dict__}
-        pair = (group, key)
-        if pair != self.last:
-            self.last = pair
-            if pair not in self.merged:  # nothing runs while loading: once per payload is enough
-                self.merged.add(pair)
-                g.update(skeleton.globals)
+            g = self._groups[group] = {"__builtins__": builtins.__dict__}
+        if (group, key) not in self._merged:  # nothing runs while loading: once per payload is enough
+            self._merged.add((group, key))
+            g.update(skeleton.globals)
         # Cells start empty and are filled by restore, once pickle's memo knows the function: a
         # function in its own cells (recursion) finds itself there.
         closure = tuple(types.CellType() for _ in range(skeleton.nfree)) if skeleton.nfree else None
         func = types.FunctionType(skeleton.code, g, skeleton.names[0], None, closure)
-        self.building.append(skeleton)
+        # Pickle's BUILD calls the object's __setstate__, found in the function's own __dict__: one
+        # global fewer to look up per payload than a state setter of its own. Restore removes it.
+        func.__dict__["__setstate__"] = self._restore
+        self._building.append((skeleton, func))
         return func
 
-    def restore(self, func: types.FunctionType, state: tuple[Any, ...]) -> None:
-        skeleton = self.building.pop()
-        if skeleton.code is not func.__code__:
-            raise pickle.UnpicklingError("a cached function's state does not follow it")
+    def _restore(self, state: tuple[Any, ...]) -> None:
+        skeleton, func = self._building.pop()
+        del func.__dict__["__setstate__"]
         names, defaults, kwdefaults, attributes, annotations, cells, empty, values, _submodules = state
         if names is not None or not skeleton.plain:
             func.__name__, func.__qualname__, func.__module__, func.__doc__ = names or skeleton.names

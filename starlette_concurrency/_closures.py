@@ -298,8 +298,8 @@ class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
     def reducer_override(self, obj: Any) -> Any:
         if type(obj) is not types.FunctionType or not SUPPORTED:
             return super().reducer_override(obj)
-        if obj is _rebuild_function or obj is _restore_function:
-            return NotImplemented  # the stand-ins, by reference (once per payload, then pickle's memo)
+        if obj is _rebuild_function:
+            return NotImplemented  # the stand-in, by reference (once per payload, then pickle's memo)
         # A "<locals>" name is never a module attribute (pickle's own lookup refuses it): skip the test.
         if "<locals>" not in obj.__qualname__ and _cp._should_pickle_by_reference(obj):
             return NotImplemented  # as cloudpickle does: pickle's own reference to module.qualname
@@ -315,7 +315,8 @@ class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
             return super().reducer_override(obj)
         self.used[skeleton.key] = skeleton
         group = self.groups.setdefault(id(obj.__globals__), len(self.groups))
-        return (_rebuild_function, (skeleton.key, group), _state(obj, record), None, None, _restore_function)
+        # The state is applied by pickle's BUILD, after the memo knows the function (see WorkerStore).
+        return (_rebuild_function, (skeleton.key, group), _state(obj, record))
 
 
 def _state(func: types.FunctionType, record: _Record) -> tuple[Any, ...]:
@@ -359,11 +360,6 @@ def _cell_contents(cell: types.CellType, index: int, empty: list[int]) -> Any:
 def _rebuild_function(key: int, group: int) -> Any:
     """Stand-in for a worker store's rebuild: a plain unpickler cannot load a cached function."""
     raise pickle.UnpicklingError(f"function skeleton {key} can only be loaded by a WorkerStore")
-
-
-def _restore_function(func: types.FunctionType, state: tuple[Any, ...]) -> None:
-    """Stand-in for a worker store's restore (never reached: the rebuild fails first)."""
-    raise pickle.UnpicklingError("a cached function can only be loaded by a WorkerStore")
 
 
 class WorkerMirror:
