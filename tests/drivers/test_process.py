@@ -263,6 +263,7 @@ async def test_a_worker_holds_only_its_two_pipes_and_never_the_servers_socket() 
                 private = {fd: target for fd, target in fds.items() if fd > 2}
                 assert all(target.startswith("pipe:") for target in private.values()), private
                 inodes = {os.stat(f"/proc/{pid}/fd/{fd}").st_ino for fd in private}
+                assert worker.to_child is not None
                 assert inodes == {os.fstat(worker.to_child).st_ino, os.fstat(worker.from_child).st_ino}
                 assert psutil.Process(pid).net_connections(kind="all") == []
     finally:
