@@ -22,6 +22,7 @@ from ._exceptions import (
     SerializationError,
     TaskTimeout,
     WorkerCrashed,
+    WorkerStartFailed,
 )
 from ._middleware import ConcurrencyMiddleware
 from ._tasks import Outcome, Task
@@ -45,6 +46,7 @@ __all__ = [
     "Task",
     "TaskTimeout",
     "WorkerCrashed",
+    "WorkerStartFailed",
     "__version__",
 ]
 

@@ -29,7 +29,7 @@ class SyncDriver(Driver):
 
     name = "sync"
 
-    async def execute(self, tasks: Sequence[Task], outcomes: list[Outcome | None]) -> None:
+    async def execute(self, tasks: Sequence[Task], outcomes: list[Outcome | None], *, background: bool = False) -> None:
         """Run the tasks one after the other; see `Driver.execute`."""
         for index, task in enumerate(tasks):
             await anyio.lowlevel.checkpoint()
