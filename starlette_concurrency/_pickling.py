@@ -1,7 +1,8 @@
 """Pickling on the caller's side: tasks out, outcomes in, errors translated at the boundary.
 
-`dumps_task` pickles one task's callable at call time, before anything is dispatched (the worker
-loads it with `_worker.load_task`). `decode_outcome` turns an answer into an `Outcome` and never
+`pickle_task` pickles one task's callable at call time, before anything is dispatched, through the
+pool's function cache (the worker loads it with `_worker.load_task`); `dumps_task` is plain cloudpickle,
+for the dask driver. `decode_outcome` turns an answer into an `Outcome` and never
 raises anything but the task's own failure, as an outcome: a result that unpickles into `SystemExit`
 or any other `BaseException` cannot escape `run()`.
 """
@@ -14,10 +15,11 @@ from typing import Any
 import cloudpickle  # type: ignore[import-untyped]
 
 from . import _protocol
+from ._closures import ClosureCache, Payload
 from ._exceptions import RemoteError, RemoteTraceback, SerializationError, WorkerStartFailed
 from ._tasks import Outcome, Task
 
-__all__ = ["decode_outcome", "describe_failure", "dumps", "dumps_task", "remote_exception"]
+__all__ = ["decode_outcome", "describe_failure", "dumps", "dumps_task", "pickle_task", "remote_exception"]
 
 
 def dumps(obj: Any) -> bytes:
@@ -35,10 +37,33 @@ def dumps_task(task: Task) -> bytes:
     try:
         return dumps(task.fn)
     except Exception as exc:
-        raise SerializationError(
-            f"{task.label} cannot be pickled, so it cannot be sent to a worker process: {exc!r}. "
-            "Capture plain data instead, or use the 'fork' or 'sync' driver."
-        ) from exc
+        raise _unpicklable(task, exc) from exc
+
+
+def pickle_task(task: Task, cache: ClosureCache) -> Payload:
+    """Pickle a task's callable for a pool's workers, its lambdas and closures through the function cache.
+
+    Args:
+        task: the task.
+        cache: the pool's `ClosureCache`.
+
+    Returns:
+        The payload, and the skeletons a worker must hold to load it (see `WorkerMirror.prepare`).
+
+    Raises:
+        SerializationError: it cannot be pickled (it captures a lock, a socket, an open file...).
+    """
+    try:
+        return cache.dumps(task.fn)
+    except Exception as exc:
+        raise _unpicklable(task, exc) from exc
+
+
+def _unpicklable(task: Task, exc: Exception) -> SerializationError:
+    return SerializationError(
+        f"{task.label} cannot be pickled, so it cannot be sent to a worker process: {exc!r}. "
+        "Capture plain data instead, or use the 'fork' or 'sync' driver."
+    )
 
 
 def remote_exception(error: BaseException, traceback: str) -> BaseException:

@@ -25,8 +25,8 @@ are made non-inheritable (an `os.system("… &")` in a task does not keep them o
 such a child would hold the result pipe open after the worker died, and the parent, which learns of a
 death from EOF on that pipe, would wait for it forever.
 
-This file imports nothing from the package but `_protocol` (as a top-level module when started by
-path) and only the standard library at start-up (cloudpickle
+This file imports nothing from the package but `_protocol` and `_closure_store` (as top-level modules
+when started by path) and only the standard library at start-up (cloudpickle
 is imported before READY), so it can be started by path: `python -m starlette_concurrency._worker`
 would first import the package root, which pulls in starlette and anyio — about 30 ms and 9 MiB
 per worker for nothing.
@@ -46,8 +46,9 @@ from collections.abc import Callable
 from typing import Any, BinaryIO
 
 try:
-    from . import _protocol
+    from . import _closure_store, _protocol
 except ImportError:  # started by path (see above): this file's directory is sys.path[0]
+    import _closure_store  # type: ignore[import-not-found,no-redef]
     import _protocol  # type: ignore[import-not-found,no-redef]
 
 # The framing lives in _protocol; these names stay here for the dask driver, which ships whole frames.
@@ -56,13 +57,19 @@ LOAD_FAILED = _protocol.LOAD_FAILED
 frame = _protocol.frame
 
 
+# The function skeletons this process was sent (see _closures.py): its parent's mirror of it decides
+# what goes in and out, in frame order.
+_STORE = _closure_store.WorkerStore()
+
+
 def load_definitions(blob: bytes) -> None:
-    """Load what a TASKS frame's payloads share (the seam for a function cache; nothing is sent today)."""
+    """Load the function skeletons a TASKS frame brings (the ones this worker lacks), forget evicted ones."""
+    _STORE.load_definitions(blob)
 
 
 def load_task(payload: bytes) -> Callable[[], Any]:
-    """Unpickle one task's callable (pickled by `_pickling.dumps_task` in the parent)."""
-    fn: Callable[[], Any] = pickle.loads(payload)
+    """Unpickle one task's callable (pickled by `_pickling.pickle_task` in the parent)."""
+    fn: Callable[[], Any] = _STORE.load(payload)
     return fn
 
 

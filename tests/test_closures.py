@@ -23,7 +23,8 @@ from typing import Any
 import cloudpickle  # type: ignore[import-untyped]
 import pytest
 
-from starlette_concurrency import _closure_store, _closures
+from starlette_concurrency import Concurrency, SerializationError, _closure_store, _closures
+from starlette_concurrency._drivers.process import ProcessDriver
 from starlette_concurrency._closures import ClosureCache, Payload, WorkerMirror, WorkerStore
 
 from . import closure_targets as targets
@@ -517,3 +518,64 @@ def test_bounds_must_be_positive(bound: str, value: Any) -> None:
         ClosureCache(**{bound: value})
     with pytest.raises(ValueError, match=f"{bound} must be a positive int"):
         ClosureCache().mirror(**{bound: value})
+
+
+# Through the process driver: real workers, each with its mirror ---------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_the_process_driver_sends_a_lambdas_skeleton_once_per_worker() -> None:
+    global SETTING
+    driver = ProcessDriver(2)
+    fn = lambda: SETTING * 10  # noqa: E731
+    try:
+        async with Concurrency(driver=driver, env_file=None) as concurrency:
+            for value in (1, 2, 3):
+                SETTING = value
+                assert await concurrency.run([fn] * 4) == [value * 10] * 4
+            assert len(driver._pool._closures) == 1
+            sizes = [len(worker.mirror) for worker in driver._pool.workers]
+            assert max(sizes) == 1
+            assert sum(sizes) >= 1
+    finally:
+        SETTING = 1
+
+
+@pytest.mark.anyio
+async def test_a_recycled_worker_starts_with_nothing_and_is_sent_the_skeleton() -> None:
+    driver = ProcessDriver(1, max_tasks_per_worker=1)
+    async with Concurrency(driver=driver, env_file=None) as concurrency:
+        pids = set()
+        for n in range(4):
+            pid, value = await concurrency.run(lambda n=n: (os.getpid(), targets.add(n, 1)))  # type: ignore[misc]
+            assert value == n + 1
+            pids.add(pid)
+    assert len(pids) == 4  # four workers, each sent the skeleton it lacked
+
+
+@pytest.mark.anyio
+async def test_a_skeleton_a_worker_cannot_load_fails_only_its_task_by_name() -> None:
+    module = types.ModuleType("nowhere_to_be_found")
+    module.value = 5  # type: ignore[attr-defined]
+    fn = eval("lambda: nowhere_to_be_found.value", {"nowhere_to_be_found": module, "__name__": "scratch"})
+    sys.modules["nowhere_to_be_found"] = module
+    try:
+        async with Concurrency(driver=ProcessDriver(1), env_file=None) as concurrency:
+            for _ in range(2):  # the second time, the worker holds the skeleton as its error
+                bad, good = await concurrency.run([fn, lambda: targets.add(1, 1)], return_exceptions=True)
+                assert isinstance(bad, SerializationError)
+                assert "task 0" in str(bad)
+                assert "nowhere_to_be_found" in str(bad)
+                assert good == 2
+    finally:
+        del sys.modules["nowhere_to_be_found"]
+
+
+@pytest.mark.anyio
+async def test_an_unpicklable_closure_names_its_task_and_nothing_runs(tmp_path: Path) -> None:
+    lock = threading.Lock()
+    marker = tmp_path / "ran"
+    async with Concurrency(driver=ProcessDriver(1), env_file=None) as concurrency:
+        with pytest.raises(SerializationError, match="task 1 .*cannot be pickled"):
+            await concurrency.run([lambda: marker.write_text("ran"), lambda: lock.locked()])
+    assert not marker.exists()

@@ -21,6 +21,7 @@ import anyio
 import sniffio
 
 from .. import _protocol
+from .._closures import Payload, WorkerMirror
 from .._tasks import Outcome, Task
 from ._child import Child
 
@@ -81,7 +82,7 @@ class Job:
     id: int
     call: Call
     index: int
-    payload: bytes
+    payload: Payload
     sent_at: float = 0.0
 
     @property
@@ -98,6 +99,7 @@ class Worker(Child):
         self.retired = False
         self.inflight: deque[Job] = deque()
         self.frame_sizes: deque[int] = deque()  # tasks per frame in flight
+        self.mirror = WorkerMirror()  # the function skeletons this process was sent: none yet
         self.outbox = bytearray()
         self.wake_writer: anyio.Event | None = None
         self.loop: object = None  # the event loop its reader runs in

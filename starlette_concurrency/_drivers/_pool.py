@@ -4,7 +4,7 @@
  execute(tasks)          pool                                     readers (one per worker)   workers
  ──────────────          ────                                     ────────────────────────   ───────
  pickle each task  ──▶  queue: run() tasks ┐ FIFO,
- (dumps_task; nothing    deferred tasks    ┘ run() first
+ (pickle_task; nothing   deferred tasks    ┘ run() first
  runs if one fails)       dispatch: idle worker ← a chunk    ── TASKS [(id, payload)…] ──▶  run in order
  await the call's event         busy worker ← one more chunk
                                 (long queue only: window 2)  ◀── answer (id, result) ──────  one per task
@@ -43,9 +43,11 @@ it queued behind another call's task on a worker is stopped when its turn comes.
 `Worker` with its pipes' read and write loops. `_lifecycle.py`: burying, retiring and replacing
 workers. `_child.py`: the process handle shared with the fork driver. `_protocol.py`: the frames.
 
-**Seam for the function cache.** `_frame_for(worker, jobs)` composes every TASKS frame for one
-worker: a definitions blob (empty today; what that worker has not seen yet) and the (id, payload)
-entries, each payload pickled once at call time by `_pickling.dumps_task`.
+**Function cache** (`_closures.py`). Each payload is pickled once at call time by
+`_pickling.pickle_task`: a lambda or closure travels as a skeleton key and its current state.
+`_frame_for(worker, jobs)` composes every TASKS frame for one worker: the skeletons that worker has
+not been sent yet (its `WorkerMirror` knows, and evicts with its bound), then the (id, payload)
+entries. A new worker has a new, empty mirror.
 """
 
 from __future__ import annotations
@@ -62,8 +64,9 @@ import anyio
 import anyio.lowlevel
 
 from .. import _protocol
+from .._closures import ClosureCache
 from .._exceptions import ConcurrencyClosed, WorkerStartFailed
-from .._pickling import decode_outcome, describe_failure, dumps_task
+from .._pickling import decode_outcome, describe_failure, pickle_task
 from .._stats import Stats, TaskCounters
 from .._tasks import Outcome, Task
 from ._feed import Call, Job, Worker, launch
@@ -99,6 +102,7 @@ class Pool(Lifecycle):
         self._run: deque[Job] = deque()
         self._deferred: deque[Job] = deque()
         self._calls: set[Call] = set()
+        self._closures = ClosureCache()  # lambdas and closures: what stays the same is sent once per worker
         self._ids = secrets.randbits(48)  # ids nobody outside can guess from a count of tasks
         self._spawning = 0
         self._stopping: list[Worker] = []
@@ -114,7 +118,7 @@ class Pool(Lifecycle):
     async def execute(self, tasks: Sequence[Task], outcomes: list[Outcome | None], *, background: bool) -> None:
         payloads = []
         for number, task in enumerate(tasks):  # all of it before anything is queued: nothing runs if one fails
-            payloads.append(dumps_task(task))
+            payloads.append(pickle_task(task, self._closures))
             if number % 256 == 255:  # pickling 20,000 closures takes a while: let the server breathe
                 await anyio.lowlevel.checkpoint()
         self.check_open()
@@ -353,8 +357,12 @@ class Pool(Lifecycle):
         worker.send(self._frame_for(worker, jobs))
 
     def _frame_for(self, worker: Worker, jobs: list[Job]) -> bytes:
-        """Compose the TASKS frame for one worker (the place to add definitions it has not seen yet)."""
-        return _protocol.tasks_frame(b"", [(job.id, job.payload) for job in jobs])
+        """Compose the TASKS frame for one worker: the function skeletons it lacks, then the payloads.
+
+        Called only as the frame is sent: frames reach a worker in order, so its mirror is exact.
+        """
+        definitions = worker.mirror.prepare([skeleton for job in jobs for skeleton in job.payload.skeletons])
+        return _protocol.tasks_frame(definitions, [(job.id, job.payload.data) for job in jobs])
 
     # Lifecycle -----------------------------------------------------------------------------------
 
