@@ -24,8 +24,8 @@ import cloudpickle  # type: ignore[import-untyped]
 import pytest
 
 from starlette_concurrency import Concurrency, SerializationError, _closure_store, _closures
-from starlette_concurrency._drivers.process import ProcessDriver
 from starlette_concurrency._closures import ClosureCache, Payload, WorkerMirror, WorkerStore
+from starlette_concurrency._drivers.process import ProcessDriver
 
 from . import closure_targets as targets
 
@@ -576,6 +576,6 @@ async def test_an_unpicklable_closure_names_its_task_and_nothing_runs(tmp_path: 
     lock = threading.Lock()
     marker = tmp_path / "ran"
     async with Concurrency(driver=ProcessDriver(1), env_file=None) as concurrency:
-        with pytest.raises(SerializationError, match="task 1 .*cannot be pickled"):
+        with pytest.raises(SerializationError, match=r"task 1 .*cannot be pickled"):
             await concurrency.run([lambda: marker.write_text("ran"), lambda: lock.locked()])
     assert not marker.exists()
