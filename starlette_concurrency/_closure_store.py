@@ -17,6 +17,7 @@ __all__ = ["REBUILD", "WorkerStore"]
 # How a payload names the rebuilding of a cached function (module, name): pickled by reference to a
 # stand-in in `_closures.py`, answered here by the store's unpickler.
 REBUILD = ("starlette_concurrency._closures", "_rebuild_function")
+_MARK = REBUILD[0].encode()  # a pickle that names the stand-in holds this string as it is
 
 
 class _Loaded:
@@ -99,7 +100,7 @@ class WorkerStore:
             except Exception as exc:
                 self._skeletons[key] = _Broken(exc)
 
-    def load(self, data: bytes | memoryview) -> Any:
+    def load(self, data: bytes) -> Any:
         """Unpickle a payload's data, rebuilding its cached functions from their skeletons.
 
         Args:
@@ -112,6 +113,8 @@ class WorkerStore:
             pickle.UnpicklingError: it names a skeleton this worker was never sent.
             Exception: whatever unpickling raises, or the error of a skeleton that did not load here.
         """
+        if _MARK not in data:  # no cached function in it (a partial, say): plain pickle is faster
+            return pickle.loads(data)
         try:
             return self._unpickler(io.BytesIO(data)).load()
         finally:

@@ -221,6 +221,7 @@ class ClosureCache:
         self._bytes = 0
         self._keys = itertools.count()
         self._lock = threading.Lock()
+        self._local = threading.local()
 
     def __len__(self) -> int:
         return len(self._records)
@@ -239,10 +240,19 @@ class ClosureCache:
         Raises:
             pickle.PicklingError, TypeError...: whatever cloudpickle raises for an unpicklable object.
         """
-        file = io.BytesIO()
-        pickler = _Pickler(file, self)
-        pickler.dump(obj)
-        return Payload(file.getvalue(), tuple(pickler.used.values()))
+        # One pickler per thread, reused: making one costs as much as pickling a small task. A dump
+        # nested in another (an object's __reduce__ calling dumps) gets a fresh one.
+        pickler: _Pickler | None = getattr(self._local, "pickler", None)
+        if pickler is None or pickler.busy:
+            pickler = _Pickler(io.BytesIO(), self)
+            if getattr(self._local, "pickler", None) is None:
+                self._local.pickler = pickler
+        pickler.busy = True
+        try:
+            pickler.dump(obj)
+            return Payload(pickler.file.getvalue(), tuple(pickler.used.values()) if pickler.used else ())
+        finally:
+            pickler.reset()
 
     def mirror(self, *, max_entries: int = WORKER_ENTRIES, max_bytes: int = WORKER_BYTES) -> WorkerMirror:
         """Make the parent's record of what one new worker holds (it holds nothing yet)."""
@@ -290,10 +300,23 @@ class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
 
     def __init__(self, file: io.BytesIO, cache: ClosureCache) -> None:
         super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
+        self.file = file
         self.cache = cache
+        self.busy = False
         self.used: dict[int, Skeleton] = {}
         self.groups: dict[int, int] = {}  # id(__globals__) → index: functions sharing globals share them there too
         self.checked: dict[tuple[int, int], _Record] = {}  # checked once per payload
+
+    def reset(self) -> None:
+        """Forget the last dump (its bytes, memo and bookkeeping), as a new pickler would."""
+        self.file.seek(0)
+        self.file.truncate()
+        self.clear_memo()
+        self.globals_ref.clear()  # cloudpickle's: functions share globals within one dump only
+        self.used.clear()
+        self.groups.clear()
+        self.checked.clear()
+        self.busy = False
 
     def reducer_override(self, obj: Any) -> Any:
         if type(obj) is not types.FunctionType or not SUPPORTED:

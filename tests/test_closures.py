@@ -579,3 +579,54 @@ async def test_an_unpicklable_closure_names_its_task_and_nothing_runs(tmp_path: 
         with pytest.raises(SerializationError, match=r"task 1 .*cannot be pickled"):
             await concurrency.run([lambda: marker.write_text("ran"), lambda: lock.locked()])
     assert not marker.exists()
+
+
+# The pickler a cache reuses, and the loader's plain path ----------------------------------------------------
+
+
+class _Nested:
+    """Pickles through the same cache while the cache is pickling it."""
+
+    cache: ClosureCache
+    inner: Payload | None = None
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        self.inner = self.cache.dumps(lambda: "inner")
+        return (bytes, (self.inner.data,))
+
+
+def test_a_failed_dump_leaves_nothing_behind_for_the_next() -> None:
+    cache, store = ClosureCache(), WorkerStore()
+    mirror = cache.mirror()
+    lock = threading.Lock()
+    with pytest.raises(TypeError):
+        cache.dumps([lambda: 1, lambda: lock.locked()])
+    payload = cache.dumps(lambda: 2)
+    store.load_definitions(mirror.prepare(payload.skeletons))
+    assert store.load(payload.data)() == 2
+    assert len(payload.skeletons) == 1
+
+
+def test_a_dump_inside_a_dump_gets_a_pickler_of_its_own() -> None:
+    cache, store = ClosureCache(), WorkerStore()
+    mirror = cache.mirror()
+    nested = _Nested()
+    nested.cache = cache
+    payload = cache.dumps([lambda: "outer", nested])
+    store.load_definitions(mirror.prepare(payload.skeletons))
+    outer, inner_data = store.load(payload.data)
+    assert outer() == "outer"
+    assert nested.inner is not None
+    assert nested.inner.data == inner_data
+    store.load_definitions(mirror.prepare(nested.inner.skeletons))
+    assert store.load(inner_data)() == "inner"
+
+
+def test_a_payload_without_cached_functions_loads_as_plain_pickle() -> None:
+    cache = ClosureCache()
+    partial = cache.dumps(functools.partial(targets.add, 1, 2))
+    assert partial.skeletons == ()
+    assert WorkerStore().load(partial.data)() == 3
+    # The marker as data does not confuse the loader: it takes the store's path, which loads it too.
+    marker = cache.dumps(functools.partial(targets.Greeter("starlette_concurrency._closures").greet, "you"))
+    assert WorkerStore().load(marker.data)() == "starlette_concurrency._closures, you"
