@@ -1,4 +1,8 @@
-"""The worker's side of the function cache (`_closures.py` explains it): skeletons by key, and the loader.
+"""Both ends of the function cache's definitions (`_closures.py` explains the cache).
+
+The parent keeps a `WorkerMirror` per worker, which decides what the worker must hold and writes the
+definitions blob; the worker's `WorkerStore` applies the blobs in the order they come and loads
+payloads. Both live here so that the blob is written and read in one file.
 
 Only the standard library is imported here, so that the worker, started by path, can load this file
 without the package root; cloudpickle is imported by pickle itself, when a skeleton names it.
@@ -10,14 +14,94 @@ import builtins
 import io
 import pickle
 import types
+from collections import OrderedDict
+from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["REBUILD", "WorkerStore"]
+__all__ = ["REBUILD", "WORKER_BYTES", "WORKER_ENTRIES", "Skeleton", "WorkerMirror", "WorkerStore", "check_bounds"]
 
 # How a payload names the rebuilding of a cached function (module, name): pickled by reference to a
 # stand-in in `_closures.py`, answered here by the store's unpickler.
 REBUILD = ("starlette_concurrency._closures", "_rebuild_function")
 _MARK = REBUILD[0].encode()  # a pickle that names the stand-in holds this string as it is
+WORKER_ENTRIES, WORKER_BYTES = 1024, 32 << 20  # what one worker may hold
+
+
+class Skeleton:
+    """What a worker needs once per function shape: a key and the pickled skeleton."""
+
+    __slots__ = ("data", "key")
+
+    def __init__(self, key: int, data: bytes) -> None:
+        self.key = key
+        self.data = data
+
+
+class WorkerMirror:
+    """The parent's exact record of the skeletons one worker holds, in least-recently-used order.
+
+    Args:
+        max_entries: how many skeletons the worker may hold.
+        max_bytes: how many bytes of pickled skeletons the worker may hold.
+
+    Raises:
+        ValueError: a bound is not a positive int.
+    """
+
+    def __init__(self, *, max_entries: int = WORKER_ENTRIES, max_bytes: int = WORKER_BYTES) -> None:
+        check_bounds(max_entries, max_bytes)
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self._sent: OrderedDict[int, int] = OrderedDict()  # key → size
+        self._bytes = 0
+        self._forget: list[int] = []  # evicted, to be told with the next definitions
+
+    def __len__(self) -> int:
+        return len(self._sent)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._sent
+
+    def prepare(self, skeletons: Iterable[Skeleton]) -> bytes:
+        """Return the definitions the worker needs before the payload naming `skeletons`, as sent.
+
+        Call it when composing the frame for this worker, and send the blob before the payload;
+        b"" means the worker needs nothing.
+        """
+        sent = self._sent
+        new: list[tuple[int, bytes]] = []
+        named: set[int] = set()
+        for skeleton in skeletons:
+            named.add(skeleton.key)
+            if skeleton.key in sent:
+                sent.move_to_end(skeleton.key)
+            else:
+                sent[skeleton.key] = len(skeleton.data)
+                self._bytes += len(skeleton.data)
+                new.append((skeleton.key, skeleton.data))
+        # The keys this payload names are now the most recent: evict from the other end, never them
+        # (a payload naming more than the bound is loaded whole; the next one trims the excess).
+        while sent and (len(sent) > self.max_entries or self._bytes > self.max_bytes):
+            key = next(iter(sent))
+            if key in named:
+                break
+            self._bytes -= sent.pop(key)
+            self._forget.append(key)
+        if not new and not self._forget:
+            return b""
+        forget, self._forget = tuple(self._forget), []
+        return pickle.dumps((forget, tuple(new)), pickle.HIGHEST_PROTOCOL)
+
+
+def check_bounds(max_entries: int, max_bytes: int) -> None:
+    """Refuse cache bounds that are not positive ints.
+
+    Raises:
+        ValueError: naming the bound.
+    """
+    for name, value in (("max_entries", max_entries), ("max_bytes", max_bytes)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive int, not {value!r}")
 
 
 class _Loaded:

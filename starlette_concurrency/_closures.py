@@ -45,13 +45,13 @@ import sys
 import threading
 import types
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 import cloudpickle  # type: ignore[import-untyped]
 from cloudpickle import cloudpickle as _cp
 
-from ._closure_store import WorkerStore
+from ._closure_store import WORKER_BYTES, WORKER_ENTRIES, Skeleton, WorkerMirror, WorkerStore, check_bounds
 
 __all__ = ["ClosureCache", "Payload", "Skeleton", "WorkerMirror", "WorkerStore"]
 
@@ -72,17 +72,6 @@ SUPPORTED = all(hasattr(_cp, name) for name in _HELPERS)
 # Bounds: skeletons are a code object and a few names (a lambda's is ~300 bytes).
 MAX_SKELETON_BYTES = 1 << 20  # larger ones are not cached: such a function takes cloudpickle's path
 PARENT_ENTRIES, PARENT_BYTES = 4096, 64 << 20
-WORKER_ENTRIES, WORKER_BYTES = 1024, 32 << 20
-
-
-class Skeleton:
-    """What a worker needs once per function shape: a key and the pickled skeleton."""
-
-    __slots__ = ("data", "key")
-
-    def __init__(self, key: int, data: bytes) -> None:
-        self.key = key
-        self.data = data
 
 
 class Payload:
@@ -194,12 +183,6 @@ def _by_value(module: types.ModuleType) -> bool:
     return bool(_cp._PICKLE_BY_VALUE_MODULES) and bool(_cp._is_registered_pickle_by_value(module))
 
 
-def _check_bounds(max_entries: int, max_bytes: int) -> None:
-    for name, value in (("max_entries", max_entries), ("max_bytes", max_bytes)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name} must be a positive int, not {value!r}")
-
-
 class ClosureCache:
     """Pickle objects so that the functions cloudpickle sends by value travel as skeleton + state.
 
@@ -214,7 +197,7 @@ class ClosureCache:
     """
 
     def __init__(self, *, max_entries: int = PARENT_ENTRIES, max_bytes: int = PARENT_BYTES) -> None:
-        _check_bounds(max_entries, max_bytes)
+        check_bounds(max_entries, max_bytes)
         self.max_entries = max_entries
         self.max_bytes = max_bytes
         self._records: OrderedDict[tuple[int, int], _Record] = OrderedDict()
@@ -383,57 +366,3 @@ def _cell_contents(cell: types.CellType, index: int, empty: list[int]) -> Any:
 def _rebuild_function(key: int, group: int) -> Any:
     """Stand-in for a worker store's rebuild: a plain unpickler cannot load a cached function."""
     raise pickle.UnpicklingError(f"function skeleton {key} can only be loaded by a WorkerStore")
-
-
-class WorkerMirror:
-    """The parent's exact record of the skeletons one worker holds, in least-recently-used order.
-
-    Args:
-        max_entries: how many skeletons the worker may hold.
-        max_bytes: how many bytes of pickled skeletons the worker may hold.
-
-    Raises:
-        ValueError: a bound is not a positive int.
-    """
-
-    def __init__(self, *, max_entries: int = WORKER_ENTRIES, max_bytes: int = WORKER_BYTES) -> None:
-        _check_bounds(max_entries, max_bytes)
-        self.max_entries = max_entries
-        self.max_bytes = max_bytes
-        self._sent: OrderedDict[int, int] = OrderedDict()  # key → size
-        self._bytes = 0
-        self._forget: list[int] = []  # evicted, to be told with the next definitions
-
-    def __len__(self) -> int:
-        return len(self._sent)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._sent
-
-    def prepare(self, skeletons: Iterable[Skeleton]) -> bytes:
-        """Return the definitions the worker needs before the payload naming `skeletons`, as sent.
-
-        Call it when composing the frame for this worker, and send the blob before the payload;
-        b"" means the worker needs nothing.
-        """
-        sent = self._sent
-        new: list[tuple[int, bytes]] = []
-        for skeleton in skeletons:
-            if skeleton.key in sent:
-                sent.move_to_end(skeleton.key)
-            else:
-                sent[skeleton.key] = len(skeleton.data)
-                self._bytes += len(skeleton.data)
-                new.append((skeleton.key, skeleton.data))
-        needed = len(new)
-        # The keys this payload names are the most recent; evict from the other end, never them.
-        while (len(sent) > self.max_entries or self._bytes > self.max_bytes) and len(sent) > needed:
-            key = next(iter(sent))
-            if new and key == new[0][0]:
-                break
-            self._bytes -= sent.pop(key)
-            self._forget.append(key)
-        if not new and not self._forget:
-            return b""
-        forget, self._forget = tuple(self._forget), []
-        return pickle.dumps((forget, tuple(new)), pickle.HIGHEST_PROTOCOL)

@@ -630,3 +630,16 @@ def test_a_payload_without_cached_functions_loads_as_plain_pickle() -> None:
     # The marker as data does not confuse the loader: it takes the store's path, which loads it too.
     marker = cache.dumps(functools.partial(targets.Greeter("starlette_concurrency._closures").greet, "you"))
     assert WorkerStore().load(marker.data)() == "starlette_concurrency._closures, you"
+
+
+def test_eviction_never_drops_a_skeleton_the_payload_names() -> None:
+    cache, store = ClosureCache(), WorkerStore()
+    mirror = cache.mirror(max_entries=1)
+    a = eval("lambda: 'a'", {"__name__": "scratch"})
+    b = eval("lambda: 'b'", {"__name__": "scratch"})
+    for fns, expected in (([a], ["a"]), ([a, b], ["a", "b"]), ([b, a], ["b", "a"]), ([a], ["a"])):
+        payload = cache.dumps(fns)
+        store.load_definitions(mirror.prepare(payload.skeletons))
+        assert [fn() for fn in store.load(payload.data)] == expected
+        assert set(store._skeletons) == set(mirror._sent)
+    assert len(mirror) == 1
