@@ -101,9 +101,7 @@ class _Record:
         self.meta, self.refs, self.absent, self.data_names, self.submodules, self.modules_len = split
 
     def matches(self, func: types.FunctionType) -> bool:
-        """Whether `func` still has this record's skeleton."""
-        if func.__code__ is not self.code:
-            return False
+        """Whether `func` still has this record's skeleton (its code is this one: the record's key says so)."""
         g = func.__globals__
         for name, value in self.meta:
             if g.get(name, _ABSENT) is not value:

@@ -326,19 +326,43 @@ def test_a_builtin_shadowed_after_the_first_call_is_seen(worker: Worker) -> None
 
 
 def test_an_empty_cell_stays_empty(worker: Worker) -> None:
-    def make() -> Fn:
+    def make(bound: str) -> Fn:
         later: int
 
         def task() -> str:
             try:
-                return str(later)
+                return bound + str(later)
             except NameError:
-                return "unbound"
+                return bound + " unbound"
 
         return task
         later = 1  # never runs: `later` is a cell that stays empty
 
-    assert worker.one(make()) == "unbound"
+    assert worker.run([make("one"), make("two")]) == ["one unbound", "two unbound"]
+
+
+def test_a_changed_module_identity_is_seen(worker: Worker) -> None:
+    namespace: dict[str, Any] = {"__name__": "first"}
+    exec("task = lambda: __name__\n", namespace)
+    assert worker.one(namespace["task"]) == "first"
+    namespace["__name__"] = "second"
+    assert worker.one(namespace["task"]) == "second"
+
+
+def test_a_global_deleted_since_the_last_call_is_gone(worker: Worker) -> None:
+    namespace: dict[str, Any] = {"__name__": "scratch", "LIMIT": 3}
+    exec("def task():\n    try:\n        return LIMIT\n    except NameError:\n        return 'gone'\n", namespace)
+    assert worker.one(namespace["task"]) == 3
+    del namespace["LIMIT"]
+    assert worker.one(namespace["task"]) == "gone"
+
+
+def test_a_method_of_a_module_class_read_as_a_global(worker: Worker) -> None:
+    namespace: dict[str, Any] = {"__name__": "scratch", "greet": targets.Greeter.greet, "targets": targets}
+    exec("task = lambda: greet(targets.Greeter('hey'), 'there')\n", namespace)
+    assert worker.one(namespace["task"]) == "hey, there"
+    namespace["greet"] = lambda self, name: "replaced"
+    assert worker.one(namespace["task"]) == "replaced"
 
 
 def test_a_worker_never_sent_a_skeleton_refuses_the_payload() -> None:
@@ -399,6 +423,7 @@ def test_a_module_registered_by_value_is_sent_by_value() -> None:
     store = WorkerStore()
     store.load_definitions(cache.mirror().prepare(payload.skeletons))
     assert store.load(payload.data)() == 3
+    assert payload.keys[0] in store
 
 
 def test_the_cache_is_what_the_worker_reads_back() -> None:
@@ -643,3 +668,45 @@ def test_eviction_never_drops_a_skeleton_the_payload_names() -> None:
         assert [fn() for fn in store.load(payload.data)] == expected
         assert set(store._skeletons) == set(mirror._sent)
     assert len(mirror) == 1
+
+
+def test_a_submodule_imported_after_the_first_call_gets_a_new_skeleton() -> None:
+    package = types.ModuleType("sc_test_package")
+    package.__package__ = "sc_test_package"
+    package.__path__ = []
+    submodule = types.ModuleType("sc_test_package.sub")
+    sys.modules["sc_test_package"] = package
+    try:
+        cache = ClosureCache()
+        fn = eval("lambda: sc_test_package.sub", {"__name__": "scratch", "sc_test_package": package})
+        first = cache.dumps(fn)
+        assert pickle.loads(first.skeletons[0].data)[5] == ()
+        sys.modules["unrelated_module_for_the_count"] = types.ModuleType("unrelated_module_for_the_count")
+        assert cache.dumps(fn).keys == first.keys  # sys.modules grew, but nothing the function reaches
+        sys.modules["sc_test_package.sub"] = submodule
+        package.sub = submodule  # type: ignore[attr-defined]
+        second = cache.dumps(fn)
+        assert second.keys != first.keys
+        assert [module.__name__ for module in pickle.loads(second.skeletons[0].data)[5]] == ["sc_test_package.sub"]
+    finally:
+        for name in ("sc_test_package", "sc_test_package.sub", "unrelated_module_for_the_count"):
+            sys.modules.pop(name, None)
+
+
+def test_a_function_the_cache_cannot_record_takes_cloudpickles_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(func: Any, record: Any) -> bytes:
+        raise RuntimeError("no skeleton today")
+
+    monkeypatch.setattr(_closures, "_dump_skeleton", broken)
+    payload = ClosureCache().dumps(lambda: SETTING + 41)
+    assert payload.skeletons == ()
+    assert WorkerStore().load(payload.data)() == 42
+
+
+def test_records_too_large_to_cache_are_evicted_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_closures, "MAX_SKELETON_BYTES", 10)
+    cache = ClosureCache(max_entries=1)
+    for n in range(3):
+        assert pickle.loads(cache.dumps(eval(f"lambda: {n}", {"__name__": "scratch"})).data)() == n
+    assert len(cache) == 1
+    assert cache.nbytes == 0
