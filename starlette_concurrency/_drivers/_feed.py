@@ -97,6 +97,7 @@ class Worker(Child):
         self.ready = False
         self.retired = False
         self.inflight: deque[Job] = deque()
+        self.deferred = 0  # how many of the jobs in flight are deferred work
         self.frame_sizes: deque[int] = deque()  # tasks per frame in flight
         self.outbox = bytearray()
         self.wake_writer: anyio.Event | None = None
