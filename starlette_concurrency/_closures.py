@@ -223,15 +223,21 @@ class ClosureCache:
         """
         # One pickler per thread, reused: making one costs as much as pickling a small task. A dump
         # nested in another (an object's __reduce__ calling dumps) gets a fresh one.
-        pickler: _Pickler | None = getattr(self._local, "pickler", None)
-        if pickler is None or pickler.busy:
+        current: _Pickler | None = getattr(self._local, "pickler", None)
+        if current is not None and not current.busy:
+            pickler = current
+        else:
             pickler = _Pickler(io.BytesIO(), self)
-            if getattr(self._local, "pickler", None) is None:
+            if current is None:
                 self._local.pickler = pickler
         pickler.busy = True
         try:
             pickler.dump(obj)
             return Payload(pickler.file.getvalue(), tuple(pickler.used.values()) if pickler.used else ())
+        except BaseException:
+            if getattr(self._local, "pickler", None) is pickler:
+                self._local.pickler = None  # a failed dump may leave it in any state: start afresh
+            raise
         finally:
             pickler.reset()
 

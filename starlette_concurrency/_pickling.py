@@ -9,7 +9,9 @@ or any other `BaseException` cannot escape `run()`.
 
 from __future__ import annotations
 
+import io
 import pickle
+import threading
 from typing import Any
 
 import cloudpickle  # type: ignore[import-untyped]
@@ -35,7 +37,7 @@ def dumps_task(task: Task) -> bytes:
         SerializationError: it cannot be pickled (it captures a lock, a socket, an open file...).
     """
     try:
-        return dumps(task.fn)
+        return _task_pickler().dumps(task.fn)
     except Exception as exc:
         raise _unpicklable(task, exc) from exc
 
@@ -64,6 +66,35 @@ def _unpicklable(task: Task, exc: Exception) -> SerializationError:
         f"{task.label} cannot be pickled, so it cannot be sent to a worker process: {exc!r}. "
         "Capture plain data instead, or use the 'fork' or 'sync' driver."
     )
+
+
+class _ReusedPickler:
+    """One cloudpickle pickler per thread, reused: creating one per task costs more than pickling a partial."""
+
+    def __init__(self) -> None:
+        self.buffer = io.BytesIO()
+        self.pickler = cloudpickle.CloudPickler(self.buffer, protocol=pickle.HIGHEST_PROTOCOL)
+
+    def dumps(self, obj: Any) -> bytes:
+        self.buffer.seek(0)
+        self.buffer.truncate()
+        self.pickler.clear_memo()  # nothing of one task may refer to another's objects
+        try:
+            self.pickler.dump(obj)
+        except BaseException:
+            _local.__dict__.pop("pickler", None)  # a failed dump may leave it in any state: start afresh
+            raise
+        return self.buffer.getvalue()
+
+
+_local = threading.local()
+
+
+def _task_pickler() -> _ReusedPickler:
+    pickler: _ReusedPickler | None = getattr(_local, "pickler", None)
+    if pickler is None:
+        pickler = _local.pickler = _ReusedPickler()
+    return pickler
 
 
 def remote_exception(error: BaseException, traceback: str) -> BaseException:

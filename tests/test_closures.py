@@ -624,9 +624,13 @@ def test_a_failed_dump_leaves_nothing_behind_for_the_next() -> None:
     cache, store = ClosureCache(), WorkerStore()
     mirror = cache.mirror()
     lock = threading.Lock()
+    cache.dumps(lambda: 0)
+    reused = cache._local.pickler
     with pytest.raises(TypeError):
         cache.dumps([lambda: 1, lambda: lock.locked()])
+    assert cache._local.pickler is None  # not reused: the failure may have left it in any state
     payload = cache.dumps(lambda: 2)
+    assert cache._local.pickler is not reused
     store.load_definitions(mirror.prepare(payload.skeletons))
     assert store.load(payload.data)() == 2
     assert len(payload.skeletons) == 1

@@ -98,6 +98,7 @@ class Worker(Child):
         self.ready = False
         self.retired = False
         self.inflight: deque[Job] = deque()
+        self.deferred = 0  # how many of the jobs in flight are deferred work
         self.frame_sizes: deque[int] = deque()  # tasks per frame in flight
         self.mirror = WorkerMirror()  # the function skeletons this process was sent: none yet
         self.outbox = bytearray()

@@ -141,6 +141,7 @@ class Lifecycle:
             (self._deferred if job.call.background else self._run).appendleft(job)
         worker.inflight.clear()
         worker.frame_sizes.clear()
+        worker.deferred = 0
         worker.dead = True
         kill = reason not in ("recycle", "idle", "closing")
         if kill:

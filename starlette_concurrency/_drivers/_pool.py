@@ -281,6 +281,7 @@ class Pool(Lifecycle):
         if not worker.inflight or worker.inflight[0].id != task_id:
             raise _protocol.ProtocolError(f"an answer for task id {task_id}, which is not the task in progress")
         job = worker.inflight.popleft()
+        worker.deferred -= job.call.background
         worker.frame_sizes[0] -= 1
         if not worker.frame_sizes[0]:
             worker.frame_sizes.popleft()
@@ -294,7 +295,8 @@ class Pool(Lifecycle):
             return "timeout or cancellation"  # it started a task nobody waits for: stop it
         if not worker.inflight and self._due_for_recycle(worker):
             return "recycle"
-        self._dispatch()
+        if self._run or self._deferred:
+            self._dispatch()
         return None
 
     def _due_for_recycle(self, worker: Worker) -> bool:
@@ -317,7 +319,7 @@ class Pool(Lifecycle):
             return
         ready = [worker for worker in self.workers if worker.ready and not worker.dead]
         deferred_cap = max(1, self.size - 1)
-        deferred_busy = sum(1 for worker in ready if any(job.call.background for job in worker.inflight))
+        deferred_busy = sum(1 for worker in ready if worker.deferred)
         for worker in ready:
             if worker.inflight:
                 continue
@@ -333,11 +335,7 @@ class Pool(Lifecycle):
             for worker in ready:
                 if not self._run:
                     break
-                if (
-                    worker.inflight
-                    and len(worker.frame_sizes) < _WINDOW
-                    and not any(job.call.background for job in worker.inflight)
-                ):
+                if worker.inflight and len(worker.frame_sizes) < _WINDOW and not worker.deferred:
                     self._send_chunk(worker, self._run)
 
     def _send_chunk(self, worker: Worker, queue: deque[Job]) -> None:
@@ -353,6 +351,8 @@ class Pool(Lifecycle):
         for job in jobs:
             job.sent_at = now
         worker.inflight.extend(jobs)
+        if queue is self._deferred:
+            worker.deferred += len(jobs)
         worker.frame_sizes.append(len(jobs))
         worker.send(self._frame_for(worker, jobs))
 

@@ -221,6 +221,7 @@ class ForkDriver(Driver):
             child.close()
         if message is not None:
             return decode_outcome(*message, task)
+        child.kill()  # it crashed: what its task started (its process group) goes with it
         what = f"the child process (pid {child.pid}) running {task.label}"
         if child.lingered:
             return Outcome(error=WorkerCrashed.from_returncode(None, what))
