@@ -32,7 +32,8 @@ by-value path. Recursion (a function in its own cells, a method of a class defin
 goes through pickle's memo exactly as in cloudpickle: the function is rebuilt with empty cells, then
 its state fills them.
 
-This module imports only the standard library and cloudpickle: the worker, started by path, loads it.
+This module is the parent's side. The mirror and the store live in `_closure_store.py`, which imports
+only the standard library, so that the worker, started by path, loads it without the package.
 """
 
 from __future__ import annotations
