@@ -2,8 +2,11 @@
 
 Two phases, each endpoint loaded on its own while the others idle:
 
-1. ``run()`` under closed-loop load (`--concurrency` clients, as fast as the server answers):
-   ``/plain``, ``/run/ours``, ``/run/ppe``, ``/run/anyio``, in an order that rotates each round.
+1. ``run()`` under closed-loop load (`--concurrency` clients, as fast as the server answers; one
+   table per value, 16 and 64 by default): ``/plain``, ``/run/ours``, ``/run/ppe``,
+   ``/run/anyio``, in an order that rotates each round. Then the mixed-load row: ``/run/ours``
+   again while `bench/loadgen.py` keeps the pool busy with deferred CPU work (``/defer`` at
+   `--mixed-rate` requests a second), compared with its idle p50.
 2. deferred work under open-loop load (`--rate` requests a second, on a fixed schedule, latency
    measured from when each request was due): ``/plain``, ``/defer``, ``/background``. Between
    endpoints the script waits until the server has finished the deferred work, and reports how
@@ -99,7 +102,7 @@ def httpx_load(url: str, args: argparse.Namespace, *, rate: float = 0.0) -> dict
     if rate:
         command += ["--rate", str(rate), "--duration", str(args.defer_duration)]
     else:
-        command += ["--concurrency", str(args.concurrency), "--duration", str(args.duration)]
+        command += ["--concurrency", str(args.connections), "--duration", str(args.duration)]
     output = subprocess.run(command, cwd=ROOT, check=True, capture_output=True, text=True, timeout=180).stdout
     result: dict[str, float] = json.loads(output.strip().splitlines()[-1])
     return result
@@ -109,7 +112,7 @@ _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3}
 
 
 def wrk_load(url: str, args: argparse.Namespace) -> dict[str, float]:
-    base = ["wrk", "-t1", f"-c{args.concurrency}"]
+    base = ["wrk", "-t1", f"-c{args.connections}"]
     subprocess.run([*base, f"-d{max(1, round(args.warmup))}s", url], check=True, capture_output=True, timeout=60)
     output = subprocess.run(
         [*base, f"-d{max(1, round(args.duration))}s", "--latency", url],
@@ -140,6 +143,64 @@ def wrk_load(url: str, args: argparse.Namespace) -> dict[str, float]:
 
 def ratio(a: float, b: float) -> str:
     return fmt(a / b) + "x" if b and not math.isnan(a) and not math.isnan(b) else "n/a"
+
+
+def load(url: str, args: argparse.Namespace, generator: str) -> dict[str, float]:
+    return wrk_load(url, args) if generator == "wrk" else httpx_load(url, args)
+
+
+def mixed(base: str, args: argparse.Namespace, generator: str) -> dict[str, float]:
+    """Load ``/run/ours`` while deferred CPU work (``/defer`` at `--mixed-rate`) keeps the pool busy."""
+    seconds = args.warmup + args.duration + 3
+    command = [sys.executable, "-m", "bench.loadgen", base + "/defer", "--rate", str(args.mixed_rate)]
+    command += ["--duration", f"{seconds:g}", "--warmup", "0"]
+    background = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL)
+    try:
+        time.sleep(1.0)  # let the deferred work fill the pool first
+        return load(base + "/run/ours", args, generator)
+    finally:
+        background.wait(timeout=seconds + 60)
+        drain(base, args.drain_timeout)
+
+
+def report_phase1(args: argparse.Namespace, runs: dict[str, Measured], busy: Measured) -> None:
+    labels = {
+        "/plain": "no work (reference)",
+        "/run/ours": "concurrency.run()",
+        "/run/ppe": "run_in_executor(ProcessPoolExecutor)",
+        "/run/anyio": "anyio.to_process.run_sync",
+    }
+    print(f"\nrun() of two trivial closures per request, {args.connections} connections:\n")
+    rows = [
+        [
+            f"{endpoint} — {labels[endpoint]}",
+            fmt(m.get("rps"), 0),
+            fmt(m.get("p50_ms"), 2),
+            fmt(m.get("p99_ms"), 2),
+            f"{m.total('errors'):.0f}",
+        ]
+        for endpoint, m in runs.items()
+    ]
+    rows.append(
+        [
+            f"/run/ours beside deferred work ({args.mixed_rate:g} x /defer per s)",
+            fmt(busy.get("rps"), 0),
+            fmt(busy.get("p50_ms"), 2),
+            fmt(busy.get("p99_ms"), 2),
+            f"{busy.total('errors'):.0f}",
+        ]
+    )
+    print(table(["endpoint", "req/s", "p50 ms", "p99 ms", "errors"], rows))
+    ours, plain, aio = runs["/run/ours"], runs["/plain"], runs["/run/anyio"]
+    print(f"\nGoals at {args.connections} connections:")
+    value = ours.get("rps") / aio.get("rps")
+    print(f"  {verdict(value >= 2):6}  run() req/s ≥ 2x anyio.to_process's: {fmt(value)}x")
+    value = ours.get("rps") / plain.get("rps")
+    print(f"  {verdict(value >= 0.7):6}  run() req/s ≥ 0.7x the no-work endpoint's: {fmt(value)}x")
+    value = ours.get("p99_ms") / aio.get("p99_ms")
+    print(f"  {verdict(value <= 0.8):6}  run() p99 ≤ 0.8x anyio.to_process's: {fmt(value)}x")
+    value = busy.get("p50_ms") / ours.get("p50_ms")
+    print(f"  {verdict(value <= 2):6}  run() p50 beside deferred work ≤ 2x its idle p50: {fmt(value)}x")
 
 
 def report(args: argparse.Namespace, generator: str, runs: dict[str, Measured], deferred: dict[str, Measured]) -> None:
@@ -227,7 +288,10 @@ def report(args: argparse.Namespace, generator: str, runs: dict[str, Measured], 
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--duration", type=float, default=5.0, help="phase 1: measured seconds per endpoint")
-    parser.add_argument("--concurrency", type=int, default=16, help="phase 1: concurrent connections")
+    parser.add_argument(
+        "--concurrency", default="16,64", help="phase 1: concurrent connections, a comma-separated list"
+    )
+    parser.add_argument("--mixed-rate", type=float, default=50.0, help="phase 1: /defer requests/s of the mixed row")
     parser.add_argument("--rounds", type=int, default=2, help="phase 1: rounds over the endpoints")
     parser.add_argument("--rate", type=float, default=100.0, help="phase 2: requests per second")
     parser.add_argument("--defer-duration", type=float, default=15.0, help="phase 2: measured seconds per endpoint")
@@ -256,14 +320,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     base = f"http://127.0.0.1:{port}"
     print(f"starting uvicorn on {base} ...", flush=True)
     server = start_server(port, args.defer_ms)
+    phase1: list[tuple[argparse.Namespace, dict[str, Measured], Measured]] = []
     try:
-        runs = {endpoint: Measured(endpoint) for endpoint in RUN_ENDPOINTS}
-        for turn in range(args.rounds):
-            order = RUN_ENDPOINTS[turn % len(RUN_ENDPOINTS) :] + RUN_ENDPOINTS[: turn % len(RUN_ENDPOINTS)]
-            for endpoint in order:
-                print(f"phase 1, round {turn + 1}: {endpoint} with {generator} ...", flush=True)
-                url = base + endpoint
-                runs[endpoint].runs.append(wrk_load(url, args) if generator == "wrk" else httpx_load(url, args))
+        for connections in [int(value) for value in str(args.concurrency).split(",")]:
+            args = argparse.Namespace(**{**vars(args), "connections": connections})
+            runs = {endpoint: Measured(endpoint) for endpoint in RUN_ENDPOINTS}
+            busy = Measured("/run/ours")
+            for turn in range(args.rounds):
+                order = RUN_ENDPOINTS[turn % len(RUN_ENDPOINTS) :] + RUN_ENDPOINTS[: turn % len(RUN_ENDPOINTS)]
+                for endpoint in order:
+                    print(f"phase 1, {connections} connections, round {turn + 1}: {endpoint} ...", flush=True)
+                    runs[endpoint].runs.append(load(base + endpoint, args, generator))
+                print(f"phase 1, {connections} connections, round {turn + 1}: mixed ...", flush=True)
+                busy.runs.append(mixed(base, args, generator))
+            phase1.append((args, runs, busy))
         deferred = {endpoint: Measured(endpoint) for endpoint in DEFER_ENDPOINTS}
         for endpoint in DEFER_ENDPOINTS:
             print(f"phase 2: {endpoint} at {args.rate:g} requests/s ...", flush=True)
@@ -273,4 +343,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         stop_server(server)
     report(args, generator, runs, deferred)
+    for one_args, one_runs, one_busy in phase1:
+        report_phase1(one_args, one_runs, one_busy)
     return 0

@@ -22,6 +22,7 @@ from ._exceptions import (
     SerializationError,
     TaskTimeout,
     WorkerCrashed,
+    WorkerStartFailed,
 )
 from ._middleware import ConcurrencyMiddleware
 from ._stats import Stats
@@ -47,6 +48,7 @@ __all__ = [
     "Task",
     "TaskTimeout",
     "WorkerCrashed",
+    "WorkerStartFailed",
     "__version__",
 ]
 

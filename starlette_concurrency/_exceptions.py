@@ -5,6 +5,7 @@ ConcurrencyError
 ├── ConfigurationError      bad driver name / option (raised at construction)
 ├── SerializationError      closure, result or exception would not (un)pickle; names the task
 ├── WorkerCrashed           the worker holding a task died; exit code / signal
+├── WorkerStartFailed       a worker process could not start (initializer, preload, spawn)
 ├── TaskTimeout             also a TimeoutError
 ├── RemoteError             a task's exception that could not travel as itself
 ├── DeferralRejected        defer() would go past the bound on pending deferred tasks
@@ -29,6 +30,7 @@ __all__ = [
     "SerializationError",
     "TaskTimeout",
     "WorkerCrashed",
+    "WorkerStartFailed",
 ]
 
 
@@ -79,6 +81,18 @@ class WorkerCrashed(ConcurrencyError):
 
 def _rebuild_worker_crashed(message: str, exitcode: int | None, signal: int | None) -> WorkerCrashed:
     return WorkerCrashed(message, exitcode=exitcode, signal=signal)
+
+
+class WorkerStartFailed(ConcurrencyError):
+    """Raised when a worker process could not start: its initializer raised, a preload failed to import,
+    or the process could not be spawned or died before it was ready. No task of the call ran on it.
+    """
+
+    @classmethod
+    def from_returncode(cls, returncode: int | None, what: str) -> WorkerStartFailed:
+        """Build the error for a worker that ended with `returncode` before it was ready."""
+        crashed = WorkerCrashed.from_returncode(returncode, what)
+        return cls(str(crashed))
 
 
 class TaskTimeout(ConcurrencyError, TimeoutError):

@@ -1,17 +1,27 @@
-"""Pickling on the caller's side: tasks out, outcomes in, errors translated at the boundary."""
+"""Pickling on the caller's side: tasks out, outcomes in, errors translated at the boundary.
+
+`pickle_task` pickles one task's callable at call time, before anything is dispatched, through the
+pool's function cache (the worker loads it with `_worker.load_task`); `dumps_task` is plain cloudpickle,
+for the dask driver. `decode_outcome` turns an answer into an `Outcome` and never
+raises anything but the task's own failure, as an outcome: a result that unpickles into `SystemExit`
+or any other `BaseException` cannot escape `run()`.
+"""
 
 from __future__ import annotations
 
+import io
 import pickle
+import threading
 from typing import Any
 
 import cloudpickle  # type: ignore[import-untyped]
 
-from . import _worker
-from ._exceptions import RemoteError, RemoteTraceback, SerializationError
+from . import _protocol
+from ._closures import ClosureCache, Payload
+from ._exceptions import RemoteError, RemoteTraceback, SerializationError, WorkerStartFailed
 from ._tasks import Outcome, Task
 
-__all__ = ["decode_outcome", "dumps", "dumps_task", "remote_exception"]
+__all__ = ["decode_outcome", "describe_failure", "dumps", "dumps_task", "pickle_task", "remote_exception"]
 
 
 def dumps(obj: Any) -> bytes:
@@ -27,12 +37,64 @@ def dumps_task(task: Task) -> bytes:
         SerializationError: it cannot be pickled (it captures a lock, a socket, an open file...).
     """
     try:
-        return dumps(task.fn)
+        return _task_pickler().dumps(task.fn)
     except Exception as exc:
-        raise SerializationError(
-            f"{task.label} cannot be pickled, so it cannot be sent to a worker process: {exc!r}. "
-            "Capture plain data instead, or use the 'fork' or 'sync' driver."
-        ) from exc
+        raise _unpicklable(task, exc) from exc
+
+
+def pickle_task(task: Task, cache: ClosureCache) -> Payload:
+    """Pickle a task's callable for a pool's workers, its lambdas and closures through the function cache.
+
+    Args:
+        task: the task.
+        cache: the pool's `ClosureCache`.
+
+    Returns:
+        The payload, and the skeletons a worker must hold to load it (see `WorkerMirror.prepare`).
+
+    Raises:
+        SerializationError: it cannot be pickled (it captures a lock, a socket, an open file...).
+    """
+    try:
+        return cache.dumps(task.fn)
+    except Exception as exc:
+        raise _unpicklable(task, exc) from exc
+
+
+def _unpicklable(task: Task, exc: Exception) -> SerializationError:
+    return SerializationError(
+        f"{task.label} cannot be pickled, so it cannot be sent to a worker process: {exc!r}. "
+        "Capture plain data instead, or use the 'fork' or 'sync' driver."
+    )
+
+
+class _ReusedPickler:
+    """One cloudpickle pickler per thread, reused: creating one per task costs more than pickling a partial."""
+
+    def __init__(self) -> None:
+        self.buffer = io.BytesIO()
+        self.pickler = cloudpickle.CloudPickler(self.buffer, protocol=pickle.HIGHEST_PROTOCOL)
+
+    def dumps(self, obj: Any) -> bytes:
+        self.buffer.seek(0)
+        self.buffer.truncate()
+        self.pickler.clear_memo()  # nothing of one task may refer to another's objects
+        try:
+            self.pickler.dump(obj)
+        except BaseException:
+            _local.__dict__.pop("pickler", None)  # a failed dump may leave it in any state: start afresh
+            raise
+        return self.buffer.getvalue()
+
+
+_local = threading.local()
+
+
+def _task_pickler() -> _ReusedPickler:
+    pickler: _ReusedPickler | None = getattr(_local, "pickler", None)
+    if pickler is None:
+        pickler = _local.pickler = _ReusedPickler()
+    return pickler
 
 
 def remote_exception(error: BaseException, traceback: str) -> BaseException:
@@ -42,20 +104,55 @@ def remote_exception(error: BaseException, traceback: str) -> BaseException:
 
 
 def decode_outcome(tag: bytes, body: bytes | memoryview, task: Task) -> Outcome:
-    """Turn a worker's RESULT frame into an `Outcome`; never raises for the task's own problems."""
+    """Turn a worker's answer into an `Outcome`; never raises for the task's own problems.
+
+    Unpickling runs code of the task's classes; whatever it raises (`SystemExit` included) becomes the
+    task's `SerializationError`, and an exception that is not an `Exception` (a `SystemExit` the task
+    raised, or returned in an ERROR frame) travels as a `RemoteError`, so that it cannot stop the server.
+    """
     try:
-        if tag == _worker.OK:
+        if tag == _protocol.OK:
             return Outcome(value=pickle.loads(body))
-        if tag == _worker.ERROR:
+        if tag == _protocol.ERROR:
             error, traceback = pickle.loads(body)
+            if not isinstance(error, Exception):
+                substitute = RemoteError(_qualname(error), _safe_str(error), traceback)
+                return Outcome(error=remote_exception(substitute, traceback))
             return Outcome(error=remote_exception(error, traceback))
-    except Exception as exc:
-        return Outcome(error=SerializationError(f"the result of {task.label} could not be unpickled: {exc!r}"))
-    type_name, message, traceback = pickle.loads(body)
-    if tag == _worker.REMOTE:
-        stand_in: BaseException = RemoteError(type_name, message, traceback)
-    elif tag == _worker.UNPICKLABLE:
+        type_name, message, traceback = pickle.loads(body)
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:
+        error = SerializationError(f"the result of {task.label} could not be unpickled: {exc!r}")
+        return Outcome(error=error)
+    stand_in: Exception
+    if tag == _protocol.REMOTE:
+        stand_in = RemoteError(type_name, message, traceback)
+    elif tag == _protocol.UNPICKLABLE:
         stand_in = SerializationError(f"the result of {task.label} cannot be pickled: {type_name}: {message}")
     else:
         stand_in = SerializationError(f"{task.label} could not be unpickled in the worker: {type_name}: {message}")
     return Outcome(error=remote_exception(stand_in, traceback))
+
+
+def describe_failure(body: bytes, what: str) -> WorkerStartFailed:
+    """Build the error for a worker's START_FAILED frame: why `what` (a worker) could not start."""
+    try:
+        type_name, message, traceback = pickle.loads(body)
+    except Exception as exc:
+        return WorkerStartFailed(f"{what}, and its reason could not be read: {exc!r}")
+    error = WorkerStartFailed(f"{what}: {type_name}: {message}")
+    error.__cause__ = RemoteTraceback(traceback)
+    return error
+
+
+def _qualname(exc: BaseException) -> str:
+    cls = type(exc)
+    return cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _safe_str(exc: BaseException) -> str:
+    try:
+        return str(exc)
+    except Exception:
+        return "<exception str() failed>"

@@ -3,16 +3,19 @@
 ```
    parent (event loop)                                   worker (this module)
    ───────────────────                                   ────────────────────
-   spawn: python _worker.py R W  ──────────────────────▶ read INIT frame: sys.path, initializer, limits
+   spawn: python _worker.py R W PPID ──────────────────▶ die with the parent (PR_SET_PDEATHSIG)
+          INIT frame ──────────────────────────────────▶ sys.path, initializer, preload, limits
                                   ◀───────── READY ────  import cloudpickle, run initializer
-   TASKS frame [fn, ...]          ── pipe R ───────────▶ unpickle the chunk; call each, await if needed
-                                  ◀──────── pipe W ────  one RESULT frame per task, in order
+   TASKS frame: definitions,      ── pipe R ───────────▶ load_definitions(blob); for each entry:
+     (id, payload) …                                       fn = load_task(payload); call it, await if needed
+                                  ◀──────── pipe W ────  one answer per task, in order, naming its id
    close pipe R (or die)          ─────── EOF/HUP ─────▶ exit
 ```
 
-Every frame is a 4-byte big-endian length and a body; a result body is one tag byte and a pickle.
-Because a worker answers the tasks of a TASKS frame strictly in order and writes each answer before
-starting the next task, the parent knows exactly which task a worker was running when it died.
+Framing and tags live in `_protocol.py`. Because a worker answers the tasks of a TASKS frame strictly
+in order and writes each answer before starting the next task, the parent knows exactly which task a
+worker was running when it died; the id in each answer lets it check that, frame by frame.
+`load_definitions` and `load_task` are the two places where what the parent pickled is loaded.
 Results never travel on stdout or stderr, so a task may print freely; the worker flushes both after
 every task, so that what a task printed shows in the server's output even if the worker is killed later.
 
@@ -22,7 +25,8 @@ are made non-inheritable (an `os.system("… &")` in a task does not keep them o
 such a child would hold the result pipe open after the worker died, and the parent, which learns of a
 death from EOF on that pipe, would wait for it forever.
 
-This file imports nothing from the package and only the standard library at start-up (cloudpickle
+This file imports nothing from the package but `_protocol` and `_closure_store` (as top-level modules
+when started by path) and only the standard library at start-up (cloudpickle
 is imported before READY), so it can be started by path: `python -m starlette_concurrency._worker`
 would first import the package root, which pulls in starlette and anyio — about 30 ms and 9 MiB
 per worker for nothing.
@@ -35,28 +39,38 @@ import copyreg
 import os
 import pickle
 import signal
-import struct
 import sys
 import threading
 import traceback
 from collections.abc import Callable
 from typing import Any, BinaryIO
 
-HEADER = struct.Struct("!I")
+try:
+    from . import _closure_store, _protocol
+except ImportError:  # started by path (see above): this file's directory is sys.path[0]
+    import _closure_store  # type: ignore[import-not-found,no-redef]
+    import _protocol  # type: ignore[import-not-found,no-redef]
 
-# Tags of the frames a worker sends.
-READY = b"R"  # start-up done; body: the worker's pid
-OK = b"O"  # the task returned; body: pickled value
-ERROR = b"E"  # the task raised; body: pickled (exception, formatted traceback)
-REMOTE = b"X"  # the task raised something that would not round-trip; body: pickled (type name, str, traceback)
-UNPICKLABLE = b"S"  # the task returned something that would not pickle; body: pickled (type name, str, traceback)
-LOAD_FAILED = b"L"  # the task itself would not unpickle here; body: pickled (type name, str, traceback)
-IDLE_EXIT = b"I"  # leaving because no task came within the idle timeout; nothing of a later frame ran
+# The framing lives in _protocol; these names stay here for the dask driver, which ships whole frames.
+HEADER = _protocol.HEADER
+LOAD_FAILED = _protocol.LOAD_FAILED
+frame = _protocol.frame
 
 
-def frame(tag: bytes, body: bytes) -> bytes:
-    """Frame a message: length header, tag, body."""
-    return HEADER.pack(len(body) + 1) + tag + body
+# The function skeletons this process was sent (see _closures.py): its parent's mirror of it decides
+# what goes in and out, in frame order.
+_STORE = _closure_store.WorkerStore()
+
+
+def load_definitions(blob: bytes) -> None:
+    """Load the function skeletons a TASKS frame brings (the ones this worker lacks), forget evicted ones."""
+    _STORE.load_definitions(blob)
+
+
+def load_task(payload: bytes) -> Callable[[], Any]:
+    """Unpickle one task's callable (pickled by `_pickling.pickle_task` in the parent)."""
+    fn: Callable[[], Any] = _STORE.load(payload)
+    return fn
 
 
 def main(argv: list[str]) -> int:
@@ -64,14 +78,16 @@ def main(argv: list[str]) -> int:
     reader = int(argv[1])
     writer: BinaryIO = os.fdopen(int(argv[2]), "wb")
     _keep_to_this_process(reader, writer.fileno())
+    if len(argv) > 3:
+        die_with_parent(int(argv[3]))
     # The parent owns this process's lifetime: Ctrl-C in a terminal reaches the whole process
     # group, and a worker that died of it would fail a task the server is about to drain.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
-    init = _read_frame(reader)
-    if init is None:
+    init = _protocol.read_frame(reader)
+    if init is None or init[0] != _protocol.INIT:
         return 0
-    config = pickle.loads(init)
+    config = pickle.loads(init[1])
     sys.path[:] = config["sys_path"]
     _watch_parent(reader)
 
@@ -83,35 +99,72 @@ def main(argv: list[str]) -> int:
         if config["initializer"] is not None:
             cloudpickle.loads(config["initializer"])()
     except BaseException as exc:  # instead of READY: the parent raises it as the reason it failed to start
-        _write(writer, frame(REMOTE, _describe(exc)))
+        _write(writer, _protocol.frame(_protocol.START_FAILED, _describe(exc)))
         return 1
     idle_timeout: float | None = config["idle_timeout"]
 
-    _write(writer, frame(READY, str(os.getpid()).encode()))
+    _write(writer, _protocol.frame(_protocol.READY, str(os.getpid()).encode()))
     while True:
         if idle_timeout is not None and not _readable_within(reader, idle_timeout):
-            _write(writer, frame(IDLE_EXIT, b""))
+            _write(writer, _protocol.frame(_protocol.IDLE_EXIT, b""))
             return 0
-        body = _read_frame(reader)
-        if body is None:
+        message = _protocol.read_frame(reader)  # a ProtocolError ends the worker: the parent sees a crash
+        if message is None:
             return 0
+        tag, body = message
+        if tag != _protocol.TASKS:
+            raise _protocol.ProtocolError(f"unexpected frame tag {tag!r}")
+        definitions, entries = _protocol.parse_tasks(body)
+        del message, body
         try:
-            fns = pickle.loads(body)
-        except BaseException as exc:  # one answer for the whole chunk: the parent resends it task by task
-            _write(writer, frame(LOAD_FAILED, _describe(exc)))
+            load_definitions(definitions)
+        except BaseException as exc:  # none of the frame can run; each task says so by name
+            failure = _describe(exc)
+            for task_id, _ in entries:
+                _write(writer, _protocol.answer(_protocol.LOAD_FAILED, task_id, failure))
             continue
-        for fn in fns:
-            result = result_frame(fn, cloudpickle.dumps)
+        while entries:
+            task_id, payload = entries.pop(0)
+            try:
+                fn = load_task(payload)
+            except BaseException as exc:
+                tag, body = _protocol.LOAD_FAILED, _describe(exc)
+            else:
+                tag, body = outcome(fn, cloudpickle.dumps)
+                del fn
             _flush_stdio()  # before the answer, so that the output shows before run() returns
-            _write(writer, result)
-        del fns
+            _write(writer, _protocol.answer(tag, task_id, body))
+
+
+def die_with_parent(parent: int) -> None:
+    """Ask the kernel to SIGKILL this process when its parent dies, even while a task holds the GIL (Linux).
+
+    Elsewhere the pipe watcher (`_watch_parent`) does it, between two bytecodes.
+    """
+    if not sys.platform.startswith("linux"):  # pragma: no cover - platform dependent
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
+    except (OSError, AttributeError):  # pragma: no cover - no prctl: the pipe watcher remains
+        return
+    if os.getppid() != parent:  # the parent died before the request was made: nobody will signal us
+        os._exit(0)
 
 
 def result_frame(fn: Callable[[], Any], dumps: Callable[[Any], bytes]) -> bytes:
-    """Call `fn` (running a coroutine it returns to completion) and frame how it ended.
+    """Call `fn` and frame how it ended, without a task id (a forked child's single answer)."""
+    return _protocol.frame(*outcome(fn, dumps))
 
-    Never raises: a failure, or a result that will not pickle, is framed too. `dumps` is
-    cloudpickle's, the fallback for results that plain pickle refuses.
+
+def outcome(fn: Callable[[], Any], dumps: Callable[[Any], bytes]) -> tuple[bytes, bytes]:
+    """Call `fn` (running a coroutine it returns to completion) and return (tag, body) of how it ended.
+
+    Never raises: a failure, or a result that will not pickle, is described too. `dumps` is the
+    fallback for results and exceptions that plain pickle refuses (cloudpickle's, in a worker).
     """
     try:
         value = fn()
@@ -120,14 +173,14 @@ def result_frame(fn: Callable[[], Any], dumps: Callable[[Any], bytes]) -> bytes:
     except BaseException as exc:
         return _encode_error(exc, dumps)
     try:
-        return frame(OK, pickle.dumps(value, pickle.HIGHEST_PROTOCOL))
+        return _protocol.OK, pickle.dumps(value, pickle.HIGHEST_PROTOCOL)
     except Exception:
         pass
     try:
         # cloudpickle is slower than pickle but also handles lambdas, local classes and __main__ objects.
-        return frame(OK, dumps(value))
+        return _protocol.OK, dumps(value)
     except BaseException as exc:
-        return frame(UNPICKLABLE, _describe(exc))
+        return _protocol.UNPICKLABLE, _describe(exc)
 
 
 def _await(awaitable: Any) -> Any:
@@ -139,7 +192,7 @@ def _await(awaitable: Any) -> Any:
     return asyncio.run(wrapper())
 
 
-def _encode_error(exc: BaseException, dumps: Callable[[Any], bytes]) -> bytes:
+def _encode_error(exc: BaseException, dumps: Callable[[Any], bytes]) -> tuple[bytes, bytes]:
     text = "".join(traceback.format_exception(exc))
     if isinstance(exc, Exception):  # SystemExit, KeyboardInterrupt... raised in the server would stop it
         # An exception pickles as (type, args); one whose __init__ wants other arguments than it
@@ -153,8 +206,8 @@ def _encode_error(exc: BaseException, dumps: Callable[[Any], bytes]) -> bytes:
                 pickle.loads(body)
             except BaseException:
                 continue
-            return frame(ERROR, body)
-    return frame(REMOTE, pickle.dumps((_qualname(exc), _str(exc), text)))
+            return _protocol.ERROR, body
+    return _protocol.REMOTE, pickle.dumps((_qualname(exc), _str(exc), text))
 
 
 _BUILTIN_REDUCE = (BaseException.__reduce__, OSError.__reduce__)
@@ -190,26 +243,6 @@ def _str(exc: BaseException) -> str:
 def _qualname(exc: BaseException) -> str:
     cls = type(exc)
     return cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
-
-
-def _read_frame(fd: int) -> bytes | None:
-    # Unbuffered on purpose: the idle timeout selects on the fd, which must not hide buffered frames.
-    header = _read_exactly(fd, HEADER.size)
-    if header is None:
-        return None
-    (size,) = HEADER.unpack(header)
-    return _read_exactly(fd, size)
-
-
-def _read_exactly(fd: int, size: int) -> bytes | None:
-    first = os.read(fd, size) if size else b""
-    if len(first) == size:
-        return first
-    data = bytearray(first)
-    while first and len(data) < size:
-        first = os.read(fd, size - len(data))
-        data += first
-    return bytes(data) if len(data) == size else None
 
 
 def _write(writer: BinaryIO, data: bytes) -> None:

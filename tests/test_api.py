@@ -43,6 +43,7 @@ def test_the_public_names_are_pinned() -> None:
         "Task",
         "TaskTimeout",
         "WorkerCrashed",
+        "WorkerStartFailed",
         "__version__",
     ]
     for name in starlette_concurrency.__all__:
@@ -189,7 +190,7 @@ class Doubling(Driver):
 
     name = "doubling"
 
-    async def execute(self, tasks: Sequence[Task], outcomes: list[Outcome | None]) -> None:
+    async def execute(self, tasks: Sequence[Task], outcomes: list[Outcome | None], *, background: bool = False) -> None:
         for index, task in enumerate(tasks):
             outcomes[index] = Outcome(value=task.fn() * 2)
 

@@ -33,8 +33,11 @@ class Driver(ABC):
         """Acquire what the driver needs: called before the first `execute()`, and again after each `aclose()`."""
 
     @abstractmethod
-    async def execute(self, tasks: Sequence[Task], outcomes: list[Outcome | None]) -> None:
+    async def execute(self, tasks: Sequence[Task], outcomes: list[Outcome | None], *, background: bool = False) -> None:
         """Run every task, storing how each ended in ``outcomes[i]`` as soon as it has.
+
+        `background` is true for deferred work: a driver with a shared pool runs it after the tasks
+        of `run()` calls, which someone is waiting for; other drivers may ignore it.
 
         Must not raise for a task's failure: record it as ``Outcome(error=...)`` and go on with the
         other tasks. When cancelled (a timeout, or the caller went away), stop the tasks still

@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import gc
 import os
+import pickle
 import signal
 import sys
 import time
@@ -44,15 +45,15 @@ import anyio.lowlevel
 
 from .._config import Settings, positive
 from .._exceptions import ConcurrencyClosed, ConfigurationError, WorkerCrashed
-from .._frames import FrameBuffer, grow_pipe
 from .._pickling import decode_outcome, dumps
+from .._stats import Stats, TaskCounters
 from .._tasks import Outcome, Task
-from .._worker import result_frame
+from .._worker import die_with_parent, result_frame
+from ._child import Child
 from .base import Driver
 
 __all__ = ["ForkDriver"]
 
-_LIVENESS_INTERVAL = 0.5  # seconds between checks that a silent child is still alive (see _Child.receive)
 _EXIT_GRACE = 1.0  # seconds a child that sent its result or closed its pipe gets to exit before it is killed
 _SETUP_FAILED = 70  # EX_SOFTWARE: the child could not even run the task (a bug of ours; traceback on stderr)
 
@@ -61,87 +62,21 @@ _SETUP_FAILED = 70  # EX_SOFTWARE: the child could not even run the task (a bug 
 _read_ends: set[int] = set()
 
 
-class _Child:
-    """One forked child and the parent's (non-blocking) read end of its result pipe."""
+class _Forked(Child):
+    """A forked child: the parent's read end of its result pipe, its exit event and its process group."""
 
-    def __init__(self, pid: int, fd: int) -> None:
-        self.pid = pid
-        self.fd = fd
-        self.returncode: int | None = None
-        self.reaped = False
-        self.lingered = False  # it sent its result or closed its pipe, but did not exit: we killed it
-        self.frames = FrameBuffer()
-
-    def poll(self) -> bool:
-        """Reap the child if it has exited, without waiting; return whether it has been reaped."""
-        if not self.reaped:
-            try:
-                pid, status = os.waitpid(self.pid, os.WNOHANG)
-            except ChildProcessError:  # somebody else reaped it (SIGCHLD ignored, a waitpid(-1) elsewhere)
-                self.reaped = True
-            else:
-                if pid:
-                    self.reaped = True
-                    self.returncode = os.waitstatus_to_exitcode(status)
-        return self.reaped
-
-    def kill(self) -> None:
-        """SIGKILL the child unless it has been reaped, and reap it (a killed process exits at once)."""
-        if self.reaped:
-            return
-        try:
-            os.kill(self.pid, signal.SIGKILL)
-            _, status = os.waitpid(self.pid, 0)
-        except (ProcessLookupError, ChildProcessError):  # pragma: no cover - reaped by somebody else
-            pass
-        else:
-            self.returncode = os.waitstatus_to_exitcode(status)
-        self.reaped = True
-
-    def close(self) -> None:
-        _read_ends.discard(self.fd)
-        os.close(self.fd)
-
-    async def receive(self) -> tuple[bytes, bytes] | None:
-        """Return the child's RESULT frame as (tag, body), or None if it ended without sending one."""
-        while (message := self.frames.next()) is None:
-            try:
-                data = os.read(self.fd, 1 << 20)
-            except BlockingIOError:
-                # Usually the pipe's EOF tells that the child is gone. But a grandchild the task forked
-                # holds a copy of the write end, and then only waitpid can tell: ask it now and then.
-                with anyio.move_on_after(_LIVENESS_INTERVAL) as scope:
-                    await anyio.wait_readable(self.fd)
-                if scope.cancelled_caught and self.poll():
-                    self._drain()
-                    return self.frames.next()
-                continue
-            if not data:
-                return None
-            self.frames.feed(data)
-        return message
-
-    def _drain(self) -> None:
-        # The child has exited: whatever it wrote is in the pipe already.
-        try:
-            while data := os.read(self.fd, 1 << 20):
-                self.frames.feed(data)
-        except BlockingIOError:
-            pass
+    lingered = False  # it sent its result or closed its pipe, but did not exit: we killed it
 
     async def reap(self) -> None:
         """Wait (briefly) for a child that sent its result or closed its pipe to exit; kill it if it lingers."""
-        deadline = time.monotonic() + _EXIT_GRACE
-        delay = 0.0
-        # A child's exit has no event to wait on short of SIGCHLD, which belongs to the application;
-        # it comes right after the child's last write, so the first polls nearly always find it.
-        while not self.poll():
-            if time.monotonic() > deadline:
-                self.kill()
-                self.lingered = True
-                return
-            await anyio.sleep(delay)
-            delay = min(0.01, delay * 2 or 0.0002)
+        if not await self.wait_exit_within(_EXIT_GRACE):
+            self.kill()
+            await self.wait_exit_within(_EXIT_GRACE)
+            self.lingered = True
+
+    def close(self) -> None:
+        _read_ends.discard(self.from_child)
+        super().close()
 
 
 class ForkDriver(Driver):
@@ -197,8 +132,10 @@ class ForkDriver(Driver):
         # after the other (a TestClient without `with` runs each request in a loop of its own).
         self._running = 0
         self._waiting: deque[anyio.Event] = deque()
-        self._children: set[_Child] = set()
+        self._children: set[_Forked] = set()
         self._closed = False
+        self._pid = os.getpid()
+        self._counters = TaskCounters()
 
     @property
     def pids(self) -> list[int]:
@@ -209,10 +146,18 @@ class ForkDriver(Driver):
         """Nothing to start ahead: children are forked at call time. After `aclose()`, open again."""
         self._closed = False
 
-    async def execute(self, tasks: Sequence[Task], outcomes: list[Outcome | None]) -> None:
+    async def execute(self, tasks: Sequence[Task], outcomes: list[Outcome | None], *, background: bool = False) -> None:
         """Run every task in a child of its own, `workers` at a time; see `Driver.execute`."""
         if self._closed:
             raise ConcurrencyClosed("this fork driver has been closed")
+        if os.getpid() != self._pid:
+            # run() inside a forked task: the slots, the waiting lanes and the children are the parent's,
+            # copied by the fork (every slot may be taken by the very task running here). This process
+            # starts with slots of its own, as a fresh driver would.
+            self._pid = os.getpid()
+            self._running = 0
+            self._waiting = deque()
+            self._children = set()
         indices = iter(range(len(tasks)))
         lanes = min(len(tasks), self.workers)
         if lanes == 1:
@@ -225,10 +170,15 @@ class ForkDriver(Driver):
     async def _lane(self, indices: Iterator[int], tasks: Sequence[Task], outcomes: list[Outcome | None]) -> None:
         for index in indices:  # shared by the call's lanes: each takes the next task not yet taken
             await self._acquire()
+            started = time.monotonic()
             try:
-                outcomes[index] = await self._run(tasks[index])
+                outcome = outcomes[index] = await self._run(tasks[index])
+            except BaseException:
+                self._counters.timed_out += 1
+                raise
             finally:
                 self._release()
+            self._counters.record(outcome, time.monotonic() - started)
 
     async def _acquire(self) -> None:
         await anyio.lowlevel.checkpoint_if_cancelled()  # a cancelled caller forks nothing
@@ -263,12 +213,15 @@ class ForkDriver(Driver):
             await child.reap()
         except BaseException:  # cancelled (a timeout, the caller went away): the task must not go on
             child.kill()
+            with anyio.CancelScope(shield=True):
+                await child.wait_exit_within(_EXIT_GRACE)  # SIGKILL: reaped at once, never a zombie
             raise
         finally:
             self._children.discard(child)
             child.close()
         if message is not None:
             return decode_outcome(*message, task)
+        child.kill()  # it crashed: what its task started (its process group) goes with it
         what = f"the child process (pid {child.pid}) running {task.label}"
         if child.lingered:
             return Outcome(error=WorkerCrashed.from_returncode(None, what))
@@ -284,8 +237,17 @@ class ForkDriver(Driver):
         for child in list(self._children):
             child.kill()
 
+    def stats(self) -> Stats:
+        """Return the children running now, the lanes waiting for a slot and the counters so far.
 
-def _fork(fn: Callable[[], Any]) -> _Child:
+        Task time is measured in the parent, from the fork to the answer.
+        """
+        return self._counters.snapshot(
+            self.name, workers=len(self._children), busy=len(self._children), queued=len(self._waiting)
+        )
+
+
+def _fork(fn: Callable[[], Any]) -> _Forked:
     """Fork a child that runs `fn` and sends back its RESULT frame; return the parent's handle on it."""
     read_end, write_end = os.pipe()
     _read_ends.add(read_end)
@@ -300,6 +262,7 @@ def _fork(fn: Callable[[], Any]) -> _Child:
     # No signal handler may run between the fork and the child's reset of the handlers: in the child
     # it would be the server's (a shutdown, or a byte written to the event loop's wakeup fd).
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+    parent = os.getpid()
     try:
         with warnings.catch_warnings():
             # CPython 3.12+ warns on every fork of a process that has threads, and a server nearly
@@ -309,7 +272,9 @@ def _fork(fn: Callable[[], Any]) -> _Child:
             warnings.filterwarnings("ignore", r".*use of fork\(\) may lead to deadlocks", DeprecationWarning)
             pid = os.fork()
         if pid == 0:  # the child: it never returns from here
-            _child_main(fn, write_end, mask)
+            _child_main(fn, write_end, mask, parent)
+        with contextlib.suppress(OSError):  # also in the parent: no window in which killpg would miss it
+            os.setpgid(pid, pid)
     except BaseException:
         _read_ends.discard(read_end)
         os.close(read_end)
@@ -317,17 +282,18 @@ def _fork(fn: Callable[[], Any]) -> _Child:
     finally:
         os.close(write_end)
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-    os.set_blocking(read_end, False)
-    grow_pipe(read_end)
-    return _Child(pid, read_end)
+    return _Forked(pid, read_end)
 
 
-def _child_main(fn: Callable[[], Any], write_end: int, mask: Iterable[int]) -> NoReturn:
+def _child_main(fn: Callable[[], Any], write_end: int, mask: Iterable[int], parent: int) -> NoReturn:
     """Run `fn` in the child, write its RESULT frame, and leave without running any of the server's code."""
     status = _SETUP_FAILED
     try:
+        with contextlib.suppress(OSError):
+            os.setpgid(0, 0)  # a group of its own: stopping it stops what the task started
+        die_with_parent(parent)
         _forget_the_server(mask)
-        message = result_frame(fn, dumps)
+        message = result_frame(fn, _dumps_by_reference)
         for stream in (sys.stdout, sys.stderr):  # only what the task printed: the server flushed before the fork
             try:
                 if stream is not None:
@@ -348,6 +314,19 @@ def _child_main(fn: Callable[[], Any], write_end: int, mask: Iterable[int]) -> N
             pass
     finally:
         os._exit(status)
+
+
+def _dumps_by_reference(obj: Any) -> bytes:
+    """Pickle as the parent will resolve it: classes the parent has (those of `__main__` too) by reference.
+
+    The child is a copy of the parent, so whatever plain pickle can name here, the parent has under that
+    name: `except PaymentDeclined` catches the task's own `PaymentDeclined`. cloudpickle (by value) is
+    the fallback for what has no importable name (a lambda, a class made inside a function).
+    """
+    try:
+        return pickle.dumps(obj, pickle.HIGHEST_PROTOCOL)
+    except Exception:
+        return dumps(obj)
 
 
 def _forget_the_server(mask: Iterable[int]) -> None:

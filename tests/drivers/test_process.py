@@ -16,7 +16,14 @@ import anyio
 import psutil
 import pytest
 
-from starlette_concurrency import Concurrency, ConcurrencyClosed, SerializationError, TaskTimeout, WorkerCrashed
+from starlette_concurrency import (
+    Concurrency,
+    ConcurrencyClosed,
+    SerializationError,
+    TaskTimeout,
+    WorkerCrashed,
+    WorkerStartFailed,
+)
 from starlette_concurrency._drivers.process import ProcessDriver
 
 from .. import helpers
@@ -248,7 +255,7 @@ async def test_a_worker_holds_only_its_two_pipes_and_never_the_servers_socket() 
         driver = ProcessDriver(2)
         async with Concurrency(driver=driver, env_file=None) as concurrency:
             await concurrency.run([helpers.pid] * 2)
-            workers = {worker.pid: worker for worker in driver._pool}
+            workers = {worker.pid: worker for worker in driver._pool.workers}
             for pid, worker in workers.items():
                 fds = {int(fd): os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
                 assert not [target for target in fds.values() if target.startswith("socket:")]
@@ -256,7 +263,8 @@ async def test_a_worker_holds_only_its_two_pipes_and_never_the_servers_socket() 
                 private = {fd: target for fd, target in fds.items() if fd > 2}
                 assert all(target.startswith("pipe:") for target in private.values()), private
                 inodes = {os.stat(f"/proc/{pid}/fd/{fd}").st_ino for fd in private}
-                assert inodes == {os.fstat(worker._to_worker).st_ino, os.fstat(worker._from_worker).st_ino}
+                assert worker.to_child is not None
+                assert inodes == {os.fstat(worker.to_child).st_ino, os.fstat(worker.from_child).st_ino}
                 assert psutil.Process(pid).net_connections(kind="all") == []
     finally:
         listener.close()
@@ -304,14 +312,14 @@ async def test_an_initializer_that_raises_fails_the_start_with_its_reason() -> N
     concurrency = Concurrency(
         driver=ProcessDriver(1, initializer=functools.partial(helpers.fail, "no db")), env_file=None
     )
-    with pytest.raises(WorkerCrashed, match=r"failed to start: ValueError: no db"):
+    with pytest.raises(WorkerStartFailed, match=r"failed to start: ValueError: no db"):
         await concurrency.__aenter__()
     assert helpers.worker_children() == []
 
 
 async def test_a_preload_that_cannot_be_imported_fails_the_start_with_its_reason() -> None:
     driver = ProcessDriver(1, preload=["sc_no_such_module"])
-    with pytest.raises(WorkerCrashed, match=r"failed to start: ModuleNotFoundError: No module named"):
+    with pytest.raises(WorkerStartFailed, match=r"failed to start: ModuleNotFoundError: No module named"):
         await driver.start()
     await driver.aclose()
     assert helpers.worker_children() == []

@@ -91,7 +91,7 @@ async def test_workers_killed_at_random_under_concurrent_calls_never_hang_a_call
             while len(killed) < 10:
                 await anyio.sleep(rng.uniform(0.02, 0.1))
                 # A started worker (one that is still starting would fail no task: it gets another try).
-                started = [worker.pid for worker in driver._pool if worker.ready]
+                started = [worker.pid for worker in driver._pool.workers if worker.ready]
                 if started:
                     killed.append(rng.choice(started))
                     os.kill(killed[-1], signal.SIGKILL)

@@ -1,0 +1,373 @@
+"""The function cache: closures sent to a worker at about the cost of partials.
+
+cloudpickle sends a lambda, a closure or a `__main__` function *by value*: its code object, its
+globals, its names — for every call, although a server sends the same few functions millions of
+times. This module splits such a function in two:
+
+- the **skeleton**, what cannot change between two calls of the same function: the code object, the
+  module's identity (`__name__`, `__package__`, `__file__`, `__path__` of its globals), and the globals
+  it reads that are modules, or functions and classes sent by reference. It is pickled once, named by
+  a key (a number never reused), and sent once to each worker;
+- the **state**, what can change, pickled on every call: closure cells, `__defaults__`,
+  `__kwdefaults__`, `__dict__` (`__wrapped__`...), names when they differ from the skeleton's, and the
+  *values* of the other globals it reads.
+
+```
+   parent                                                 worker
+   ──────                                                 ──────
+   ClosureCache.dumps(obj) ──▶ Payload(data, skeletons)
+   WorkerMirror.prepare(skeletons) ──▶ definitions blob ─▶ WorkerStore.load_definitions(blob)
+   (one mirror per worker: what it was sent, in order)     (forget evicted keys, add new skeletons)
+   payload.data ──────────────────────────────────────────▶ WorkerStore.load(data) → the objects
+```
+
+Frames reach a worker in the order they were sent, so a mirror and its worker's store stay in
+lock-step; a worker never evicts on its own, and a new worker gets a new mirror and an empty store.
+
+Before every use, the parent checks that a function still matches its skeleton (same code object,
+same module identity, each by-reference global still the same object and still importable by that
+name, names that were absent still absent); anything else gets a new skeleton, so nothing is stale.
+A skeleton too large to cache, or one that fails to build, leaves the function to cloudpickle's own
+by-value path. Recursion (a function in its own cells, a method of a class defined in a function)
+goes through pickle's memo exactly as in cloudpickle: the function is rebuilt with empty cells, then
+its state fills them.
+
+This module is the parent's side. The mirror and the store live in `_closure_store.py`, which imports
+only the standard library, so that the worker, started by path, loads it without the package.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import itertools
+import pickle
+import sys
+import threading
+import types
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+import cloudpickle  # type: ignore[import-untyped]
+from cloudpickle import cloudpickle as _cp
+
+from ._closure_store import WORKER_BYTES, WORKER_ENTRIES, Skeleton, WorkerMirror, WorkerStore, check_bounds
+
+__all__ = ["ClosureCache", "Payload", "Skeleton", "WorkerMirror", "WorkerStore"]
+
+_META = ("__package__", "__name__", "__path__", "__file__")  # what cloudpickle keeps of a function's module
+_ABSENT = object()
+# cloudpickle's own tests of what it sends by reference (private, so checked): where one is missing,
+# every function takes cloudpickle's path.
+_HELPERS = (
+    "_PICKLE_BY_VALUE_MODULES",
+    "_extract_code_globals",
+    "_find_imported_submodules",
+    "_is_registered_pickle_by_value",
+    "_lookup_module_and_qualname",
+    "_should_pickle_by_reference",
+)
+SUPPORTED = all(hasattr(_cp, name) for name in _HELPERS)
+
+# Bounds: skeletons are a code object and a few names (a lambda's is ~300 bytes).
+MAX_SKELETON_BYTES = 1 << 20  # larger ones are not cached: such a function takes cloudpickle's path
+PARENT_ENTRIES, PARENT_BYTES = 4096, 64 << 20
+
+
+class Payload:
+    """Pickled objects and the skeletons a worker must hold before it can load them."""
+
+    __slots__ = ("data", "skeletons")
+
+    def __init__(self, data: bytes, skeletons: tuple[Skeleton, ...]) -> None:
+        self.data = data
+        self.skeletons = skeletons
+
+    @property
+    def keys(self) -> tuple[int, ...]:
+        """The keys of the skeletons the payload names."""
+        return tuple(skeleton.key for skeleton in self.skeletons)
+
+
+class _Record:
+    """Parent side: a function's skeleton and what must still hold for it to be reused."""
+
+    __slots__ = ("absent", "code", "data_names", "meta", "modules_len", "names", "refs", "skeleton", "submodules")
+
+    def __init__(self, func: types.FunctionType, skeleton: Skeleton | None, split: _Split) -> None:
+        self.code = func.__code__  # held, so that the id in the record's dict key is not reused
+        self.names = (func.__name__, func.__qualname__, func.__module__, func.__doc__)
+        self.skeleton = skeleton  # None: too large to cache; cloudpickle's path
+        self.meta, self.refs, self.absent, self.data_names, self.submodules, self.modules_len = split
+
+    def matches(self, func: types.FunctionType) -> bool:
+        """Whether `func` still has this record's skeleton (its code is this one: the record's key says so)."""
+        g = func.__globals__
+        for name, value in self.meta:
+            if g.get(name, _ABSENT) is not value:
+                return False
+        for name, value, check in self.refs:
+            if g.get(name, _ABSENT) is not value or not check():
+                return False
+        for name in self.absent:
+            if name in g:
+                return False
+        for name in self.data_names:
+            if name not in g:
+                return False
+        if self.modules_len is not None and len(sys.modules) != self.modules_len:
+            # A submodule of a package the function uses may have been imported since.
+            modules = [value for _, value, _ in self.refs if isinstance(value, types.ModuleType)]
+            if tuple(_cp._find_imported_submodules(self.code, modules)) != self.submodules:
+                return False
+            self.modules_len = len(sys.modules)
+        return True
+
+
+_Split = tuple[
+    tuple[tuple[str, Any], ...],
+    tuple[tuple[str, Any, Callable[[], bool]], ...],
+    tuple[str, ...],
+    tuple[str, ...],
+    tuple[types.ModuleType, ...],
+    "int | None",
+]
+
+
+def _split_globals(func: types.FunctionType) -> _Split:
+    """Sort the globals `func` reads: module identity, by-reference, absent, data."""
+    g = func.__globals__
+    meta = tuple((name, g[name]) for name in _META if name in g)
+    refs: list[tuple[str, Any, Callable[[], bool]]] = []
+    absent: list[str] = []
+    data: list[str] = []
+    for name in _cp._extract_code_globals(func.__code__):
+        value = g.get(name, _ABSENT)
+        if value is _ABSENT:
+            absent.append(name)
+            continue
+        check = _reference_check(value)
+        if check is None:
+            data.append(name)
+        else:
+            refs.append((name, value, check))
+    modules = [value for _, value, _ in refs if isinstance(value, types.ModuleType)]
+    submodules = tuple(_cp._find_imported_submodules(func.__code__, modules))
+    packages = any(getattr(module, "__package__", None) for module in modules)
+    return meta, tuple(refs), tuple(absent), tuple(data), submodules, len(sys.modules) if packages else None
+
+
+def _reference_check(value: Any) -> Callable[[], bool] | None:
+    """For a value cloudpickle sends by reference, a cheap test that it still would; else None."""
+    if isinstance(value, types.ModuleType):
+        if not _cp._should_pickle_by_reference(value):
+            return None
+        name = value.__name__
+        return lambda: sys.modules.get(name) is value and not _by_value(value)
+    if not isinstance(value, types.FunctionType | type):
+        return None
+    found = _cp._lookup_module_and_qualname(value)
+    if found is None or _cp._is_registered_pickle_by_value(found[0]):
+        return None
+    module, qualname = found
+    if "." not in qualname:
+        namespace = module.__dict__
+        return lambda: namespace.get(qualname) is value and not _by_value(module)
+    return lambda: _cp._should_pickle_by_reference(value)  # a nested name: the full test
+
+
+def _by_value(module: types.ModuleType) -> bool:
+    """Whether `module` was registered with `cloudpickle.register_pickle_by_value` (cheap when none is)."""
+    return bool(_cp._PICKLE_BY_VALUE_MODULES) and bool(_cp._is_registered_pickle_by_value(module))
+
+
+class ClosureCache:
+    """Pickle objects so that the functions cloudpickle sends by value travel as skeleton + state.
+
+    One per pool. Thread-safe.
+
+    Args:
+        max_entries: how many skeletons to keep.
+        max_bytes: how many bytes of pickled skeletons to keep.
+
+    Raises:
+        ValueError: a bound is not a positive int.
+    """
+
+    def __init__(self, *, max_entries: int = PARENT_ENTRIES, max_bytes: int = PARENT_BYTES) -> None:
+        check_bounds(max_entries, max_bytes)
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self._records: OrderedDict[tuple[int, int], _Record] = OrderedDict()
+        self._bytes = 0
+        self._keys = itertools.count()
+        self._lock = threading.Lock()
+        self._local = threading.local()
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of pickled skeletons kept."""
+        return self._bytes
+
+    def dumps(self, obj: Any) -> Payload:
+        """Pickle `obj` (protocol 5), every by-value function in it as a key and its state.
+
+        Returns:
+            The pickle and the skeletons it names.
+
+        Raises:
+            pickle.PicklingError, TypeError...: whatever cloudpickle raises for an unpicklable object.
+        """
+        # One pickler per thread, reused: making one costs as much as pickling a small task. A dump
+        # nested in another (an object's __reduce__ calling dumps) gets a fresh one.
+        current: _Pickler | None = getattr(self._local, "pickler", None)
+        if current is not None and not current.busy:
+            pickler = current
+        else:
+            pickler = _Pickler(io.BytesIO(), self)
+            if current is None:
+                self._local.pickler = pickler
+        pickler.busy = True
+        try:
+            pickler.dump(obj)
+            return Payload(pickler.file.getvalue(), tuple(pickler.used.values()) if pickler.used else ())
+        except BaseException:
+            if getattr(self._local, "pickler", None) is pickler:
+                self._local.pickler = None  # a failed dump may leave it in any state: start afresh
+            raise
+        finally:
+            pickler.reset()
+
+    def mirror(self, *, max_entries: int = WORKER_ENTRIES, max_bytes: int = WORKER_BYTES) -> WorkerMirror:
+        """Make the parent's record of what one new worker holds (it holds nothing yet)."""
+        return WorkerMirror(max_entries=max_entries, max_bytes=max_bytes)
+
+    def _record(self, ident: tuple[int, int], func: types.FunctionType) -> _Record:
+        record = self._records.get(ident)
+        if record is not None and record.matches(func):
+            with contextlib.suppress(KeyError):  # evicted by another thread meanwhile: still valid here
+                self._records.move_to_end(ident)
+            return record
+        record = _Record(func, None, _split_globals(func))
+        skeleton_data = _dump_skeleton(func, record)
+        if len(skeleton_data) <= MAX_SKELETON_BYTES:
+            record.skeleton = Skeleton(next(self._keys), skeleton_data)
+        with self._lock:
+            old = self._records.pop(ident, None)
+            if old is not None and old.skeleton is not None:
+                self._bytes -= len(old.skeleton.data)
+            self._records[ident] = record
+            if record.skeleton is not None:
+                self._bytes += len(record.skeleton.data)
+            while len(self._records) > self.max_entries or self._bytes > self.max_bytes:
+                _, evicted = self._records.popitem(last=False)
+                if evicted.skeleton is not None:
+                    self._bytes -= len(evicted.skeleton.data)
+        return record
+
+
+def _dump_skeleton(func: types.FunctionType, record: _Record) -> bytes:
+    skeleton = (
+        func.__code__,
+        dict(record.meta),
+        {name: value for name, value, _ in record.refs},
+        record.names,
+        record.data_names,
+        record.submodules,  # unpickling them imports them in the worker
+    )
+    data: bytes = cloudpickle.dumps(skeleton, protocol=pickle.HIGHEST_PROTOCOL)
+    return data
+
+
+class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
+    """cloudpickle, with by-value functions reduced to (key, state) when the cache can vouch for them."""
+
+    def __init__(self, file: io.BytesIO, cache: ClosureCache) -> None:
+        super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
+        self.file = file
+        self.cache = cache
+        self.busy = False
+        self.used: dict[int, Skeleton] = {}
+        self.groups: dict[int, int] = {}  # id(__globals__) → index: functions sharing globals share them there too
+        self.checked: dict[tuple[int, int], _Record] = {}  # checked once per payload
+
+    def reset(self) -> None:
+        """Forget the last dump (its bytes, memo and bookkeeping), as a new pickler would."""
+        self.file.seek(0)
+        self.file.truncate()
+        self.clear_memo()
+        self.globals_ref.clear()  # cloudpickle's: functions share globals within one dump only
+        self.used.clear()
+        self.groups.clear()
+        self.checked.clear()
+        self.busy = False
+
+    def reducer_override(self, obj: Any) -> Any:
+        if type(obj) is not types.FunctionType or not SUPPORTED:
+            return super().reducer_override(obj)
+        if obj is _rebuild_function:
+            return NotImplemented  # the stand-in, by reference (once per payload, then pickle's memo)
+        # A "<locals>" name is never a module attribute (pickle's own lookup refuses it): skip the test.
+        if "<locals>" not in obj.__qualname__ and _cp._should_pickle_by_reference(obj):
+            return NotImplemented  # as cloudpickle does: pickle's own reference to module.qualname
+        ident = (id(obj.__code__), id(obj.__globals__))
+        record = self.checked.get(ident)
+        if record is None or record.code is not obj.__code__:
+            try:
+                record = self.checked[ident] = self.cache._record(ident, obj)
+            except Exception:
+                return super().reducer_override(obj)  # cloudpickle's path raises the real error, if any
+        skeleton = record.skeleton
+        if skeleton is None:
+            return super().reducer_override(obj)
+        self.used[skeleton.key] = skeleton
+        group = self.groups.setdefault(id(obj.__globals__), len(self.groups))
+        # The state is applied by pickle's BUILD, after the memo knows the function (see WorkerStore).
+        return (_rebuild_function, (skeleton.key, group), _state(obj, record))
+
+
+def _state(func: types.FunctionType, record: _Record) -> tuple[Any, ...]:
+    names = (func.__name__, func.__qualname__, func.__module__, func.__doc__)
+    g = func.__globals__
+    values = tuple([g[name] for name in record.data_names]) if record.data_names else ()
+    cells: tuple[Any, ...] | None = None
+    empty: list[int] = []
+    closure = func.__closure__
+    if closure is not None:
+        try:
+            cells = tuple([cell.cell_contents for cell in closure])
+        except ValueError:  # a variable not bound yet (called before the enclosing `def` ran, say)
+            cells = tuple(_cell_contents(cell, index, empty) for index, cell in enumerate(closure))
+    submodules: Any = ()
+    if values or cells:
+        loose = [value for value in itertools.chain(values, cells or ()) if isinstance(value, types.ModuleType)]
+        if loose:  # modules passed as data: cloudpickle imports the submodules the code reaches through them
+            submodules = _cp._find_imported_submodules(func.__code__, loose)
+    return (
+        None if names == record.names else names,
+        func.__defaults__,
+        func.__kwdefaults__,
+        func.__dict__ or None,
+        func.__annotations__ or None,
+        cells,
+        tuple(empty) or None,
+        values,
+        submodules,
+    )
+
+
+def _cell_contents(cell: types.CellType, index: int, empty: list[int]) -> Any:
+    try:
+        return cell.cell_contents
+    except ValueError:  # a variable not bound yet (the function is called before its closure's `def` ran)
+        empty.append(index)
+        return None
+
+
+def _rebuild_function(key: int, group: int) -> Any:
+    """Stand-in for a worker store's rebuild: a plain unpickler cannot load a cached function."""
+    raise pickle.UnpicklingError(f"function skeleton {key} can only be loaded by a WorkerStore")

@@ -1,0 +1,176 @@
+"""What the multiplexed pool (`_pool.py`) holds: calls, their jobs, and workers with their pipes' I/O.
+
+A `Worker` is a `Child` (`_child.py`) with what the pool needs on top: the jobs it holds in flight,
+in the order it answers them, a write buffer drained by its writer task, and the read loop that
+hands each frame to the pool. `launch` starts a task of the current event loop that no caller waits
+for: the per-worker reader, and the spawns of replacement workers.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import os
+import weakref
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import sniffio
+
+from .. import _protocol
+from .._closures import Payload, WorkerMirror
+from .._tasks import Outcome, Task
+from ._child import Child
+
+__all__ = ["Call", "Job", "Worker", "launch"]
+
+logger = logging.getLogger("starlette_concurrency")
+
+
+def launch(tasks: set[Any], fn: Callable[..., Awaitable[None]], *args: Any) -> None:
+    """Run `fn(*args)` as a task of the current event loop that no caller waits for.
+
+    trio: a system task; asyncio: a task kept alive by `tasks`. Either ends with its loop, and an
+    exception it raises is logged, never raised into the loop (trio would end the run for it).
+    """
+    if sniffio.current_async_library() == "trio":
+        import trio
+
+        trio.lowlevel.spawn_system_task(_guarded, fn, *args)
+    else:
+        import asyncio
+
+        task = asyncio.get_running_loop().create_task(_guarded(fn, *args), context=contextvars.Context())
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+
+async def _guarded(fn: Callable[..., Awaitable[None]], *args: Any) -> None:
+    try:
+        await fn(*args)
+    except Exception:
+        logger.exception("a background task of the process pool failed")
+
+
+@dataclass(eq=False, slots=True)
+class Call:
+    tasks: Sequence[Task]
+    outcomes: list[Outcome | None]
+    background: bool
+    remaining: int
+    done: anyio.Event = field(default_factory=anyio.Event)
+    abandoned: bool = False
+    error: BaseException | None = None  # the pool failed the call as a whole (closed, workers cannot start)
+
+    def settle(self, index: int, outcome: Outcome) -> None:
+        if self.outcomes[index] is None:
+            self.outcomes[index] = outcome
+            self.remaining -= 1
+            if self.remaining == 0:
+                self.done.set()
+
+    def fail(self, error: BaseException) -> None:
+        self.error = self.error or error
+        self.done.set()
+
+
+@dataclass(eq=False, slots=True)
+class Job:
+    id: int
+    call: Call
+    index: int
+    payload: Payload
+    sent_at: float = 0.0
+
+    @property
+    def task(self) -> Task:
+        return self.call.tasks[self.index]
+
+
+class Worker(Child):
+    """A pool worker: its process, what it holds in flight, and its reader."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.ready = False
+        self.retired = False
+        self.inflight: deque[Job] = deque()
+        self.deferred = 0  # how many of the jobs in flight are deferred work
+        self.frame_sizes: deque[int] = deque()  # tasks per frame in flight
+        self.mirror = WorkerMirror()  # the function skeletons this process was sent: none yet
+        self.outbox = bytearray()
+        self.wake_writer: anyio.Event | None = None
+        self.loop: object = None  # the event loop its reader runs in
+        self.scope: anyio.CancelScope | None = None
+        self.tasks_done = 0
+        self.last_answer = 0.0
+        self.start_attempt = 0
+        self.dead = False  # gone or going: nothing more is sent to it
+        self.stopped_at = 0.0
+        _live_workers.add(self)
+
+    def send(self, data: bytes) -> None:
+        """Write a frame: at once what the pipe takes, the rest through the writer task, in order."""
+        if not self.outbox and self.to_child is not None:
+            try:
+                written = os.write(self.to_child, data)
+            except BlockingIOError:
+                written = 0
+            except OSError:
+                return  # it died: its reader sees it and gives the tasks back
+            data = data[written:]
+        if data:
+            self.outbox += data
+            if self.wake_writer is not None:
+                self.wake_writer.set()
+
+    async def write_loop(self) -> None:
+        """Drain the write buffer whenever the pipe has room (a frame larger than the pipe, say)."""
+        while not self.closed and self.to_child is not None:
+            if not self.outbox:
+                self.wake_writer = anyio.Event()
+                await self.wake_writer.wait()
+                continue
+            try:
+                await anyio.wait_writable(self.to_child)
+                written = os.write(self.to_child, self.outbox)
+            except BlockingIOError:
+                continue
+            except (OSError, anyio.ClosedResourceError):
+                return  # it died: the reader sees it
+            del self.outbox[:written]
+
+    async def read_loop(self, handle: Callable[[Worker, bytes, bytes], str | None]) -> str:
+        """Hand each frame to `handle` until it returns a reason to stop; return why ("exit": EOF)."""
+        try:
+            while True:
+                while (message := self.frames.next()) is not None:
+                    reason = handle(self, *message)
+                    if reason is not None:
+                        return reason
+                try:
+                    await anyio.wait_readable(self.from_child)
+                except (anyio.ClosedResourceError, OSError):
+                    return "exit"
+                if not self.read_available():
+                    return "exit"
+        except _protocol.ProtocolError as exc:
+            return f"protocol error: {exc}"
+
+
+# Every live worker of every pool, so that a child forked from the server (the fork driver's, a
+# multiprocessing one) lets go of their pipes: holding them, it would keep the workers alive after the
+# server died, and could corrupt their protocol by using them.
+_live_workers: weakref.WeakSet[Worker] = weakref.WeakSet()
+
+
+def _forget_workers_in_forked_child() -> None:
+    for worker in list(_live_workers):
+        worker.close_quietly()
+
+
+if hasattr(os, "register_at_fork"):  # pragma: no branch - POSIX
+    os.register_at_fork(after_in_child=_forget_workers_in_forked_child)

@@ -1,0 +1,377 @@
+"""The multiplexed pool behind the `process` driver: one queue, every call, every worker.
+
+```
+ execute(tasks)          pool                                     readers (one per worker)   workers
+ ──────────────          ────                                     ────────────────────────   ───────
+ pickle each task  ──▶  queue: run() tasks ┐ FIFO,
+ (pickle_task; nothing   deferred tasks    ┘ run() first
+ runs if one fails)       dispatch: idle worker ← a chunk    ── TASKS [(id, payload)…] ──▶  run in order
+ await the call's event         busy worker ← one more chunk
+                                (long queue only: window 2)  ◀── answer (id, result) ──────  one per task
+                                                              id == first in flight? else protocol error
+ outcomes[i] ◀─────────────────────────────────────────────── settle the task's call; dispatch again
+```
+
+A call never owns a worker: its tasks join the queue, and the answers are delivered to it as they
+arrive, from whichever worker. A worker that answered takes the next queued task at once.
+
+**Priorities.** Tasks of `run()` go first. Deferred tasks (`execute(..., background=True)`) may
+occupy at most ``workers - 1`` workers (one when there is a single worker), so that a `run()` never
+waits for deferred work while there are two workers or more. With a single worker it waits for the
+task in progress (the documented cost of ``workers=1``). Within a priority, FIFO by arrival.
+
+**Window.** An idle worker gets a chunk of up to ``len(queue) / (4 * workers)`` tasks (at least one,
+at most 128). A busy worker gets a second frame only while at least `workers` `run()` tasks are
+queued and it holds no deferred task: short tasks then never wait for a round trip, and a long task
+never sits behind another while a worker is idle unless the queue is long.
+
+**Who reads the pipes.** Each worker has a reader: a task of the event loop the pool is used from
+(`trio.lowlevel.spawn_system_task`, or an asyncio task), started with the worker or when the pool is
+first used from a new loop. Nothing of the pool is bound to a loop that has ended: a pool used from
+another loop (each test; a TestClient without lifespan) forgets the old readers and starts new ones.
+The pool must be used from one event loop at a time.
+
+**Failures.** Every answer names its task id; one that does not name the first task in flight is a
+protocol error: the worker is killed and every task it held fails with `WorkerCrashed` (a wrong
+answer is never returned). A worker that dies (EOF, or its exit event) fails the task it was
+running with `WorkerCrashed`; the tasks behind it go back to the front of the queue, unstarted. A
+cancelled call (a timeout, a client gone) drops its queued tasks and kills the workers running one
+of its tasks (their process groups), giving every other task they held back to the queue; a task of
+it queued behind another call's task on a worker is stopped when its turn comes.
+
+**Modules.** This one: calls, the queue, dispatch, answers. `_feed.py`: calls, jobs and the
+`Worker` with its pipes' read and write loops. `_lifecycle.py`: burying, retiring and replacing
+workers. `_child.py`: the process handle shared with the fork driver. `_protocol.py`: the frames.
+
+**Function cache** (`_closures.py`). Each payload is pickled once at call time by
+`_pickling.pickle_task`: a lambda or closure travels as a skeleton key and its current state.
+`_frame_for(worker, jobs)` composes every TASKS frame for one worker: the skeletons that worker has
+not been sent yet (its `WorkerMirror` knows, and evicts with its bound), then the (id, payload)
+entries. A new worker has a new, empty mirror.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+
+from .. import _protocol
+from .._closures import ClosureCache
+from .._exceptions import ConcurrencyClosed, WorkerStartFailed
+from .._pickling import decode_outcome, describe_failure, pickle_task
+from .._stats import Stats, TaskCounters
+from .._tasks import Outcome, Task
+from ._feed import Call, Job, Worker, launch
+from ._lifecycle import Lifecycle
+
+__all__ = ["Pool", "Worker"]
+
+logger = logging.getLogger("starlette_concurrency")
+
+_MAX_CHUNK = 128
+_WINDOW = 2  # frames in flight per worker
+
+
+class Pool(Lifecycle):
+    """The queue, the workers and the readers; `ProcessDriver` is its public face."""
+
+    def __init__(
+        self,
+        size: int,
+        spawn: Callable[[], Awaitable[Worker]],
+        *,
+        name: str = "process",
+        max_tasks_per_worker: int | None = None,
+        over_memory: Callable[[Worker], bool] | None = None,
+    ) -> None:
+        self.size = size
+        self.name = name
+        self._spawn_worker = spawn
+        self.max_tasks_per_worker = max_tasks_per_worker
+        self._over_memory = over_memory
+        self.workers: list[Worker] = []
+        self.counters = TaskCounters()
+        self._run: deque[Job] = deque()
+        self._deferred: deque[Job] = deque()
+        self._calls: set[Call] = set()
+        self._closures = ClosureCache()  # lambdas and closures: what stays the same is sent once per worker
+        self._ids = secrets.randbits(48)  # ids nobody outside can guess from a count of tasks
+        self._spawning = 0
+        self._stopping: list[Worker] = []
+        self._start_error: WorkerStartFailed | None = None  # for start() to raise
+        self._last_start_error: WorkerStartFailed | None = None
+        self._loop: object = None
+        self._pid = os.getpid()
+        self._tasks: set[Any] = set()  # asyncio readers: a strong reference while they run
+        self.closed = False
+
+    # Calls ---------------------------------------------------------------------------------------
+
+    async def execute(self, tasks: Sequence[Task], outcomes: list[Outcome | None], *, background: bool) -> None:
+        payloads = []
+        for number, task in enumerate(tasks):  # all of it before anything is queued: nothing runs if one fails
+            payloads.append(pickle_task(task, self._closures))
+            if number % 256 == 255:  # pickling 20,000 closures takes a while: let the server breathe
+                await anyio.lowlevel.checkpoint()
+        self.check_open()
+        if not tasks:
+            return
+        self._bind_loop()
+        if self._live() + self._spawning < self.size:  # first use, or workers that left (idle timeout, killed)
+            await self.start()
+        call = Call(tasks, outcomes, background, len(tasks))
+        queue = self._deferred if background else self._run
+        for index, payload in enumerate(payloads):
+            self._ids += 1
+            queue.append(Job(self._ids, call, index, payload))
+        self._calls.add(call)
+        try:
+            self._grow()
+            self._dispatch()
+            await call.done.wait()
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self._abandon(call)
+            raise
+        finally:
+            self._calls.discard(call)
+        if call.error is not None:
+            raise call.error
+
+    async def _abandon(self, call: Call) -> None:
+        """Stop exactly the call's unfinished tasks: drop the queued ones, kill the workers running one."""
+        if call.remaining == 0 or call.abandoned:
+            return
+        call.abandoned = True
+        stopped = 0
+        for queue in (self._run, self._deferred):
+            kept = [job for job in queue if job.call is not call]
+            stopped += len(queue) - len(kept)
+            queue.clear()
+            queue.extend(kept)
+        for worker in list(self.workers):
+            if worker.inflight and worker.inflight[0].call is call:
+                stopped += sum(job.call is call for job in worker.inflight)
+                await self._retire(worker, "timeout or cancellation", task=worker.inflight[0].task)
+            else:
+                stopped += sum(job.call is call for job in worker.inflight)  # stopped when their turn comes
+        self.counters.timed_out += stopped
+        self._dispatch()
+
+    # Workers -------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start workers up to the pool's size and wait until each is ready or has failed.
+
+        Raises:
+            WorkerStartFailed: a worker could not start (its initializer raised, say).
+        """
+        self.check_open()
+        self._bind_loop()
+        self._start_error = None
+        missing = self.size - self._live() - self._spawning
+        if missing > 0:
+            async with anyio.create_task_group() as tg:
+                for _ in range(missing):
+                    tg.start_soon(self._add_worker)
+            logger.info("%s pool started with %d workers", self.name, len(self.workers), extra={"driver": self.name})
+        while self._start_error is None and (self._spawning or any(not w.ready for w in self.workers)):  # noqa: ASYNC110
+            await anyio.sleep(0.005)  # start-up only; the readers do the work
+        if self._start_error is not None:
+            error, self._start_error = self._start_error, None
+            with anyio.CancelScope(shield=True):
+                while any(not w.ready for w in self.workers) or self._spawning:  # noqa: ASYNC110
+                    await anyio.sleep(0.005)  # the failed ones are being buried: none may be left behind
+            raise error
+
+    async def _add_worker(self, attempt: int = 0) -> None:
+        self._spawning += 1
+        try:
+            with anyio.CancelScope(shield=True):  # a worker started must be known, or it would be lost
+                worker = await self._spawn_worker()
+        except OSError as exc:  # EAGAIN, ENOMEM, an interpreter that is gone
+            self._start_error = WorkerStartFailed(f"a {self.name} worker could not be started: {exc!r}")
+            return
+        finally:
+            self._spawning -= 1
+        worker.start_attempt = attempt
+        self.workers.append(worker)
+        if self.closed:  # closed while it was being spawned
+            await self._retire(worker, "pool closed", replace=False)
+            return
+        self._serve_soon(worker)
+
+    def _grow(self) -> None:
+        """Start workers in the background up to the pool's size (after idle exits) while work waits."""
+        missing = self.size - self._live() - self._spawning
+        if missing > 0 and (self._run or self._deferred) and not self.closed:
+            for _ in range(missing):
+                launch(self._tasks, self._add_worker)
+
+    def _live(self) -> int:
+        """Count the workers that are not gone; an idle one found dead is marked so (its reader buries it)."""
+        live = 0
+        for worker in self.workers:
+            if not worker.dead and not worker.inflight and worker.poll():
+                worker.dead = True  # killed from outside while idle: nothing may be sent to it
+            live += not worker.dead
+        return live
+
+    def _bind_loop(self) -> None:
+        """Start readers in this event loop for the workers whose reader ran in another (now ended) one."""
+        if os.getpid() != self._pid:
+            raise RuntimeError("a process pool cannot be used in a process forked from the one that started it")
+        token = anyio.lowlevel.current_token()
+        if token == self._loop:
+            return
+        self._loop = token
+        self._tasks.clear()
+        for worker in self.workers:
+            worker.scope = None
+            worker.wake_writer = None
+            self._serve_soon(worker)
+
+    def _serve_soon(self, worker: Worker) -> None:
+        worker.loop = self._loop
+        launch(self._tasks, self._serve, worker)
+
+    async def _serve(self, worker: Worker) -> None:
+        """Read one worker's answers (and write its frames) until it is gone; then bury it."""
+        reason = "exit"
+        with anyio.CancelScope() as scope:
+            worker.scope = scope
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(worker.write_loop)
+                tg.start_soon(self._watch_exit, worker, tg.cancel_scope)
+                reason = await worker.read_loop(self._handle)
+                tg.cancel_scope.cancel()
+        if worker.retired or worker.scope is not scope:
+            return  # retired by the pool, or its loop moved on: not a death
+        worker.dead = True
+        with anyio.CancelScope(shield=True):
+            await self._bury(worker, reason)
+
+    async def _watch_exit(self, worker: Worker, scope: anyio.CancelScope) -> None:
+        await worker.wait_exit()
+        scope.cancel()
+
+    def _handle(self, worker: Worker, tag: bytes, body: bytes) -> str | None:
+        if not worker.ready:
+            if tag == _protocol.READY:
+                worker.ready = True
+                self._dispatch()
+                return None
+            if tag == _protocol.START_FAILED:
+                self._start_failed(worker, describe_failure(body, f"a worker (pid {worker.pid}) failed to start"))
+                return "start failed"
+            raise _protocol.ProtocolError(f"{tag!r} before READY")
+        if tag == _protocol.IDLE_EXIT:
+            return "idle"
+        if tag not in _protocol.ANSWERS:
+            raise _protocol.ProtocolError(f"unknown tag {tag!r}")
+        task_id, payload = _protocol.split_answer(body)
+        if not worker.inflight or worker.inflight[0].id != task_id:
+            raise _protocol.ProtocolError(f"an answer for task id {task_id}, which is not the task in progress")
+        job = worker.inflight.popleft()
+        worker.deferred -= job.call.background
+        worker.frame_sizes[0] -= 1
+        if not worker.frame_sizes[0]:
+            worker.frame_sizes.popleft()
+        worker.tasks_done += 1
+        now = time.monotonic()
+        outcome = decode_outcome(tag, payload, job.task)
+        self.counters.record(outcome, now - max(job.sent_at, worker.last_answer))
+        worker.last_answer = now
+        job.call.settle(job.index, outcome)
+        if worker.inflight and worker.inflight[0].call.abandoned:
+            return "timeout or cancellation"  # it started a task nobody waits for: stop it
+        if not worker.inflight and self._due_for_recycle(worker):
+            return "recycle"
+        if self._run or self._deferred:
+            self._dispatch()
+        return None
+
+    def _due_for_recycle(self, worker: Worker) -> bool:
+        if self.max_tasks_per_worker is not None and worker.tasks_done >= self.max_tasks_per_worker:
+            return True
+        return self._over_memory is not None and worker.tasks_done > 0 and self._over_memory(worker)
+
+    def _budget(self, worker: Worker) -> int:
+        if self._over_memory is not None and worker.tasks_done and self._over_memory(worker):
+            return 0  # let it finish what it holds, then it is recycled
+        if self.max_tasks_per_worker is None:
+            return _MAX_CHUNK
+        return max(0, self.max_tasks_per_worker - worker.tasks_done - len(worker.inflight))
+
+    # Dispatch ------------------------------------------------------------------------------------
+
+    def _dispatch(self) -> None:
+        """Hand queued tasks to workers: idle ones first, run() before deferred, then a second frame."""
+        if self.closed:
+            return
+        ready = [worker for worker in self.workers if worker.ready and not worker.dead]
+        deferred_cap = max(1, self.size - 1)
+        deferred_busy = sum(1 for worker in ready if worker.deferred)
+        for worker in ready:
+            if worker.inflight:
+                continue
+            if self._run:
+                queue = self._run
+            elif self._deferred and deferred_busy < deferred_cap:
+                queue = self._deferred
+                deferred_busy += 1
+            else:
+                break
+            self._send_chunk(worker, queue)
+        if len(self._run) >= self.size:
+            for worker in ready:
+                if not self._run:
+                    break
+                if worker.inflight and len(worker.frame_sizes) < _WINDOW and not worker.deferred:
+                    self._send_chunk(worker, self._run)
+
+    def _send_chunk(self, worker: Worker, queue: deque[Job]) -> None:
+        size = min(self._budget(worker), max(1, min(_MAX_CHUNK, len(queue) // (self.size * 4))))
+        jobs: list[Job] = []
+        while queue and len(jobs) < size:
+            job = queue.popleft()
+            if not job.call.abandoned:
+                jobs.append(job)
+        if not jobs:
+            return
+        now = time.monotonic()
+        for job in jobs:
+            job.sent_at = now
+        worker.inflight.extend(jobs)
+        if queue is self._deferred:
+            worker.deferred += len(jobs)
+        worker.frame_sizes.append(len(jobs))
+        worker.send(self._frame_for(worker, jobs))
+
+    def _frame_for(self, worker: Worker, jobs: list[Job]) -> bytes:
+        """Compose the TASKS frame for one worker: the function skeletons it lacks, then the payloads.
+
+        Called only as the frame is sent: frames reach a worker in order, so its mirror is exact.
+        """
+        definitions = worker.mirror.prepare([skeleton for job in jobs for skeleton in job.payload.skeletons])
+        return _protocol.tasks_frame(definitions, [(job.id, job.payload.data) for job in jobs])
+
+    # Lifecycle -----------------------------------------------------------------------------------
+
+    def check_open(self) -> None:
+        if self.closed:
+            raise ConcurrencyClosed(f"this {self.name} pool has been closed")
+
+    def stats(self) -> Stats:
+        busy = sum(1 for worker in self.workers if worker.inflight)
+        return self.counters.snapshot(
+            self.name, workers=len(self.workers), busy=busy, queued=len(self._run) + len(self._deferred)
+        )

@@ -1,0 +1,208 @@
+"""The multiplexed pool of the `process` driver: shared workers, priorities, frames that name their tasks."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import os
+import pickle
+import time
+from pathlib import Path
+
+import anyio
+import pytest
+
+from starlette_concurrency import Concurrency, TaskTimeout, WorkerCrashed
+from starlette_concurrency._drivers.process import ProcessDriver
+from starlette_concurrency._protocol import OK, answer
+from starlette_concurrency._tasks import Outcome, Task
+
+from .. import helpers
+
+pytestmark = pytest.mark.anyio
+
+
+def wait_for(path: Path) -> int:
+    """Block until `path` exists (at most a minute); return this worker's pid."""
+    deadline = time.monotonic() + 60
+    while not path.exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return os.getpid()
+
+
+def report_and_wait_for(started: Path, path: Path) -> int:
+    partial = started.with_suffix(".partial")
+    partial.write_text(str(os.getpid()))
+    partial.rename(started)  # whole, or not there at all
+    return wait_for(path)
+
+
+async def test_a_finished_worker_serves_the_next_call_while_its_call_mate_still_runs(
+    pool: tuple[Concurrency, ProcessDriver], tmp_path: Path
+) -> None:
+    concurrency, driver = pool
+    release = tmp_path / "release"
+    first: list[int] = []
+
+    async def slow_and_fast() -> None:
+        first.extend(await concurrency.run([functools.partial(wait_for, release), helpers.pid]))
+
+    try:
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(slow_and_fast)
+                await helpers.eventually(lambda: driver.stats().tasks_completed >= 1)  # `fast` answered
+                second = await concurrency.run(helpers.pid)
+                assert not release.exists()  # the slow task is still blocked: the call did not wait for it
+                release.touch()
+    finally:
+        release.touch()
+    slow_pid, fast_pid = first
+    assert second == fast_pid != slow_pid
+
+
+async def test_run_beside_deferred_work_that_fills_every_worker_returns_before_it_ends(
+    pool: tuple[Concurrency, ProcessDriver], tmp_path: Path
+) -> None:
+    concurrency, driver = pool
+    release = tmp_path / "release"
+    tasks = [Task(i, functools.partial(wait_for, release)) for i in range(2)]
+    outcomes: list[Outcome | None] = [None, None]
+    try:
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(functools.partial(driver.execute, tasks, outcomes, background=True))
+                await helpers.eventually(lambda: driver.stats().busy >= 1)
+                assert await concurrency.run([lambda: 1, lambda: 2]) == [1, 2]
+                assert outcomes == [None, None]  # the deferred work is still running (or queued)
+                release.touch()
+    finally:
+        release.touch()
+    assert all(outcome is not None and outcome.error is None for outcome in outcomes)
+
+
+def _result_pipe_in_worker(driver: ProcessDriver, pid: int) -> str:
+    """The path, under /proc, of the worker's write end of its result pipe."""
+    worker = next(worker for worker in driver._pool.workers if worker.pid == pid)
+    inode = os.fstat(worker.from_child).st_ino
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        path = f"/proc/{pid}/fd/{fd}"
+        if os.stat(path).st_ino == inode:
+            return path
+    raise AssertionError("the worker does not hold its result pipe")
+
+
+@pytest.mark.parametrize(
+    "stray",
+    [answer(OK, 12345, pickle.dumps("a wrong answer")), b"\x00\x00\x00\x10garbage bytes!!!"],
+    ids=["frame-naming-another-task", "garbage"],
+)
+async def test_a_stray_frame_in_a_workers_pipe_never_produces_a_wrong_answer(
+    pool: tuple[Concurrency, ProcessDriver], tmp_path: Path, stray: bytes
+) -> None:
+    concurrency, driver = pool
+    started, release = tmp_path / "started", tmp_path / "release"
+    results: list[object] = []
+
+    async def call() -> None:
+        results.extend(
+            await concurrency.run(
+                [functools.partial(report_and_wait_for, started, release), lambda: "right"], return_exceptions=True
+            )
+        )
+
+    try:
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(call)
+                await helpers.eventually(started.exists)
+                pid = int(started.read_text())
+                # Any process of the same user can do this; here, the test process.
+                Path(_result_pipe_in_worker(driver, pid)).write_bytes(stray)
+                await helpers.eventually(lambda: helpers.gone(pid))
+                release.touch()
+    finally:
+        release.touch()
+    crashed, right = results
+    assert isinstance(crashed, WorkerCrashed)
+    assert "protocol" in str(crashed)
+    assert right == "right"
+    assert "a wrong answer" not in repr(results)
+    assert pid not in driver.pids
+    assert len(driver.pids) == 2
+    assert await concurrency.run([lambda: 1, lambda: 2]) == [1, 2]
+
+
+async def test_a_timeout_stops_only_the_abandoned_task_and_gives_the_others_back(
+    pool: tuple[Concurrency, ProcessDriver], tmp_path: Path
+) -> None:
+    concurrency, driver = pool
+    release = tmp_path / "release"
+    started = tmp_path / "started"
+    with pytest.raises(TaskTimeout):
+        await concurrency.run(functools.partial(report_and_wait_for, started, release), timeout=1)
+    killed = int(started.read_text())
+    assert helpers.gone(killed)
+    assert killed not in driver.pids
+    assert driver.stats().tasks_timed_out == 1
+    assert await concurrency.run([functools.partial(helpers.identity, i) for i in range(50)]) == list(range(50))
+
+
+def test_one_pool_serves_one_event_loop_after_another_on_asyncio_and_trio() -> None:
+    # Each loop ends before the next starts (each test, each TestClient request without lifespan):
+    # nothing of the pool may stay bound to an ended loop. The pool starts lazily in the first one.
+    driver = ProcessDriver(2)
+    concurrency = Concurrency(driver=driver, env_file=None)
+
+    async def use() -> list[int]:
+        return await concurrency.run([functools.partial(helpers.identity, i) for i in range(20)])
+
+    try:
+        for backend in ["asyncio", "trio", "asyncio", "trio"]:
+            assert anyio.run(use, backend=backend) == list(range(20))
+            assert len(driver.pids) == 2
+    finally:
+        anyio.run(concurrency.aclose, backend="trio")
+    assert helpers.worker_children() == []
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_starting_and_replacing_workers_never_blocks_the_event_loop(tmp_path: Path) -> None:
+    from blockbuster import blockbuster_ctx
+
+    with blockbuster_ctx():
+        driver = ProcessDriver(2)
+        async with Concurrency(driver=driver, env_file=None) as concurrency:  # started lazily below, not here
+            assert await concurrency.run([lambda: 1, lambda: 2]) == [1, 2]
+            with pytest.raises(WorkerCrashed):
+                await concurrency.run(functools.partial(helpers.crash, 3))
+            with pytest.raises(TaskTimeout):
+                await concurrency.run(functools.partial(wait_for, tmp_path / "never"), timeout=0.5)
+            assert await concurrency.run([lambda: 1, lambda: 2]) == [1, 2]
+            assert len(driver.pids) == 2
+        await asyncio.sleep(0)
+
+
+async def test_stats_and_lifecycle_logs(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="starlette_concurrency")
+    driver = ProcessDriver(2, max_tasks_per_worker=3)
+    async with Concurrency(driver=driver, env_file=None) as concurrency:
+        await concurrency.run([functools.partial(helpers.identity, i) for i in range(7)])
+        with pytest.raises(WorkerCrashed):
+            await concurrency.run(functools.partial(helpers.crash, 3))
+        with pytest.raises(ValueError, match="boom"):
+            await concurrency.run(functools.partial(helpers.fail, "boom"))
+        stats = driver.stats()
+    assert stats.driver == "process"
+    assert stats.workers == 2
+    assert (stats.tasks_completed, stats.tasks_failed, stats.tasks_crashed) == (7, 1, 1)
+    assert stats.worker_restarts >= 2  # the crash, and at least one recycle after three tasks
+    assert stats.task_time_p50 is not None
+    records = [record for record in caplog.records if record.name == "starlette_concurrency"]
+    assert any("started with 2 workers" in record.getMessage() for record in records)
+    crash = next(record for record in records if "crashed" in record.getMessage())
+    assert crash.levelno == logging.WARNING
+    assert (crash.driver, crash.task, crash.task_key) == ("process", "task 0", 0)  # type: ignore[attr-defined]
+    assert isinstance(crash.worker_pid, int)  # type: ignore[attr-defined]
+    assert any("recycle" in record.getMessage() for record in records)
