@@ -77,6 +77,18 @@ _MAX_CHUNK = 128
 _WINDOW = 2  # frames in flight per worker
 
 
+def _running(token: Any) -> bool:
+    """Whether the event loop of an anyio token is still running (its tasks may still run)."""
+    native = token.native_token
+    if hasattr(native, "is_running"):  # asyncio
+        return bool(native.is_running())
+    try:  # trio: a token of a finished run refuses new callbacks
+        native.run_sync_soon(lambda: None)
+    except Exception:
+        return False
+    return True
+
+
 class Pool(Lifecycle):
     """The queue, the workers and the readers; `ProcessDriver` is its public face."""
 
@@ -130,7 +142,6 @@ class Pool(Lifecycle):
             queue.append(Job(self._ids, call, index, payload))
         self._calls.add(call)
         try:
-            self._grow()
             self._dispatch()
             await call.done.wait()
         except BaseException:
@@ -205,13 +216,6 @@ class Pool(Lifecycle):
             return
         self._serve_soon(worker)
 
-    def _grow(self) -> None:
-        """Start workers in the background up to the pool's size (after idle exits) while work waits."""
-        missing = self.size - self._live() - self._spawning
-        if missing > 0 and (self._run or self._deferred) and not self.closed:
-            for _ in range(missing):
-                launch(self._tasks, self._add_worker)
-
     def _live(self) -> int:
         """Count the workers that are not gone; an idle one found dead is marked so (its reader buries it)."""
         live = 0
@@ -228,6 +232,12 @@ class Pool(Lifecycle):
         token = anyio.lowlevel.current_token()
         if token == self._loop:
             return
+        if self._loop is not None and _running(self._loop):
+            # Its readers live in that loop: a second loop reading the same pipes would split frames.
+            raise RuntimeError(
+                f"this {self.name} pool is in use by another event loop that is still running; a pool serves "
+                "one event loop at a time (one loop after another is fine)"
+            )
         self._loop = token
         self._tasks.clear()
         for worker in self.workers:
