@@ -143,6 +143,7 @@ class Lifecycle:
         worker.frame_sizes.clear()
         worker.deferred = 0
         worker.dead = True
+        worker.detach()  # no selector callback may touch its fds once they close
         kill = reason not in ("recycle", "idle", "closing")
         if kill:
             worker.kill()

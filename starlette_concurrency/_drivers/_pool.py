@@ -60,6 +60,7 @@ from typing import Any
 
 import anyio
 import anyio.lowlevel
+import sniffio
 
 from .. import _protocol
 from .._exceptions import ConcurrencyClosed, WorkerStartFailed
@@ -241,13 +242,29 @@ class Pool(Lifecycle):
         self._loop = token
         self._tasks.clear()
         for worker in self.workers:
+            worker.detach()
             worker.scope = None
             worker.wake_writer = None
             self._serve_soon(worker)
 
     def _serve_soon(self, worker: Worker) -> None:
         worker.loop = self._loop
-        launch(self._tasks, self._serve, worker)
+        if sniffio.current_async_library() == "asyncio":
+            import asyncio
+
+            worker.attach(asyncio.get_running_loop(), self._handle, self._gone)
+        else:
+            launch(self._tasks, self._serve, worker)
+
+    def _gone(self, worker: Worker, reason: str) -> None:
+        if not worker.retired:
+            worker.dead = True
+            launch(self._tasks, self._bury_shielded, worker, reason)
+
+    async def _bury_shielded(self, worker: Worker, reason: str) -> None:
+        if not worker.retired:
+            with anyio.CancelScope(shield=True):
+                await self._bury(worker, reason)
 
     async def _serve(self, worker: Worker) -> None:
         """Read one worker's answers (and write its frames) until it is gone; then bury it."""
