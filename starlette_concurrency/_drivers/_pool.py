@@ -25,11 +25,12 @@ at most 128). A busy worker gets a second frame only while at least `workers` `r
 queued and it holds no deferred task: short tasks then never wait for a round trip, and a long task
 never sits behind another while a worker is idle unless the queue is long.
 
-**Who reads the pipes.** Each worker has a reader: a task of the event loop the pool is used from
-(`trio.lowlevel.spawn_system_task`, or an asyncio task), started with the worker or when the pool is
-first used from a new loop. Nothing of the pool is bound to a loop that has ended: a pool used from
-another loop (each test; a TestClient without lifespan) forgets the old readers and starts new ones.
-The pool must be used from one event loop at a time.
+**Who reads the pipes.** The event loop the pool is used from, never a caller. On asyncio, the
+loop's selector calls each worker's read callback (`Worker.attach`), which delivers answers at once;
+on trio, each worker has a reader system task (`trio.lowlevel.spawn_system_task`). Both are set up
+with the worker, or when the pool is first used from a new loop: nothing of the pool stays bound to
+a loop that has ended (each test; a TestClient without lifespan). The pool serves one event loop at
+a time; used from a second one while the first still runs, it raises `RuntimeError`.
 
 **Failures.** Every answer names its task id; one that does not name the first task in flight is a
 protocol error: the worker is killed and every task it held fails with `WorkerCrashed` (a wrong
