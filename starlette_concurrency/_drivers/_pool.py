@@ -317,16 +317,19 @@ class Pool(Lifecycle):
         job.call.settle(job.index, outcome)
         if worker.inflight and worker.inflight[0].call.abandoned:
             return "timeout or cancellation"  # it started a task nobody waits for: stop it
-        if not worker.inflight and self._due_for_recycle(worker):
-            return "recycle"
+        if not worker.inflight and (why := self._due_for_recycle(worker)) is not None:
+            return why
         if self._run or self._deferred:
             self._dispatch()
         return None
 
-    def _due_for_recycle(self, worker: Worker) -> bool:
+    def _due_for_recycle(self, worker: Worker) -> str | None:
+        """Say why the worker is due for replacement between tasks ("recycle: ..."), or None."""
         if self.max_tasks_per_worker is not None and worker.tasks_done >= self.max_tasks_per_worker:
-            return True
-        return self._over_memory is not None and worker.tasks_done > 0 and self._over_memory(worker)
+            return f"recycle: ran max_tasks_per_worker={self.max_tasks_per_worker} tasks"
+        if self._over_memory is not None and worker.tasks_done > 0 and self._over_memory(worker):
+            return "recycle: over max_worker_memory"
+        return None
 
     def _budget(self, worker: Worker) -> int:
         if self._over_memory is not None and worker.tasks_done and self._over_memory(worker):
