@@ -8,6 +8,8 @@ for: the per-worker reader, and the spawns of replacement workers.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import contextvars
 import logging
 import os
@@ -36,7 +38,11 @@ def launch(tasks: set[Any], fn: Callable[..., Awaitable[None]], *args: Any) -> N
     trio: a system task; asyncio: a task kept alive by `tasks`. Either ends with its loop, and an
     exception it raises is logged, never raised into the loop (trio would end the run for it).
     """
-    if sniffio.current_async_library() == "trio":
+    try:
+        library = sniffio.current_async_library()
+    except sniffio.AsyncLibraryNotFoundError:  # in an asyncio selector callback: no current task
+        library = "asyncio"
+    if library == "trio":
         import trio
 
         trio.lowlevel.spawn_system_task(_guarded, fn, *args)
@@ -99,6 +105,10 @@ class Worker(Child):
         self.retired = False
         self.inflight: deque[Job] = deque()
         self.deferred = 0  # how many of the jobs in flight are deferred work
+        # asyncio: the loop whose selector calls this worker's callbacks (see attach)
+        self.selector_loop: asyncio.AbstractEventLoop | None = None
+        self._on_frame: Callable[[Worker, bytes, bytes], str | None] | None = None
+        self._on_gone: Callable[[Worker, str], None] | None = None
         self.frame_sizes: deque[int] = deque()  # tasks per frame in flight
         self.mirror = WorkerMirror()  # the function skeletons this process was sent: none yet
         self.outbox = bytearray()
@@ -126,6 +136,76 @@ class Worker(Child):
             self.outbox += data
             if self.wake_writer is not None:
                 self.wake_writer.set()
+            if self.selector_loop is not None and self.to_child is not None:
+                self.selector_loop.add_writer(self.to_child, self._writable)
+
+    # asyncio: callbacks straight from the selector, no task per worker ---------------------------
+    # A reader task would cost each answer one more trip through the event loop before it reaches
+    # its caller; a selector callback reads and delivers it at once. (trio has no such callbacks:
+    # there, `read_loop` and `write_loop` run as a system task.)
+
+    def attach(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        on_frame: Callable[[Worker, bytes, bytes], str | None],
+        on_gone: Callable[[Worker, str], None],
+    ) -> None:
+        """Have `loop` call `on_frame` for each frame, then `on_gone` once with why the worker is gone."""
+        self.selector_loop, self._on_frame, self._on_gone = loop, on_frame, on_gone
+        loop.add_reader(self.from_child, self._readable)
+        if self.pidfd is not None:
+            loop.add_reader(self.pidfd, self._exited)
+        if self.outbox and self.to_child is not None:
+            loop.add_writer(self.to_child, self._writable)
+
+    def detach(self) -> None:
+        """Stop the selector callbacks (before the fds close, or when another loop takes over)."""
+        loop, self.selector_loop = self.selector_loop, None
+        if loop is None or loop.is_closed():
+            return
+        for fd in (self.from_child, self.pidfd):
+            if fd is not None:
+                with contextlib.suppress(Exception):
+                    loop.remove_reader(fd)
+        if self.to_child is not None:
+            with contextlib.suppress(Exception):
+                loop.remove_writer(self.to_child)
+
+    def _readable(self) -> None:
+        assert self._on_frame is not None
+        try:
+            reason = None if self.read_available() else "exit"
+            while reason is None and (message := self.frames.next()) is not None:
+                reason = self._on_frame(self, *message)
+        except _protocol.ProtocolError as exc:
+            reason = f"protocol error: {exc}"
+        except Exception:  # a bug of ours: the worker cannot be trusted to be in step any more
+            logger.exception("reading a process worker's answers failed")
+            reason = "protocol error: see the log"
+        if reason is not None:
+            self._gone(reason)
+
+    def _exited(self) -> None:
+        self._gone("exit")
+
+    def _gone(self, reason: str) -> None:
+        self.detach()
+        if self._on_gone is not None:
+            on_gone, self._on_gone = self._on_gone, None
+            on_gone(self, reason)
+
+    def _writable(self) -> None:
+        if self.to_child is None or self.closed:
+            return
+        try:
+            written = os.write(self.to_child, self.outbox)
+        except BlockingIOError:
+            return
+        except OSError:  # it died: the reader side sees it
+            written = len(self.outbox)
+        del self.outbox[:written]
+        if not self.outbox and self.selector_loop is not None:
+            self.selector_loop.remove_writer(self.to_child)
 
     async def write_loop(self) -> None:
         """Drain the write buffer whenever the pipe has room (a frame larger than the pipe, say)."""

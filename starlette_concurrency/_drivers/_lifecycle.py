@@ -143,7 +143,8 @@ class Lifecycle:
         worker.frame_sizes.clear()
         worker.deferred = 0
         worker.dead = True
-        kill = reason not in ("recycle", "idle", "closing")
+        worker.detach()  # no selector callback may touch its fds once they close
+        kill = not reason.startswith("recycle") and reason not in ("idle", "closing")
         if kill:
             worker.kill()
         else:
@@ -160,7 +161,8 @@ class Lifecycle:
         extra: dict[str, Any] = {"driver": self.name, "worker_pid": worker.pid}
         if task is not None:
             extra.update(task=task.label, task_key=task.key)
-        level = logging.INFO if reason in ("recycle", "idle", "closing", "killed while starting") else logging.WARNING
+        gentle = reason.startswith("recycle") or reason in ("idle", "closing", "killed while starting")
+        level = logging.INFO if gentle else logging.WARNING
         if reason != "closing":
             why = "crashed" if reason == "exit" else reason
             logger.log(level, "%s worker (pid %d) retired: %s", self.name, worker.pid, why, extra=extra)

@@ -25,11 +25,12 @@ at most 128). A busy worker gets a second frame only while at least `workers` `r
 queued and it holds no deferred task: short tasks then never wait for a round trip, and a long task
 never sits behind another while a worker is idle unless the queue is long.
 
-**Who reads the pipes.** Each worker has a reader: a task of the event loop the pool is used from
-(`trio.lowlevel.spawn_system_task`, or an asyncio task), started with the worker or when the pool is
-first used from a new loop. Nothing of the pool is bound to a loop that has ended: a pool used from
-another loop (each test; a TestClient without lifespan) forgets the old readers and starts new ones.
-The pool must be used from one event loop at a time.
+**Who reads the pipes.** The event loop the pool is used from, never a caller. On asyncio, the
+loop's selector calls each worker's read callback (`Worker.attach`), which delivers answers at once;
+on trio, each worker has a reader system task (`trio.lowlevel.spawn_system_task`). Both are set up
+with the worker, or when the pool is first used from a new loop: nothing of the pool stays bound to
+a loop that has ended (each test; a TestClient without lifespan). The pool serves one event loop at
+a time; used from a second one while the first still runs, it raises `RuntimeError`.
 
 **Failures.** Every answer names its task id; one that does not name the first task in flight is a
 protocol error: the worker is killed and every task it held fails with `WorkerCrashed` (a wrong
@@ -62,6 +63,7 @@ from typing import Any
 
 import anyio
 import anyio.lowlevel
+import sniffio
 
 from .. import _protocol
 from .._closures import ClosureCache
@@ -78,6 +80,18 @@ logger = logging.getLogger("starlette_concurrency")
 
 _MAX_CHUNK = 128
 _WINDOW = 2  # frames in flight per worker
+
+
+def _running(token: Any) -> bool:
+    """Whether the event loop of an anyio token is still running (its tasks may still run)."""
+    native = token.native_token
+    if hasattr(native, "is_running"):  # asyncio
+        return bool(native.is_running())
+    try:  # trio: a token of a finished run refuses new callbacks
+        native.run_sync_soon(lambda: None)
+    except Exception:
+        return False
+    return True
 
 
 class Pool(Lifecycle):
@@ -134,7 +148,6 @@ class Pool(Lifecycle):
             queue.append(Job(self._ids, call, index, payload))
         self._calls.add(call)
         try:
-            self._grow()
             self._dispatch()
             await call.done.wait()
         except BaseException:
@@ -209,13 +222,6 @@ class Pool(Lifecycle):
             return
         self._serve_soon(worker)
 
-    def _grow(self) -> None:
-        """Start workers in the background up to the pool's size (after idle exits) while work waits."""
-        missing = self.size - self._live() - self._spawning
-        if missing > 0 and (self._run or self._deferred) and not self.closed:
-            for _ in range(missing):
-                launch(self._tasks, self._add_worker)
-
     def _live(self) -> int:
         """Count the workers that are not gone; an idle one found dead is marked so (its reader buries it)."""
         live = 0
@@ -232,16 +238,38 @@ class Pool(Lifecycle):
         token = anyio.lowlevel.current_token()
         if token == self._loop:
             return
+        if self._loop is not None and _running(self._loop):
+            # Its readers live in that loop: a second loop reading the same pipes would split frames.
+            raise RuntimeError(
+                f"this {self.name} pool is in use by another event loop that is still running; a pool serves "
+                "one event loop at a time (one loop after another is fine)"
+            )
         self._loop = token
         self._tasks.clear()
         for worker in self.workers:
+            worker.detach()
             worker.scope = None
             worker.wake_writer = None
             self._serve_soon(worker)
 
     def _serve_soon(self, worker: Worker) -> None:
         worker.loop = self._loop
-        launch(self._tasks, self._serve, worker)
+        if sniffio.current_async_library() == "asyncio":
+            import asyncio
+
+            worker.attach(asyncio.get_running_loop(), self._handle, self._gone)
+        else:
+            launch(self._tasks, self._serve, worker)
+
+    def _gone(self, worker: Worker, reason: str) -> None:
+        if not worker.retired:
+            worker.dead = True
+            launch(self._tasks, self._bury_shielded, worker, reason)
+
+    async def _bury_shielded(self, worker: Worker, reason: str) -> None:
+        if not worker.retired:
+            with anyio.CancelScope(shield=True):
+                await self._bury(worker, reason)
 
     async def _serve(self, worker: Worker) -> None:
         """Read one worker's answers (and write its frames) until it is gone; then bury it."""
@@ -293,16 +321,19 @@ class Pool(Lifecycle):
         job.call.settle(job.index, outcome)
         if worker.inflight and worker.inflight[0].call.abandoned:
             return "timeout or cancellation"  # it started a task nobody waits for: stop it
-        if not worker.inflight and self._due_for_recycle(worker):
-            return "recycle"
+        if not worker.inflight and (why := self._due_for_recycle(worker)) is not None:
+            return why
         if self._run or self._deferred:
             self._dispatch()
         return None
 
-    def _due_for_recycle(self, worker: Worker) -> bool:
+    def _due_for_recycle(self, worker: Worker) -> str | None:
+        """Say why the worker is due for replacement between tasks ("recycle: ..."), or None."""
         if self.max_tasks_per_worker is not None and worker.tasks_done >= self.max_tasks_per_worker:
-            return True
-        return self._over_memory is not None and worker.tasks_done > 0 and self._over_memory(worker)
+            return f"recycle: ran max_tasks_per_worker={self.max_tasks_per_worker} tasks"
+        if self._over_memory is not None and worker.tasks_done > 0 and self._over_memory(worker):
+            return "recycle: over max_worker_memory"
+        return None
 
     def _budget(self, worker: Worker) -> int:
         if self._over_memory is not None and worker.tasks_done and self._over_memory(worker):

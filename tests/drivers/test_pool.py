@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import anyio
+import anyio.from_thread
 import pytest
 
 from starlette_concurrency import Concurrency, TaskTimeout, WorkerCrashed
@@ -206,3 +207,18 @@ async def test_stats_and_lifecycle_logs(tmp_path: Path, caplog: pytest.LogCaptur
     assert (crash.driver, crash.task, crash.task_key) == ("process", "task 0", 0)  # type: ignore[attr-defined]
     assert isinstance(crash.worker_pid, int)  # type: ignore[attr-defined]
     assert any("recycle" in record.getMessage() for record in records)
+
+
+def test_a_pool_in_use_by_a_running_loop_refuses_another_loop_clearly() -> None:
+    driver = ProcessDriver(1)
+    concurrency = Concurrency(driver=driver, env_file=None)
+    with anyio.from_thread.start_blocking_portal() as portal:  # a loop that keeps running in its thread
+        assert portal.call(concurrency.run, lambda: 1) == 1
+
+        async def elsewhere() -> None:
+            with pytest.raises(RuntimeError, match="another event loop that is still running"):
+                await concurrency.run(lambda: 2)
+
+        anyio.run(elsewhere)
+        portal.call(concurrency.aclose)
+    assert helpers.worker_children() == []
