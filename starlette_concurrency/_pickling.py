@@ -79,6 +79,7 @@ class _ReusedPickler:
         self.buffer.seek(0)
         self.buffer.truncate()
         self.pickler.clear_memo()  # nothing of one task may refer to another's objects
+        self.pickler.globals_ref.clear()  # cloudpickle's map of globals dicts by id(): valid for one dump only
         try:
             self.pickler.dump(obj)
         except BaseException:

@@ -190,7 +190,7 @@ class Doubling(Driver):
 
     name = "doubling"
 
-    async def execute(self, tasks: Sequence[Task], outcomes: list[Outcome | None], *, background: bool = False) -> None:
+    async def execute(self, tasks: Sequence[Task], outcomes: list[Outcome | None]) -> None:
         for index, task in enumerate(tasks):
             outcomes[index] = Outcome(value=task.fn() * 2)
 

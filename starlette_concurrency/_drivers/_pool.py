@@ -15,7 +15,7 @@
 A call never owns a worker: its tasks join the queue, and the answers are delivered to it as they
 arrive, from whichever worker. A worker that answered takes the next queued task at once.
 
-**Priorities.** Tasks of `run()` go first. Deferred tasks (`execute(..., background=True)`) may
+**Priorities.** Tasks of `run()` go first. Deferred tasks (`execute_deferred()`) may
 occupy at most ``workers - 1`` workers (one when there is a single worker), so that a `run()` never
 waits for deferred work while there are two workers or more. With a single worker it waits for the
 task in progress (the documented cost of ``workers=1``). Within a priority, FIFO by arrival.

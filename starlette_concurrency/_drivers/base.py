@@ -33,11 +33,8 @@ class Driver(ABC):
         """Acquire what the driver needs: called before the first `execute()`, and again after each `aclose()`."""
 
     @abstractmethod
-    async def execute(self, tasks: Sequence[Task], outcomes: list[Outcome | None], *, background: bool = False) -> None:
+    async def execute(self, tasks: Sequence[Task], outcomes: list[Outcome | None]) -> None:
         """Run every task, storing how each ended in ``outcomes[i]`` as soon as it has.
-
-        `background` is true for deferred work: a driver with a shared pool runs it after the tasks
-        of `run()` calls, which someone is waiting for; other drivers may ignore it.
 
         Must not raise for a task's failure: record it as ``Outcome(error=...)`` and go on with the
         other tasks. When cancelled (a timeout, or the caller went away), stop the tasks still
@@ -46,6 +43,14 @@ class Driver(ABC):
         Raises:
             SerializationError: a task cannot be sent to where it would run; nothing was started.
         """
+
+    async def execute_deferred(self, tasks: Sequence[Task], outcomes: list[Outcome | None]) -> None:
+        """Run deferred tasks, as `execute()` does; by default it *is* `execute()`.
+
+        A driver with a shared pool overrides it to run deferred work after the tasks of `run()`
+        calls, which someone is waiting for.
+        """
+        await self.execute(tasks, outcomes)
 
     async def aclose(self) -> None:
         """Release what `start()` acquired; `start()` may be called again afterwards to use the driver again."""

@@ -204,7 +204,7 @@ class DaskDriver(Driver):
             raise
         self._client, self._cluster = client, cluster
 
-    async def execute(self, tasks: Sequence[Task], outcomes: list[Outcome | None], *, background: bool = False) -> None:
+    async def execute(self, tasks: Sequence[Task], outcomes: list[Outcome | None]) -> None:
         """Run the tasks on the cluster; see `Driver.execute`."""
         if self._closed:
             raise ConcurrencyClosed("this dask driver has been closed")

@@ -146,7 +146,7 @@ class ForkDriver(Driver):
         """Nothing to start ahead: children are forked at call time. After `aclose()`, open again."""
         self._closed = False
 
-    async def execute(self, tasks: Sequence[Task], outcomes: list[Outcome | None], *, background: bool = False) -> None:
+    async def execute(self, tasks: Sequence[Task], outcomes: list[Outcome | None]) -> None:
         """Run every task in a child of its own, `workers` at a time; see `Driver.execute`."""
         if self._closed:
             raise ConcurrencyClosed("this fork driver has been closed")

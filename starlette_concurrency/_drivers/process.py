@@ -138,9 +138,13 @@ class ProcessDriver(Driver):
         self._init_frame = self._build_init_frame()
         await self._pool.start()
 
-    async def execute(self, tasks: Sequence[Task], outcomes: list[Outcome | None], *, background: bool = False) -> None:
+    async def execute(self, tasks: Sequence[Task], outcomes: list[Outcome | None]) -> None:
         """Run the tasks on the pool; see `Driver.execute`."""
-        await self._pool.execute(tasks, outcomes, background=background)
+        await self._pool.execute(tasks, outcomes, background=False)
+
+    async def execute_deferred(self, tasks: Sequence[Task], outcomes: list[Outcome | None]) -> None:
+        """Run deferred tasks on the pool, behind every `run()` task and on at most ``workers - 1`` workers."""
+        await self._pool.execute(tasks, outcomes, background=True)
 
     def stats(self) -> Stats:
         """Return the pool's workers, queue and counters (task time: dispatch to answer, in the parent)."""

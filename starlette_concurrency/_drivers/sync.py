@@ -39,7 +39,7 @@ class SyncDriver(Driver):
         self._running = 0
         self._queued = 0
 
-    async def execute(self, tasks: Sequence[Task], outcomes: list[Outcome | None], *, background: bool = False) -> None:
+    async def execute(self, tasks: Sequence[Task], outcomes: list[Outcome | None]) -> None:
         """Run the tasks one after the other; see `Driver.execute`."""
         self._queued += len(tasks)
         started = 0

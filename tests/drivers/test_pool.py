@@ -73,7 +73,7 @@ async def test_run_beside_deferred_work_that_fills_every_worker_returns_before_i
     try:
         with anyio.fail_after(60):
             async with anyio.create_task_group() as tg:
-                tg.start_soon(functools.partial(driver.execute, tasks, outcomes, background=True))
+                tg.start_soon(driver.execute_deferred, tasks, outcomes)
                 await helpers.eventually(lambda: driver.stats().busy >= 1)
                 assert await concurrency.run([lambda: 1, lambda: 2]) == [1, 2]
                 assert outcomes == [None, None]  # the deferred work is still running (or queued)
