@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import functools
 import math
 import os
 import re
@@ -16,7 +17,15 @@ from starlette.config import Config
 
 from ._exceptions import ConfigurationError
 
-__all__ = ["KNOWN_VARIABLES", "Settings", "check_dask_address", "check_workers", "positive", "usable_cpus"]
+__all__ = [
+    "KNOWN_VARIABLES",
+    "Settings",
+    "check_dask_address",
+    "check_workers",
+    "default_workers",
+    "positive",
+    "usable_cpus",
+]
 
 T = TypeVar("T", int, float)
 
@@ -60,6 +69,12 @@ def usable_cpus(root: str | os.PathLike[str] = "/") -> int:
     if quota is not None:
         cpus = min(cpus, math.ceil(quota))
     return max(1, cpus)
+
+
+@functools.cache
+def default_workers() -> int:
+    """Return the default pool size: this process's usable CPUs, read once per process."""
+    return usable_cpus()
 
 
 def _cgroup_quota(root: Path) -> float | None:
@@ -116,8 +131,10 @@ def check_workers(name: str, value: Any) -> int | None:
         ConfigurationError: naming `name`, the value and the limit.
     """
     workers: int | None = positive(name, value, int)
-    limit = WORKERS_PER_CPU * usable_cpus()
-    if workers is not None and workers > limit:
+    if workers is None or workers <= WORKERS_PER_CPU:  # within the limit on any machine: no need to read /proc
+        return workers
+    limit = WORKERS_PER_CPU * default_workers()
+    if workers > limit:
         raise ConfigurationError(f"{name} must be at most {limit} ({WORKERS_PER_CPU} per usable CPU), got {workers}")
     return workers
 
@@ -212,7 +229,7 @@ class Settings:
         )
         values = {
             "driver": pick("driver", "CONCURRENCY_DRIVER", lambda _, raw: raw.strip().lower()) or "process",
-            "workers": usable_cpus() if workers is None else workers,
+            "workers": default_workers() if workers is None else workers,
             "timeout": positive("timeout", pick("timeout", "CONCURRENCY_TIMEOUT", _parse(float)), float),
             "dask_address": check_dask_address("dask_address", arguments.get("dask_address"))
             or pick("dask_address", "CONCURRENCY_DASK_ADDRESS", check_dask_address),
@@ -301,3 +318,7 @@ def positive(name: str, value: Any, kind: type[T]) -> Any:
     if not value > 0:  # also refuses NaN
         raise ConfigurationError(f"{name} must be positive, got {value!r}")
     return kind(value)
+
+
+# Read the CPUs at import, so that a facade or a driver built inside an event loop reads no file there.
+default_workers()

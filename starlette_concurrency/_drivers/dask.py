@@ -46,7 +46,7 @@ import anyio.lowlevel
 import anyio.to_thread
 
 from .. import _worker
-from .._config import Settings, check_workers, usable_cpus
+from .._config import Settings, check_workers, default_workers
 from .._exceptions import ConcurrencyClosed, ConcurrencyError, ConfigurationError, WorkerCrashed
 from .._pickling import decode_outcome, dumps_task, remote_exception
 from .._stats import Stats, TaskCounters
@@ -133,7 +133,7 @@ class DaskDriver(Driver):
     def __init__(self, address: str | None = None, *, workers: int | None = None, security: Any = None) -> None:
         distributed = self._distributed = _import_distributed()
         self.address = None if address is None else check_address(address)
-        self.workers: int = check_workers("workers", workers) or usable_cpus()
+        self.workers: int = check_workers("workers", workers) or default_workers()
         if security is not None and not isinstance(security, distributed.Security):
             raise ConfigurationError(f"security must be a distributed.Security, not {type(security).__name__}")
         origin = "security"

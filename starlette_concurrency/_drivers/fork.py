@@ -43,7 +43,7 @@ from typing import Any, NoReturn
 import anyio
 import anyio.lowlevel
 
-from .._config import Settings, check_workers, usable_cpus
+from .._config import Settings, check_workers, default_workers
 from .._exceptions import ConcurrencyClosed, ConfigurationError, WorkerCrashed
 from .._pickling import decode_outcome, dumps
 from .._stats import Stats, TaskCounters
@@ -126,7 +126,7 @@ class ForkDriver(Driver):
                 f"the 'fork' driver needs os.fork(), which this platform ({sys.platform}) does not have; "
                 "use the 'process' driver"
             )
-        self.workers: int = check_workers("workers", workers) or usable_cpus()
+        self.workers: int = check_workers("workers", workers) or default_workers()
         # The slots: how many children run, and the lanes waiting for one, first come first served.
         # Plain state and one anyio.Event per wait, so that the driver serves any event loop, one
         # after the other (a TestClient without `with` runs each request in a loop of its own).

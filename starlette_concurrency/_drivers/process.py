@@ -36,7 +36,7 @@ import sys
 from collections.abc import Callable, Iterable, Sequence
 
 from .. import _protocol, _worker
-from .._config import Settings, check_workers, positive, usable_cpus
+from .._config import Settings, check_workers, default_workers, positive
 from .._exceptions import ConfigurationError
 from .._pickling import dumps
 from .._stats import Stats
@@ -94,7 +94,7 @@ class ProcessDriver(Driver):
         initializer: Callable[[], object] | None = None,
         preload: Iterable[str] = (),
     ) -> None:
-        self.workers: int = check_workers("workers", workers) or usable_cpus()
+        self.workers: int = check_workers("workers", workers) or default_workers()
         self.max_tasks_per_worker: int | None = positive("max_tasks_per_worker", max_tasks_per_worker, int)
         self.idle_timeout: float | None = positive("idle_timeout", idle_timeout, float)
         self.max_worker_memory: int | None = positive("max_worker_memory", max_worker_memory, int)
