@@ -106,7 +106,8 @@ class ConcurrencyMiddleware:
                     f"driver: {type(exc).__name__}: {exc}",
                 }
             )
-            return
+            exc.add_note(f"(starlette-concurrency could not start its {self.concurrency.driver_name!r} driver)")
+            raise  # as Starlette's router does: a server (or TestClient) reports it and stops
         replayed = False
         exited = False
 
@@ -140,8 +141,8 @@ class ConcurrencyMiddleware:
         finally:
             if not exited:
                 exited = True
-                with anyio.CancelScope(shield=True):
-                    await self.concurrency.__aexit__(None, None, None)
+                # Not under a shield of our own: the host's task group must close in the scope it opened in.
+                await self.concurrency.__aexit__(None, None, None)
 
 
 class _DisconnectWatch:
