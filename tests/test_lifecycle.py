@@ -9,7 +9,6 @@ import logging
 import threading
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
-from typing import Any
 
 import anyio
 import pytest
@@ -20,7 +19,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.testclient import TestClient
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from starlette_concurrency import (
     Concurrency,
@@ -129,10 +128,10 @@ async def test_an_app_without_lifespan_support_keeps_a_usable_facade(
 
     app = ConcurrencyMiddleware(django_like, concurrency)
 
-    async def receive() -> dict[str, Any]:
+    async def receive() -> Message:
         return {"type": "lifespan.startup"}
 
-    async def send(message: dict[str, Any]) -> None:  # pragma: no cover - the app raises first
+    async def send(message: Message) -> None:  # pragma: no cover - the app raises first
         raise AssertionError(message)
 
     with caplog.at_level(logging.WARNING, logger="starlette_concurrency"), pytest.raises(ValueError, match="Django"):
