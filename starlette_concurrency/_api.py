@@ -206,8 +206,9 @@ class Concurrency:
         core.check_closed("run()")
         host = core.live_host()
         if host is None:
-            # Starting the facade's own loop blocks for a moment: not on this loop's thread.
-            host = await anyio.to_thread.run_sync(core.ensure_host)
+            # Starting the facade's own loop takes a thread start, not a pool start: done here, on
+            # the caller's thread (the main thread under most servers, where signal handlers live).
+            host = core.ensure_host()
         if host.here():
             return await call()
         return await host.portal.call_async(call)

@@ -13,10 +13,12 @@ import atexit
 import importlib
 import logging
 import os
+import signal
 import threading
 import weakref
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from types import FrameType
 
 import anyio
 from anyio.from_thread import BlockingPortal
@@ -154,6 +156,7 @@ class Core:
             if not self._at_exit:
                 self._at_exit = True
                 atexit.register(_stop_at_exit, weakref.ref(self))
+                _drain_on_sigterm(weakref.ref(self))
             return host
 
     def spawn(self, fn: Callable[[], object]) -> None:
@@ -213,3 +216,28 @@ def _stop_at_exit(ref: weakref.ref[Core]) -> None:
     core = ref()
     if core is not None:
         core.stop_own()
+
+
+def _drain_on_sigterm(ref: weakref.ref[Core]) -> None:
+    """Drain before a SIGTERM ends the process, for servers that exit by re-raising it (uvicorn).
+
+    Only from the main thread (where handlers live), only over a handler that is a function or the
+    default one, never over an ignored signal. The server's own handler still runs first.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous is signal.SIG_IGN or previous is None:
+        return
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        if callable(previous):
+            previous(signum, frame)
+        core = ref()
+        if core is not None:
+            core.stop_own()  # drains (up to drain_timeout) while the own loop thread finishes the work
+        if previous is signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.raise_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, handler)
