@@ -105,7 +105,7 @@ class Server:
             raise
         # uvicorn re-raises the signal it shut down on, so that its exit status tells the parent.
         assert returncode in (0, -signal.SIGTERM), f"uvicorn exited with {returncode}:\n{self.output()}"
-        if "off" not in self.process.args[-2:]:  # `--lifespan off`: nothing to complete
+        if "off" not in list(self.process.args)[-2:]:  # type: ignore[arg-type]  # `--lifespan off`: nothing to complete
             assert "Application shutdown complete." in self.output(), self.output()
 
 
