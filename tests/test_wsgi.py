@@ -51,9 +51,10 @@ def test_the_batch_starts_at_close_and_follows_the_status(tmp_path: Path) -> Non
     app.wsgi_app = ConcurrencyWSGIMiddleware(app.wsgi_app, concurrency)  # type: ignore[method-assign]
     http = app.test_client()
     for path, code in [("/200", 200), ("/404", 404), ("/error", 500)]:
-        response = http.get(path)
+        response = http.get(path, buffered=False)
         assert response.status_code == code
-        response.close()  # as a server does once the body is sent (PEP 3333): the batch starts here
+        assert response.data  # the server sends the body...
+        response.close()  # ...then closes the iterable (PEP 3333): the batch starts here
     concurrency.wait_deferred_blocking(timeout=WAIT)
     assert sorted(path.name for path in tmp_path.iterdir()) == [
         "always-200",
