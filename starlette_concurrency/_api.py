@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import AsyncExitStack
 from contextvars import ContextVar
 from types import TracebackType
-from typing import Any, overload
+from typing import Any, Literal, TypeVar, overload
 
 import anyio
 import anyio.to_thread
@@ -25,6 +25,9 @@ from ._pickling import dumps_task
 from ._tasks import Batch, Outcome, Tasks
 
 __all__ = ["Concurrency", "DriverFactory"]
+
+T = TypeVar("T")
+K = TypeVar("K")
 
 # The lifespan a task entered as the host, so that its exit closes what its entry opened.
 _hosting: ContextVar[tuple[Core, AsyncExitStack] | None] = ContextVar("starlette_concurrency.hosting", default=None)
@@ -146,20 +149,78 @@ class Concurrency:
             raise ConfigurationError(f"the factory of driver {name!r} must be callable")
         self._core.factories[name] = factory
 
+    # Typed by shape: a callable returning (or awaiting to) T gives T, a sequence of them list[T], a
+    # mapping K -> them dict[K, T]. A Mapping is also an Iterable: the mapping overloads come first.
+    @overload
+    async def run(  # type: ignore[overload-overlap]
+        self,
+        tasks: Mapping[K, Callable[[], Awaitable[T]]],
+        *,
+        timeout: float | None = ...,
+        return_exceptions: Literal[False] = ...,
+    ) -> dict[K, T]: ...
+    @overload
+    async def run(  # type: ignore[overload-overlap]
+        self,
+        tasks: Mapping[K, Callable[[], T]],
+        *,
+        timeout: float | None = ...,
+        return_exceptions: Literal[False] = ...,
+    ) -> dict[K, T]: ...
     @overload
     async def run(
-        self, tasks: Mapping[Any, Callable[[], Any]], *, timeout: float | None = None, return_exceptions: bool = False
+        self, tasks: Callable[[], Awaitable[T]], *, timeout: float | None = ..., return_exceptions: Literal[False] = ...
+    ) -> T: ...
+    @overload
+    async def run(
+        self, tasks: Callable[[], T], *, timeout: float | None = ..., return_exceptions: Literal[False] = ...
+    ) -> T: ...
+    @overload
+    async def run(  # type: ignore[overload-overlap]
+        self,
+        tasks: Iterable[Callable[[], Awaitable[T]]],
+        *,
+        timeout: float | None = ...,
+        return_exceptions: Literal[False] = ...,
+    ) -> list[T]: ...
+    @overload
+    async def run(  # type: ignore[overload-overlap]
+        self, tasks: Iterable[Callable[[], T]], *, timeout: float | None = ..., return_exceptions: Literal[False] = ...
+    ) -> list[T]: ...
+    @overload
+    async def run(  # type: ignore[overload-overlap]
+        self, tasks: Mapping[K, Callable[[], Awaitable[T]]], *, timeout: float | None = ..., return_exceptions: bool
+    ) -> dict[K, T | BaseException]: ...
+    @overload
+    async def run(  # type: ignore[overload-overlap]
+        self, tasks: Mapping[K, Callable[[], T]], *, timeout: float | None = ..., return_exceptions: bool
+    ) -> dict[K, T | BaseException]: ...
+    @overload
+    async def run(
+        self, tasks: Callable[[], Awaitable[T]], *, timeout: float | None = ..., return_exceptions: bool
+    ) -> T | BaseException: ...
+    @overload
+    async def run(
+        self, tasks: Callable[[], T], *, timeout: float | None = ..., return_exceptions: bool
+    ) -> T | BaseException: ...
+    @overload
+    async def run(
+        self, tasks: Iterable[Callable[[], Awaitable[T]]], *, timeout: float | None = ..., return_exceptions: bool
+    ) -> list[T | BaseException]: ...
+    @overload
+    async def run(
+        self, tasks: Iterable[Callable[[], T]], *, timeout: float | None = ..., return_exceptions: bool
+    ) -> list[T | BaseException]: ...
+    @overload
+    async def run(  # type: ignore[overload-overlap]
+        self, tasks: Mapping[Any, object], *, timeout: float | None = ..., return_exceptions: bool = ...
     ) -> dict[Any, Any]: ...
     @overload
     async def run(
-        self, tasks: Callable[[], Any], *, timeout: float | None = None, return_exceptions: bool = False
-    ) -> Any: ...
-    @overload
-    async def run(
-        self, tasks: Iterable[Callable[[], Any]], *, timeout: float | None = None, return_exceptions: bool = False
+        self, tasks: Iterable[object], *, timeout: float | None = ..., return_exceptions: bool = ...
     ) -> list[Any]: ...
 
-    async def run(self, tasks: Tasks, *, timeout: float | None = None, return_exceptions: bool = False) -> Any:
+    async def run(self, tasks: object, *, timeout: float | None = None, return_exceptions: bool = False) -> Any:
         """Run the tasks at the same time and return their results.
 
         Callable from any event loop or thread: the call is forwarded to the loop that owns the
@@ -255,19 +316,75 @@ class Concurrency:
         return timeout or self._core.settings.timeout
 
     @overload
+    def run_blocking(  # type: ignore[overload-overlap]
+        self,
+        tasks: Mapping[K, Callable[[], Awaitable[T]]],
+        *,
+        timeout: float | None = ...,
+        return_exceptions: Literal[False] = ...,
+    ) -> dict[K, T]: ...
+    @overload
+    def run_blocking(  # type: ignore[overload-overlap]
+        self,
+        tasks: Mapping[K, Callable[[], T]],
+        *,
+        timeout: float | None = ...,
+        return_exceptions: Literal[False] = ...,
+    ) -> dict[K, T]: ...
+    @overload
     def run_blocking(
-        self, tasks: Mapping[Any, Callable[[], Any]], *, timeout: float | None = None, return_exceptions: bool = False
+        self, tasks: Callable[[], Awaitable[T]], *, timeout: float | None = ..., return_exceptions: Literal[False] = ...
+    ) -> T: ...
+    @overload
+    def run_blocking(
+        self, tasks: Callable[[], T], *, timeout: float | None = ..., return_exceptions: Literal[False] = ...
+    ) -> T: ...
+    @overload
+    def run_blocking(  # type: ignore[overload-overlap]
+        self,
+        tasks: Iterable[Callable[[], Awaitable[T]]],
+        *,
+        timeout: float | None = ...,
+        return_exceptions: Literal[False] = ...,
+    ) -> list[T]: ...
+    @overload
+    def run_blocking(  # type: ignore[overload-overlap]
+        self, tasks: Iterable[Callable[[], T]], *, timeout: float | None = ..., return_exceptions: Literal[False] = ...
+    ) -> list[T]: ...
+    @overload
+    def run_blocking(  # type: ignore[overload-overlap]
+        self, tasks: Mapping[K, Callable[[], Awaitable[T]]], *, timeout: float | None = ..., return_exceptions: bool
+    ) -> dict[K, T | BaseException]: ...
+    @overload
+    def run_blocking(  # type: ignore[overload-overlap]
+        self, tasks: Mapping[K, Callable[[], T]], *, timeout: float | None = ..., return_exceptions: bool
+    ) -> dict[K, T | BaseException]: ...
+    @overload
+    def run_blocking(
+        self, tasks: Callable[[], Awaitable[T]], *, timeout: float | None = ..., return_exceptions: bool
+    ) -> T | BaseException: ...
+    @overload
+    def run_blocking(
+        self, tasks: Callable[[], T], *, timeout: float | None = ..., return_exceptions: bool
+    ) -> T | BaseException: ...
+    @overload
+    def run_blocking(
+        self, tasks: Iterable[Callable[[], Awaitable[T]]], *, timeout: float | None = ..., return_exceptions: bool
+    ) -> list[T | BaseException]: ...
+    @overload
+    def run_blocking(
+        self, tasks: Iterable[Callable[[], T]], *, timeout: float | None = ..., return_exceptions: bool
+    ) -> list[T | BaseException]: ...
+    @overload
+    def run_blocking(  # type: ignore[overload-overlap]
+        self, tasks: Mapping[Any, object], *, timeout: float | None = ..., return_exceptions: bool = ...
     ) -> dict[Any, Any]: ...
     @overload
     def run_blocking(
-        self, tasks: Callable[[], Any], *, timeout: float | None = None, return_exceptions: bool = False
-    ) -> Any: ...
-    @overload
-    def run_blocking(
-        self, tasks: Iterable[Callable[[], Any]], *, timeout: float | None = None, return_exceptions: bool = False
+        self, tasks: Iterable[object], *, timeout: float | None = ..., return_exceptions: bool = ...
     ) -> list[Any]: ...
 
-    def run_blocking(self, tasks: Tasks, *, timeout: float | None = None, return_exceptions: bool = False) -> Any:
+    def run_blocking(self, tasks: object, *, timeout: float | None = None, return_exceptions: bool = False) -> Any:
         """Run the tasks at the same time and return their results, from sync code (any thread).
 
         Exactly `run()`'s semantics; the call runs on the loop that owns the pool. A
