@@ -5,11 +5,7 @@ from __future__ import annotations
 import functools
 import math
 import os
-import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from contextlib import AsyncExitStack
-from contextvars import ContextVar
-from types import TracebackType
 from typing import Any, Literal, TypeVar, overload
 
 import anyio
@@ -19,8 +15,9 @@ from ._config import Settings, positive
 from ._core import Core, DriverFactory
 from ._deferred import Deferred, DisconnectWatch, RequestBatch
 from ._drivers.base import Driver
-from ._exceptions import ClientDisconnected, ConfigurationError, DriverError, TaskTimeout, WrongContext
-from ._host import Host, in_event_loop
+from ._exceptions import ClientDisconnected, ConfigurationError, DriverError, TaskTimeout
+from ._host import refuse_in_event_loop
+from ._lifecycle import Lifecycle
 from ._pickling import dumps_task
 from ._tasks import Batch, Outcome, Tasks
 
@@ -29,11 +26,8 @@ __all__ = ["Concurrency", "DriverFactory"]
 T = TypeVar("T")
 K = TypeVar("K")
 
-# The lifespan a task entered as the host, so that its exit closes what its entry opened.
-_hosting: ContextVar[tuple[Core, AsyncExitStack] | None] = ContextVar("starlette_concurrency.hosting", default=None)
 
-
-class Concurrency:
+class Concurrency(Lifecycle):
     """Run closures at the same time in worker processes, now (`run`) or after the response (`defer`).
 
     Args:
@@ -399,7 +393,7 @@ class Concurrency:
         """
         batch = Batch.of(tasks)
         timeout = self._timeout(timeout)
-        self._not_in_a_loop("run_blocking()", "await concurrency.run(...)")
+        refuse_in_event_loop("run_blocking()", "await concurrency.run(...)")
         if not batch.tasks:
             return batch.results([], return_exceptions=return_exceptions)
         host = self._core.ensure_host()
@@ -410,14 +404,6 @@ class Concurrency:
             future.cancel()  # stops the call's tasks on the host loop
             raise
         return batch.results(outcomes, return_exceptions=return_exceptions)
-
-    def _not_in_a_loop(self, what: str, instead: str) -> None:
-        if in_event_loop():
-            raise WrongContext(
-                f"{what} was called on a thread that runs an event loop: it would block that loop (and hang if "
-                f"the loop hosts the pool). Use `{instead}` there, or call {what} from a worker thread "
-                "(a sync endpoint, anyio.to_thread.run_sync)"
-            )
 
     def defer(self, tasks: Tasks, *, always: bool = False) -> None:
         """Run the tasks after the response has been sent; return at once. Callable from any thread.
@@ -470,162 +456,5 @@ class Concurrency:
         """
         return RequestBatch(self._core.work, method, path)
 
-    async def wait_deferred(self, timeout: float | None = None) -> None:
-        """Wait until every deferred batch handed over so far has finished (for tests).
-
-        Args:
-            timeout: seconds to wait at most; default: no limit.
-
-        Raises:
-            TimeoutError: work was still running after `timeout` seconds.
-        """
-        await self._core.work.wait(timeout)
-
-    def wait_deferred_blocking(self, timeout: float | None = None) -> None:
-        """Wait, from sync code, until every deferred batch handed over so far has finished.
-
-        Raises:
-            TimeoutError: work was still running after `timeout` seconds.
-            WrongContext: called on a thread that runs an event loop; use `wait_deferred()`.
-        """
-        self._not_in_a_loop("wait_deferred_blocking()", "await concurrency.wait_deferred()")
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while self._core.work.launched:
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"deferred work was still running after {timeout} s")
-            time.sleep(0.01)
-
-    async def __aenter__(self) -> Concurrency:
-        """Start the default driver's workers on this loop (or join the lifespan that already did).
-
-        Raises:
-            Exception: the driver failed to start (a worker initializer that raises...).
-        """
-        core = self._core
-        with core.lock:
-            core.check_fork()
-            core.closed = False
-            core.users += 1
-            host_here = core.host is None and not core.claimed
-            core.claimed = core.claimed or host_here
-        try:
-            if host_here:
-                stack = AsyncExitStack()
-                try:
-                    await stack.enter_async_context(core.hosting(own=False, warm=True))
-                except BaseException as exc:
-                    with core.lock:
-                        core.claimed = False
-                    raise _single(exc) from None
-                _hosting.set((core, stack))
-            else:
-                # Another lifespan hosts the pool: only check that the default driver starts.
-                await self._dispatch(functools.partial(self._warm))
-        except BaseException:
-            with core.lock:
-                core.users -= 1
-            raise
-        return self
-
-    async def _warm(self) -> list[Outcome]:
-        await self._core.started_driver(self._core.default)
-        return []
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        """Leave: the last one out drains deferred work and stops the workers (not started again)."""
-        core = self._core
-        hosting = _hosting.get()
-        if hosting is not None and hosting[0] is core:
-            _hosting.set(None)
-            await hosting[1].aclose()
-        with core.lock:
-            core.users -= 1
-            last = core.users <= 0
-        if last:
-            await anyio.to_thread.run_sync(core.stop_own)
-
-    def __enter__(self) -> Concurrency:
-        """Start the facade from sync code: its own loop thread and the default driver's workers.
-
-        Raises:
-            WrongContext: called on a thread that runs an event loop; use ``async with``.
-            Exception: the driver failed to start.
-        """
-        self._not_in_a_loop("`with concurrency:`", "async with concurrency:")
-        core = self._core
-        with core.lock:
-            core.check_fork()
-            core.closed = False
-            core.users += 1
-        try:
-            core.ensure_host().portal.call(self._warm)
-        except BaseException:
-            self.__exit__(None, None, None)
-            raise
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        """Leave: the last one out drains deferred work and stops the workers (not started again)."""
-        core = self._core
-        with core.lock:
-            core.users -= 1
-            last = core.users <= 0
-        if last:
-            core.stop_own()
-
-    async def aclose(self) -> None:
-        """Drain deferred work (up to `drain_timeout`), then stop every driver's workers.
-
-        Idempotent. Afterwards `run()` and `defer()` raise `ConcurrencyClosed`, until the facade is
-        entered again.
-        """
-        core = self._core
-        host = self._close("aclose()")
-        if host is None:
-            return
-        if host.own:
-            await anyio.to_thread.run_sync(core.stop_own)
-        elif host.here():
-            await core.shutdown(host)
-        else:
-            await host.portal.call_async(core.shutdown, host)
-
-    def close(self) -> None:
-        """Drain deferred work (up to `drain_timeout`), then stop every driver's workers; from sync code.
-
-        Idempotent. Afterwards `run()` and `defer()` raise `ConcurrencyClosed`, until the facade is
-        entered again.
-
-        Raises:
-            WrongContext: called on a thread that runs an event loop; use ``await aclose()``.
-        """
-        self._not_in_a_loop("close()", "await concurrency.aclose()")
-        host = self._close("close()")
-        if host is None:
-            return
-        if host.own:
-            self._core.stop_own()
-        else:
-            host.portal.call(self._core.shutdown, host)
-
-    def _close(self, by: str) -> Host | None:
-        core = self._core
-        with core.lock:
-            core.check_fork()
-            if not core.closed:
-                core.closed, core.closed_by = True, by
-            return core.host
-
     def __repr__(self) -> str:
         return f"<Concurrency driver={self._name!r} workers={self._core.settings.workers}>"
-
-
-def _single(exc: BaseException) -> BaseException:
-    """Unwrap the exception groups the host's task groups put around one start-up failure."""
-    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-        exc = exc.exceptions[0]
-    return exc

@@ -21,7 +21,9 @@ import anyio
 from anyio.abc import TaskGroup
 from anyio.from_thread import BlockingPortal
 
-__all__ = ["Host", "OwnLoop", "in_event_loop"]
+from ._exceptions import WrongContext
+
+__all__ = ["Host", "OwnLoop", "in_event_loop", "refuse_in_event_loop"]
 
 
 @dataclass(eq=False)
@@ -127,3 +129,17 @@ def in_event_loop() -> bool:
     except Exception:
         return False
     return True
+
+
+def refuse_in_event_loop(what: str, instead: str) -> None:
+    """Refuse a blocking call on an event loop's thread, saying what to call instead.
+
+    Raises:
+        WrongContext: the calling thread runs an event loop.
+    """
+    if in_event_loop():
+        raise WrongContext(
+            f"{what} was called on a thread that runs an event loop: it would block that loop (and hang if "
+            f"the loop hosts the pool). Use `{instead}` there, or call {what} from a worker thread "
+            "(a sync endpoint, anyio.to_thread.run_sync)"
+        )
