@@ -178,7 +178,14 @@ class _DisconnectWatch:
             message = self._buffer.popleft()
             self._buffered -= len(message.get("body", b""))
             return message
-        async with self._reader():
+        reader = self._reader()
+        if reader.locked():
+            await reader.acquire()  # the watch is reading: wait for it (what it reads is kept for us)
+        else:
+            # No checkpoint: Request.is_disconnected() receives inside a cancelled scope and must get
+            # a message that is ready, exactly as from the server's own receive().
+            reader.acquire_nowait()
+        try:
             if self._buffer:  # the watch pulled it while this call waited for the reader
                 message = self._buffer.popleft()
                 self._buffered -= len(message.get("body", b""))
@@ -186,6 +193,8 @@ class _DisconnectWatch:
             if self._disconnected:
                 return {"type": "http.disconnect"}
             message = await self._receive()
+        finally:
+            reader.release()
         self._observe(message)
         return message
 
