@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import logging
+import os
 import threading
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -30,6 +32,7 @@ from starlette_concurrency import (
     Outcome,
     SerializationError,
     Task,
+    TaskTimeout,
     WrongContext,
 )
 from starlette_concurrency._drivers.sync import SyncDriver
@@ -300,3 +303,34 @@ async def test_a_second_loop_is_forwarded_to_the_lifespan_that_hosts_the_pool() 
         result = await anyio.to_thread.run_sync(lambda: asyncio.run(concurrency.run([helpers.pid] * 4)))
         assert set(result) <= set(helpers.worker_children())
         assert len(helpers.worker_children()) == 2
+
+
+def test_run_blocking_timeout_stops_the_tasks() -> None:
+    concurrency = Concurrency(workers=1, env_file=None)
+    with pytest.raises(TaskTimeout, match=r"did not finish within 0\.5 s"):
+        concurrency.run_blocking(functools.partial(helpers.sleep_then, "late", 60), timeout=0.5)
+    assert concurrency.run_blocking(functools.partial(helpers.add, 2, 3)) == 5  # the pool serves on
+    concurrency.close()
+
+
+def test_a_forked_child_starts_its_own_pool() -> None:
+    # gunicorn --preload: the app (and a facade already in use) is copied into each server process.
+    concurrency = Concurrency(workers=1, env_file=None)
+    parent_workers = set(concurrency.run_blocking([helpers.pid] * 2))
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - runs in the child, which reports through the pipe
+        try:
+            pids = concurrency.run_blocking([helpers.pid] * 2)
+            os.write(write, json.dumps(pids).encode())
+            concurrency.close()
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        child_workers = set(json.loads(pipe.read() or "[]"))
+    os.waitpid(child, 0)
+    assert child_workers, "the child could not run anything"
+    assert child_workers.isdisjoint(parent_workers)  # its own pool, not the parent's workers
+    assert set(concurrency.run_blocking([helpers.pid] * 2)) <= parent_workers  # the parent's pool is untouched
+    concurrency.close()
