@@ -8,11 +8,16 @@ import functools
 import json
 import logging
 import os
+import signal
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import anyio
+import psutil
 import pytest
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
@@ -38,7 +43,7 @@ from starlette_concurrency import (
 from starlette_concurrency._drivers.sync import SyncDriver
 
 from . import helpers
-from .asgi import client
+from .asgi import ROOT, client
 
 
 def touch(path: Path) -> str:
@@ -334,3 +339,32 @@ def test_a_forked_child_starts_its_own_pool() -> None:
     assert child_workers.isdisjoint(parent_workers)  # its own pool, not the parent's workers
     assert set(concurrency.run_blocking([helpers.pid] * 2)) <= parent_workers  # the parent's pool is untouched
     concurrency.close()
+
+
+def test_ctrl_c_in_run_blocking_stops_its_tasks(tmp_path: Path) -> None:
+    # In a child interpreter: SIGINT there raises KeyboardInterrupt in the thread blocked in run_blocking().
+    pid_file, marker = tmp_path / "pid", tmp_path / "finished"
+    script = (
+        "import functools, pathlib\n"
+        "from starlette_concurrency import Concurrency\n"
+        "from tests import helpers\n"
+        "c = Concurrency(workers=1, env_file=None)\n"
+        "try:\n"
+        f"    paths = pathlib.Path({str(pid_file)!r}), pathlib.Path({str(marker)!r})\n"
+        "    c.run_blocking(functools.partial(helpers.report_sleep_touch, *paths, 60))\n"
+        "except KeyboardInterrupt:\n"
+        "    print('interrupted', flush=True)\n"
+        "c.close()\n"
+    )
+    child = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not pid_file.exists():
+        assert time.monotonic() < deadline, "the task never started"
+        assert child.poll() is None, "the child exited before its task started"
+        time.sleep(0.02)
+    worker = int(pid_file.read_text())
+    child.send_signal(signal.SIGINT)
+    output, _ = child.communicate(timeout=60)
+    assert output.strip() == "interrupted"
+    assert not psutil.pid_exists(worker) or helpers.gone(worker)  # its worker was stopped with it
+    assert not marker.exists()
