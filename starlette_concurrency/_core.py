@@ -197,6 +197,7 @@ class Core:
             drivers = list(self.drivers.values())
             self.drivers.clear()
             self.started.clear()
+        self.work.reopen()  # not started again: the next defer() starts the facade lazily
         for driver in drivers:
             try:
                 await driver.aclose()

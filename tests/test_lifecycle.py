@@ -85,6 +85,17 @@ def test_testclient_patterns_work_in_any_order(tmp_path: Path) -> None:
 
 
 @pytest.mark.anyio
+async def test_defer_alone_after_a_lifespan(tmp_path: Path) -> None:
+    concurrency = Concurrency(driver="sync", env_file=None)
+    async with concurrency:
+        concurrency.defer(functools.partial(touch, tmp_path / "during"))
+    concurrency.defer(functools.partial(touch, tmp_path / "after"))  # no run() first: defer() alone restarts it
+    await concurrency.wait_deferred(timeout=30)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["after", "during"]
+    await concurrency.aclose()
+
+
+@pytest.mark.anyio
 async def test_asgi_transport_after_a_lifespan(tmp_path: Path) -> None:
     concurrency = Concurrency(driver="sync", env_file=None)
     app = counting_app(concurrency, [], tmp_path)
