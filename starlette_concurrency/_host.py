@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 from anyio.abc import TaskGroup
 from anyio.from_thread import BlockingPortal
 
@@ -123,9 +124,7 @@ class OwnLoop:
 def in_event_loop() -> bool:
     """Tell whether the calling thread is running an event loop (blocking it would stall it)."""
     try:
-        import sniffio
-
-        sniffio.current_async_library()
+        anyio.lowlevel.current_token()  # raises when no asyncio or trio loop runs in this thread
     except Exception:
         return False
     return True
