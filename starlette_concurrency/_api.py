@@ -40,7 +40,7 @@ class Concurrency(Lifecycle):
         drain_timeout: how long shutdown waits for deferred work, in seconds (then it is stopped and
             logged as abandoned by name). Keep it below the server's graceful timeout (gunicorn's
             ``--graceful-timeout``, Kubernetes' ``terminationGracePeriodSeconds``). Default:
-            ``CONCURRENCY_DRAIN_TIMEOUT``, else the configured default.
+            ``CONCURRENCY_DRAIN_TIMEOUT``, else the default of `Settings.drain_timeout`.
         max_pending_deferred: how many deferred tasks may be pending at once; past it `defer()`
             raises `DeferralRejected`. Default: no bound.
         max_tasks_per_worker: `process`: replace a worker after it ran this many tasks.

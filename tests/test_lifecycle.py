@@ -379,3 +379,23 @@ def test_ctrl_c_in_run_blocking_stops_its_tasks(tmp_path: Path) -> None:
     assert output.strip() == "interrupted"
     assert not psutil.pid_exists(worker) or helpers.gone(worker)  # its worker was stopped with it
     assert not marker.exists()
+
+
+def test_defer_from_a_background_task_follows_its_request(tmp_path: Path) -> None:
+    concurrency = Concurrency(driver="sync", env_file=None)
+
+    def later(name: str) -> None:  # a BackgroundTask: it runs after the response, still in the request
+        concurrency.defer(functools.partial(touch, tmp_path / name))
+
+    async def endpoint(request: Request) -> Response:
+        code = int(request.query_params["code"])
+        return PlainTextResponse("ok", status_code=code, background=BackgroundTask(later, f"after-{code}"))
+
+    app = Starlette(
+        routes=[Route("/", endpoint)], middleware=[Middleware(ConcurrencyMiddleware, concurrency=concurrency)]
+    )
+    with TestClient(app) as http:
+        assert http.get("/", params={"code": 200}).status_code == 200
+        assert http.get("/", params={"code": 500}).status_code == 500
+        concurrency.wait_deferred_blocking(timeout=30)
+    assert [path.name for path in tmp_path.iterdir()] == ["after-200"]  # the 500's was skipped, as its batch
