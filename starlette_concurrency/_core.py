@@ -59,7 +59,8 @@ class Core:
         self.start_lock = threading.Lock()
         self.host: Host | None = None
         self.own: OwnLoop | None = None
-        self.claimed = False  # a lifespan is setting up as the host
+        self.claimed: int | None = None  # the thread of a lifespan setting up as the host
+        self.hosted = threading.Condition(self.lock)  # notified when a claim ends (a host, or a failure)
         self.users = 0  # lifespans and `with` blocks currently entered
         self.closed = False  # closed by aclose()/close(): refuse work until entered again
         self.closed_by = ""
@@ -121,7 +122,7 @@ class Core:
         if host is not None and not host.alive():
             # The parent's drivers, pipes and threads are not ours: drop them without closing them.
             self.host = self.own = None
-            self.claimed = False
+            self.claimed = None
             self.drivers.clear()
             self.started.clear()
             self.starting.clear()
@@ -143,6 +144,9 @@ class Core:
             with self.lock:
                 self.check_fork()
                 self.check_closed("use")
+                # A lifespan on another loop is starting: use its host rather than start a second one.
+                while self.host is None and self.claimed not in (None, threading.get_ident()):
+                    self.hosted.wait()
                 if self.host is not None:
                     return self.host
                 own = OwnLoop(self._serve_own)
@@ -175,7 +179,8 @@ class Core:
             host = Host(portal, task_group, threading.get_ident(), os.getpid(), own)
             with self.lock:
                 self.host = host
-                self.claimed = False
+                self.claimed = None
+                self.hosted.notify_all()
             self.work.reopen()
             try:
                 if warm:

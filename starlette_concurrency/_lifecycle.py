@@ -5,6 +5,7 @@ See `_core` for the states: not started, hosted by a lifespan or by the facade's
 
 from __future__ import annotations
 
+import threading
 import time
 from contextlib import AsyncExitStack
 from contextvars import ContextVar
@@ -65,8 +66,9 @@ class Lifecycle:
             core.check_fork()
             core.closed = False
             core.users += 1
-            host_here = core.host is None and not core.claimed
-            core.claimed = core.claimed or host_here
+            host_here = core.host is None and core.claimed is None
+            if host_here:
+                core.claimed = threading.get_ident()
         try:
             if host_here:
                 stack = AsyncExitStack()
@@ -74,7 +76,8 @@ class Lifecycle:
                     await stack.enter_async_context(core.hosting(own=False, warm=True))
                 except BaseException as exc:
                     with core.lock:
-                        core.claimed = False
+                        core.claimed = None
+                        core.hosted.notify_all()
                     raise _single(exc) from None
                 _hosting.set((core, stack))
             else:
