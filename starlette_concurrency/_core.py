@@ -9,11 +9,13 @@ last user leaves, deferred work is drained, the drivers stop and the facade is n
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import importlib
 import logging
 import os
 import signal
+import sys
 import threading
 import weakref
 from collections.abc import AsyncIterator, Callable
@@ -227,6 +229,9 @@ def _stop_at_exit(ref: weakref.ref[Core]) -> None:
 def _drain_on_sigterm(ref: weakref.ref[Core]) -> None:
     """Drain before a SIGTERM ends the process, for servers that exit by re-raising it (uvicorn).
 
+    The drain blocks the server's loop for up to `drain_timeout`; the deferred work itself runs on
+    the facade's own loop thread meanwhile, and later calls start the facade afresh.
+
     Only from the main thread (where handlers live), only over a handler that is a function or the
     default one, never over an ignored signal. The server's own handler still runs first.
     """
@@ -239,6 +244,10 @@ def _drain_on_sigterm(ref: weakref.ref[Core]) -> None:
     def handler(signum: int, frame: FrameType | None) -> None:
         if callable(previous):
             previous(signum, frame)
+            if not _loop_running():
+                # A WSGI server's main thread (gunicorn): it finishes its request and exits through
+                # sys.exit, where atexit drains; draining here would pull the pool from under it.
+                return
         core = ref()
         if core is not None:
             core.stop_own()  # drains (up to drain_timeout) while the own loop thread finishes the work
@@ -247,3 +256,13 @@ def _drain_on_sigterm(ref: weakref.ref[Core]) -> None:
             signal.raise_signal(signal.SIGTERM)
 
     signal.signal(signal.SIGTERM, handler)
+
+
+def _loop_running() -> bool:
+    # In a signal handler no task is current, so anyio cannot tell; ask the loops themselves.
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        trio = sys.modules.get("trio")
+        return bool(trio is not None and trio.lowlevel.in_trio_run())
+    return True
