@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from collections import deque
 
@@ -19,6 +20,9 @@ logger = logging.getLogger("starlette_concurrency")
 # Body bytes the disconnect watch may hold for the app before it stops watching: it never reads
 # an upload into memory on the app's behalf.
 _MAX_BUFFERED = 64 * 1024
+
+# How long the watch holds a finished call back to read the rest of a body it began reading.
+_BODY_PART_WAIT = 1.0
 
 _FINAL_LIFESPAN = {"lifespan.shutdown.complete", "lifespan.shutdown.failed", "lifespan.startup.failed"}
 
@@ -206,15 +210,25 @@ class _DisconnectWatch:
             scope.cancel()
             return
         self._watchers.add(scope)
+        mid_body = False
         try:
             while not self._disconnected and self._buffered <= _MAX_BUFFERED:
-                async with self._reader():
-                    if self._disconnected:
-                        break
-                    message = await self._receive()
-                    if message["type"] != "http.disconnect":
-                        self._buffer.append(message)
-                        self._buffered += len(message.get("body", b""))
+                # Once a body has begun, its next part is read even if the call ends meanwhile (for a
+                # moment at most): a server's body iterator is never left half-consumed by the watch.
+                deadline = anyio.current_time() + _BODY_PART_WAIT if mid_body else math.inf
+                message: Message | None = None
+                with anyio.CancelScope(shield=mid_body, deadline=deadline):
+                    async with self._reader():
+                        if self._disconnected:
+                            break
+                        message = await self._receive()
+                        if message["type"] != "http.disconnect":
+                            self._buffer.append(message)
+                            self._buffered += len(message.get("body", b""))
+                if message is None:  # the part did not come in time: wait unshielded from now on
+                    mid_body = False
+                    continue
+                mid_body = message["type"] == "http.request" and bool(message.get("more_body", False))
                 self._observe(message)
         finally:
             self._watchers.discard(scope)
