@@ -9,39 +9,49 @@ concurrency.defer([lambda: report("users")])
 ```
 """
 
-from ._api import Concurrency, DriverFactory
+from ._api import Concurrency
 from ._config import Settings
+from ._core import DriverFactory
+from ._deferred import RequestBatch
 from ._drivers.base import Driver
 from ._exceptions import (
+    ClientDisconnected,
     ConcurrencyClosed,
     ConcurrencyError,
     ConfigurationError,
     DeferralRejected,
+    DriverError,
     RemoteError,
     RemoteTraceback,
     SerializationError,
     TaskTimeout,
     WorkerCrashed,
     WorkerStartFailed,
+    WrongContext,
 )
 from ._middleware import ConcurrencyMiddleware
 from ._stats import Stats
 from ._tasks import Outcome, Task
+from ._wsgi import ConcurrencyWSGIMiddleware
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ClientDisconnected",
     "Concurrency",
     "ConcurrencyClosed",
     "ConcurrencyError",
     "ConcurrencyMiddleware",
+    "ConcurrencyWSGIMiddleware",
     "ConfigurationError",
     "DeferralRejected",
     "Driver",
+    "DriverError",
     "DriverFactory",
     "Outcome",
     "RemoteError",
     "RemoteTraceback",
+    "RequestBatch",
     "SerializationError",
     "Settings",
     "Stats",
@@ -49,6 +59,7 @@ __all__ = [
     "TaskTimeout",
     "WorkerCrashed",
     "WorkerStartFailed",
+    "WrongContext",
     "__version__",
 ]
 

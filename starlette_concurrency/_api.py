@@ -1,237 +1,49 @@
-"""The `Concurrency` facade: `run()`, `defer()`, `driver()`, `extend()` and the lifecycle."""
+"""The `Concurrency` facade: `run` / `run_blocking` / `defer`, `driver` / `extend`, and the lifecycle."""
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import logging
+import functools
 import math
 import os
-import threading
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from contextlib import AsyncExitStack
-from dataclasses import dataclass, field
-from types import TracebackType
-from typing import Any, overload
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from typing import Any, Literal, TypeVar, overload
 
 import anyio
-import anyio.from_thread
-import anyio.lowlevel
-from anyio.abc import TaskGroup
-from anyio.lowlevel import EventLoopToken
+import anyio.to_thread
 
 from ._config import Settings, positive
-from ._context import Deferred, RequestDeferrals, new_deferrals_var
+from ._core import Core, DriverFactory
+from ._deferred import Deferred, DisconnectWatch, RequestBatch
 from ._drivers.base import Driver
-from ._exceptions import ConcurrencyClosed, ConcurrencyError, ConfigurationError, DeferralRejected, TaskTimeout
+from ._exceptions import ClientDisconnected, ConfigurationError, DriverError, TaskTimeout
+from ._host import refuse_in_event_loop
+from ._lifecycle import Lifecycle
+from ._pickling import dumps_task
 from ._stats import Stats
-from ._tasks import Batch, Outcome, Task, Tasks
+from ._tasks import Batch, Outcome, Tasks
 
 __all__ = ["Concurrency", "DriverFactory"]
 
-logger = logging.getLogger("starlette_concurrency")
-
-DriverFactory = Callable[[Settings], Driver]
-
-# Built-in drivers, imported only when chosen (the dask one needs an optional dependency).
-_BUILTIN_DRIVERS: dict[str, str] = {
-    "process": "starlette_concurrency._drivers.process:create",
-    "fork": "starlette_concurrency._drivers.fork:create",
-    "sync": "starlette_concurrency._drivers.sync:create",
-    "dask": "starlette_concurrency._drivers.dask:create",
-}
+T = TypeVar("T")
+K = TypeVar("K")
 
 
-@dataclass(eq=False)
-class _Running:
-    """A deferred batch under way: what shutdown cancels and reports when the drain time runs out."""
-
-    tasks: Sequence[Task]
-    outcomes: list[Outcome | None]
-    scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
-
-
-class _Core:
-    """State shared by a facade and the views `driver(name)` returns."""
-
-    def __init__(self, settings: Settings, default: str | Driver) -> None:
-        self.settings = settings
-        self.factories: dict[str, DriverFactory | str] = dict(_BUILTIN_DRIVERS)
-        self.drivers: dict[str, Driver] = {}
-        self.views: dict[str, Concurrency] = {}
-        self.started: set[str] = set()
-        # Drivers being started, and the event their other callers wait on. Nothing outlives a start:
-        # an anyio primitive belongs to the event loop that made it, and the facade may serve one
-        # loop after another (each test, each TestClient without a lifespan).
-        self.starting: dict[str, anyio.Event] = {}
-        self.deferrals = new_deferrals_var()
-        self.open_requests: set[RequestDeferrals] = set()
-        self.running: set[_Running] = set()
-        self.pending = 0  # deferred tasks accepted and not yet finished (or skipped)
-        self.pending_lock = threading.Lock()  # defer() may be called from the threadpool
-        self.drained: anyio.Event | None = None
-        self.task_group: TaskGroup | None = None
-        self.loop: tuple[EventLoopToken, int] | None = None  # the hosting event loop and its thread
-        self.exit_stack: AsyncExitStack | None = None
-        self.closed = False
-        if isinstance(default, Driver):
-            self.default = default.name
-            self.factories[default.name] = lambda settings: default
-            self.drivers[default.name] = default
-        else:
-            self.default = default
-            self.driver(default)  # fail at construction on an unknown name or a missing dependency
-
-    def driver(self, name: str) -> Driver:
-        if self.closed:
-            raise ConcurrencyClosed("this Concurrency has been closed")
-        if name not in self.drivers:
-            factory = self.factories.get(name)
-            if factory is None:
-                known = ", ".join(repr(known) for known in sorted(self.factories))
-                raise ConfigurationError(f"unknown concurrency driver {name!r}; known drivers: {known}")
-            if isinstance(factory, str):
-                module, _, attribute = factory.partition(":")
-                factory = getattr(importlib.import_module(module), attribute)
-            self.drivers[name] = factory(self.settings)
-        return self.drivers[name]
-
-    async def started_driver(self, name: str) -> Driver:
-        driver = self.driver(name)
-        while name not in self.started:
-            if name in self.starting:
-                await self.starting[name].wait()
-                continue  # started now, or the starter failed: then this caller tries in its turn
-            self.starting[name] = anyio.Event()
-            try:
-                await driver.start()
-                self.started.add(name)
-            finally:
-                self.starting.pop(name).set()
-        return driver
-
-    # Deferred work -------------------------------------------------------------------------------
-
-    def reserve(self, count: int) -> None:
-        limit = self.settings.max_pending_deferred
-        with self.pending_lock:
-            if limit is not None and self.pending + count > limit:
-                raise DeferralRejected(
-                    f"defer() of {count} task(s) refused: {self.pending} deferred task(s) are already pending "
-                    f"and max_pending_deferred is {limit}"
-                )
-            self.pending += count
-
-    def settle(self, count: int) -> None:
-        with self.pending_lock:
-            self.pending -= count
-            drained = self.pending == 0
-        if drained and self.drained is not None:
-            self.drained.set()
-
-    def launch(self, driver: str, tasks: list[Task]) -> None:
-        assert self.task_group is not None
-        assert self.loop is not None
-        token, thread = self.loop
-        if threading.get_ident() != thread:  # defer() from a worker thread (a sync function in the threadpool)
-            anyio.from_thread.run_sync(self.launch, driver, tasks, token=token)
-            return
-        self.task_group.start_soon(self.run_deferred, driver, tasks, name=f"deferred batch of {len(tasks)}")
-
-    async def run_deferred(self, driver_name: str, tasks: list[Task]) -> None:
-        """Run one deferred batch, log how it went, and never raise."""
-        running = _Running(tasks, [None] * len(tasks))
-        self.running.add(running)
-        try:
-            with running.scope:
-                driver = await self.started_driver(driver_name)
-                with anyio.move_on_after(self.settings.timeout or math.inf) as timeout:
-                    await driver.execute(tasks, running.outcomes)
-                if timeout.cancelled_caught:
-                    for task, outcome in zip(tasks, running.outcomes, strict=True):
-                        if outcome is None:
-                            logger.error(
-                                "deferred %s timed out after %s s and was stopped", task.label, self.settings.timeout
-                            )
-        except Exception as exc:  # the batch could not run at all: pickling, a closed pool...
-            for task, outcome in zip(tasks, running.outcomes, strict=True):
-                if outcome is None:
-                    logger.error("deferred %s could not run", task.label, exc_info=exc)
-        finally:
-            self.running.discard(running)
-            for task, outcome in zip(tasks, running.outcomes, strict=True):
-                if outcome is not None and outcome.error is not None:
-                    logger.error("deferred %s failed", task.label, exc_info=outcome.error)
-            self.settle(len(tasks))
-
-    async def flush(self, deferrals: RequestDeferrals, succeeded: bool) -> None:
-        """Start what a finished request deferred: everything if it succeeded, `always` ones otherwise."""
-        self.open_requests.discard(deferrals)
-        chosen: dict[str, list[Task]] = {}
-        skipped = 0
-        for entry in deferrals.entries:
-            if succeeded or entry.always:
-                chosen.setdefault(entry.driver, []).extend(entry.tasks)
-            else:
-                skipped += len(entry.tasks)
-        if skipped:
-            self.settle(skipped)
-        if self.task_group is not None:
-            for driver, tasks in chosen.items():
-                self.launch(driver, tasks)
-            return
-        # No lifespan is hosting the facade (an app served without one, a TestClient outside
-        # `with`): run the batch here, after the response was sent, as Starlette's BackgroundTasks do.
-        async with anyio.create_task_group() as tg:
-            for driver, tasks in chosen.items():
-                tg.start_soon(self.run_deferred, driver, tasks)
-
-    async def drain(self) -> None:
-        """Wait for deferred work up to the drain timeout; then stop it and log what was abandoned."""
-        if self.pending:
-            self.drained = anyio.Event()
-            with anyio.move_on_after(self.settings.drain_timeout):
-                await self.drained.wait()
-            self.drained = None
-        for running in list(self.running):
-            for task, outcome in zip(running.tasks, running.outcomes, strict=True):
-                if outcome is None:
-                    logger.error(
-                        "deferred %s abandoned: still running after the %s s drain timeout",
-                        task.label,
-                        self.settings.drain_timeout,
-                    )
-            running.scope.cancel()
-        for deferrals in self.open_requests:
-            for entry in deferrals.entries:
-                for task in entry.tasks:
-                    logger.error("deferred %s abandoned: its request had not finished at shutdown", task.label)
-
-    async def aclose(self) -> None:
-        if self.closed:
-            return
-        with anyio.CancelScope(shield=True):
-            await self.drain()
-            self.closed = True
-            drivers = list(self.drivers.values())
-            self.drivers.clear()
-            self.started.clear()
-            for driver in drivers:
-                await driver.aclose()
-
-
-class Concurrency:
+class Concurrency(Lifecycle):
     """Run closures at the same time in worker processes, now (`run`) or after the response (`defer`).
 
     Args:
         driver: a driver name (``"process"``, ``"fork"``, ``"sync"``, ``"dask"``, or one registered
             with `extend`) or a `Driver` instance. Default: ``CONCURRENCY_DRIVER``, else ``"process"``.
         workers: how many tasks run at once (worker processes, fork children, or the size of the
-            dask driver's embedded cluster). Default: ``CONCURRENCY_WORKERS``, else the CPU count.
+            dask driver's embedded cluster). Default: ``CONCURRENCY_WORKERS``, else the CPUs this process
+            may use (affinity mask and cgroup quota).
         timeout: default timeout of a `run()` call and of a deferred batch, in seconds. Default:
             ``CONCURRENCY_TIMEOUT``, else none.
         drain_timeout: how long shutdown waits for deferred work, in seconds (then it is stopped and
-            logged as abandoned). Default: ``CONCURRENCY_DRAIN_TIMEOUT``, else 30.
+            logged as abandoned by name). Keep it below the server's graceful timeout (gunicorn's
+            ``--graceful-timeout``, Kubernetes' ``terminationGracePeriodSeconds``). Default:
+            ``CONCURRENCY_DRAIN_TIMEOUT``, else the default of `Settings.drain_timeout`.
         max_pending_deferred: how many deferred tasks may be pending at once; past it `defer()`
             raises `DeferralRejected`. Default: no bound.
         max_tasks_per_worker: `process`: replace a worker after it ran this many tasks.
@@ -242,17 +54,20 @@ class Concurrency:
         dask_address: `dask`: the scheduler address. Default: ``CONCURRENCY_DASK_ADDRESS``, else an
             embedded LocalCluster.
         env_file: a `.env` file to read ``CONCURRENCY_*`` settings from (real environment variables
-            take precedence). Ignored when missing.
+            take precedence). A missing default ``.env`` is ignored; a missing file given explicitly
+            warns.
 
     Raises:
         ConfigurationError: an unknown driver, an invalid option or ``CONCURRENCY_*`` variable.
 
-    Use it as an async context manager, or register `ConcurrencyMiddleware`, which does that in the
-    app's lifespan. Without either, the pool starts on first use. A closed `Concurrency` starts
-    again when entered again (each app lifespan, each `TestClient` block).
+    Use it as an async context manager (or ``with`` from sync code), or register
+    `ConcurrencyMiddleware`, which does that in the app's lifespan. Without either, the pool starts
+    on first use, in a loop thread the facade owns, and stops at interpreter exit. Lifespans are
+    counted: when the last one ends the facade drains, stops its workers and goes back to its
+    not-started state. One facade serves any number of threads and event loops.
     """
 
-    _core: _Core
+    _core: Core
     _name: str
 
     def __init__(
@@ -287,7 +102,7 @@ class Concurrency:
             preload=preload,
             dask_address=dask_address,
         )
-        self._core = _Core(settings, driver if isinstance(driver, Driver) else settings.driver)
+        self._core = Core(settings, driver if isinstance(driver, Driver) else settings.driver)
         self._name = self._core.default
         self._core.views[self._name] = self
 
@@ -313,10 +128,12 @@ class Concurrency:
         core = self._core
         if name not in core.views:
             core.driver(name)
-            view = object.__new__(Concurrency)
-            view._core, view._name = core, name
-            core.views[name] = view
-        return core.views[name]
+            fresh = object.__new__(Concurrency)
+            fresh._core, fresh._name = core, name
+            core.views[name] = fresh
+        view = core.views[name]
+        assert isinstance(view, Concurrency)
+        return view
 
     def extend(self, name: str, factory: DriverFactory) -> None:
         """Register a custom driver: `factory` receives the `Settings` and returns a `Driver`.
@@ -330,31 +147,83 @@ class Concurrency:
             raise ConfigurationError(f"the factory of driver {name!r} must be callable")
         self._core.factories[name] = factory
 
+    # Typed by shape: a callable returning (or awaiting to) T gives T, a sequence of them list[T], a
+    # mapping K -> them dict[K, T]. A Mapping is also an Iterable: the mapping overloads come first.
+    @overload
+    async def run(  # type: ignore[overload-overlap]
+        self,
+        tasks: Mapping[K, Callable[[], Awaitable[T]]],
+        *,
+        timeout: float | None = ...,
+        return_exceptions: Literal[False] = ...,
+    ) -> dict[K, T]: ...
+    @overload
+    async def run(  # type: ignore[overload-overlap]
+        self,
+        tasks: Mapping[K, Callable[[], T]],
+        *,
+        timeout: float | None = ...,
+        return_exceptions: Literal[False] = ...,
+    ) -> dict[K, T]: ...
     @overload
     async def run(
+        self, tasks: Callable[[], Awaitable[T]], *, timeout: float | None = ..., return_exceptions: Literal[False] = ...
+    ) -> T: ...
+    @overload
+    async def run(
+        self, tasks: Callable[[], T], *, timeout: float | None = ..., return_exceptions: Literal[False] = ...
+    ) -> T: ...
+    @overload
+    async def run(  # type: ignore[overload-overlap]
         self,
-        tasks: Mapping[Any, Callable[[], Any]],
+        tasks: Iterable[Callable[[], Awaitable[T]]],
         *,
-        timeout: float | None = None,
-        return_exceptions: bool = False,
+        timeout: float | None = ...,
+        return_exceptions: Literal[False] = ...,
+    ) -> list[T]: ...
+    @overload
+    async def run(  # type: ignore[overload-overlap]
+        self, tasks: Iterable[Callable[[], T]], *, timeout: float | None = ..., return_exceptions: Literal[False] = ...
+    ) -> list[T]: ...
+    @overload
+    async def run(  # type: ignore[overload-overlap]
+        self, tasks: Mapping[K, Callable[[], Awaitable[T]]], *, timeout: float | None = ..., return_exceptions: bool
+    ) -> dict[K, T | BaseException]: ...
+    @overload
+    async def run(  # type: ignore[overload-overlap]
+        self, tasks: Mapping[K, Callable[[], T]], *, timeout: float | None = ..., return_exceptions: bool
+    ) -> dict[K, T | BaseException]: ...
+    @overload
+    async def run(
+        self, tasks: Callable[[], Awaitable[T]], *, timeout: float | None = ..., return_exceptions: bool
+    ) -> T | BaseException: ...
+    @overload
+    async def run(
+        self, tasks: Callable[[], T], *, timeout: float | None = ..., return_exceptions: bool
+    ) -> T | BaseException: ...
+    @overload
+    async def run(
+        self, tasks: Iterable[Callable[[], Awaitable[T]]], *, timeout: float | None = ..., return_exceptions: bool
+    ) -> list[T | BaseException]: ...
+    @overload
+    async def run(
+        self, tasks: Iterable[Callable[[], T]], *, timeout: float | None = ..., return_exceptions: bool
+    ) -> list[T | BaseException]: ...
+    @overload
+    async def run(  # type: ignore[overload-overlap]
+        self, tasks: Mapping[Any, object], *, timeout: float | None = ..., return_exceptions: bool = ...
     ) -> dict[Any, Any]: ...
-
     @overload
     async def run(
-        self, tasks: Callable[[], Any], *, timeout: float | None = None, return_exceptions: bool = False
-    ) -> Any: ...
-
-    @overload
-    async def run(
-        self,
-        tasks: Iterable[Callable[[], Any]],
-        *,
-        timeout: float | None = None,
-        return_exceptions: bool = False,
+        self, tasks: Iterable[object], *, timeout: float | None = ..., return_exceptions: bool = ...
     ) -> list[Any]: ...
 
-    async def run(self, tasks: Tasks, *, timeout: float | None = None, return_exceptions: bool = False) -> Any:
+    async def run(self, tasks: object, *, timeout: float | None = None, return_exceptions: bool = False) -> Any:
         """Run the tasks at the same time and return their results.
+
+        Callable from any event loop or thread: the call is forwarded to the loop that owns the
+        pool when it is not this one. Inside a request handled by `ConcurrencyMiddleware`, the
+        client going away stops the call (see `ClientDisconnected`).
 
         Args:
             tasks: a zero-argument callable (returns its result), a sequence of them (returns a
@@ -363,109 +232,234 @@ class Concurrency:
             timeout: seconds for the whole call; default: the facade's timeout.
             return_exceptions: put each failed task's exception in the results instead of raising.
 
+        Returns:
+            The result, or a list or dict of results shaped like `tasks`.
+
         Raises:
             TypeError: `tasks` is not a callable, a sequence or a mapping of callables.
             ValueError: `timeout` is not a positive number.
             TaskTimeout: the call did not finish in time; its unfinished tasks were stopped.
             SerializationError: a task cannot be sent to a worker; nothing ran.
-            ConcurrencyClosed: the facade was closed.
+            ClientDisconnected: the request's client went away; the call's tasks were stopped.
+            DriverError: the driver left a task without an outcome.
+            ConcurrencyClosed: the facade was closed by `aclose()` / `close()`.
             Exception: the exception of the first failed task (by input position), as its own
                 type, with the worker's traceback as ``__cause__``, a note naming the task, and
                 notes summarising the other failures.
         """
         batch = Batch.of(tasks)
+        timeout = self._timeout(timeout)
+        if not batch.tasks:
+            return batch.results([], return_exceptions=return_exceptions)
+        call = functools.partial(self._execute, batch, timeout)
+        request = self._core.work.current.get()
+        watch = request.disconnect if request is not None else None
+        if watch is not None and watch.applies():
+            outcomes = await self._watched(call, watch)
+        else:
+            outcomes = await self._dispatch(call)
+        return batch.results(outcomes, return_exceptions=return_exceptions)
+
+    async def _dispatch(self, call: Callable[[], Awaitable[list[Outcome]]]) -> list[Outcome]:
+        core = self._core
+        core.check_closed("run()")
+        host = core.live_host()
+        if host is None:
+            # Starting the facade's own loop takes a thread start, not a pool start: done here, on
+            # the caller's thread (the main thread under most servers, where signal handlers live).
+            host = core.ensure_host()
+        if host.here():
+            return await call()
+        return await host.portal.call_async(call)
+
+    async def _watched(self, call: Callable[[], Awaitable[list[Outcome]]], watch: DisconnectWatch) -> list[Outcome]:
+        outcomes: list[Outcome] | None = None
+        async with anyio.create_task_group() as task_group:
+            task_group.start_soon(watch.watch, task_group.cancel_scope)
+            outcomes = await self._dispatch(call)
+            task_group.cancel_scope.cancel()
+        if outcomes is None:
+            raise ClientDisconnected(
+                "the client went away while run() was running: its tasks were stopped. Nothing needs doing; "
+                "pass cancel_on_disconnect=False to ConcurrencyMiddleware to let such calls finish"
+            )
+        return outcomes
+
+    async def _execute(self, batch: Batch, timeout: float | None) -> list[Outcome]:
+        """Run a batch on the host loop: start the driver, apply the timeout, check every outcome."""
+        driver = await self._core.started_driver(self._name)
+        outcomes: list[Outcome | None] = [None] * len(batch.tasks)
+        with anyio.move_on_after(timeout or math.inf) as scope:
+            await driver.execute(batch.tasks, outcomes)
+        missing = [task.label for task, outcome in zip(batch.tasks, outcomes, strict=True) if outcome is None]
+        if missing:
+            listed = f"{', '.join(missing[:10])}{', ...' if len(missing) > 10 else ''}"
+            if scope.cancelled_caught:
+                raise TaskTimeout(
+                    f"run() did not finish within {timeout} s; stopped {len(missing)} unfinished task(s): {listed}. "
+                    "Raise the timeout, or split the work"
+                )
+            raise DriverError(
+                f"driver {driver.name!r} returned from execute() without an outcome for {listed}: a driver must "
+                "store an Outcome for every task (see Driver.execute); fix the driver"
+            )
+        return [outcome for outcome in outcomes if outcome is not None]
+
+    def _timeout(self, timeout: float | None) -> float | None:
         if timeout is not None:
             try:
                 timeout = positive("timeout", timeout, float)
             except ConfigurationError as exc:
                 raise ValueError(str(exc)) from None
-        timeout = timeout or self._core.settings.timeout
-        outcomes: list[Outcome | None] = [None] * len(batch.tasks)
-        if batch.tasks:
-            driver = await self._core.started_driver(self._name)
-            with anyio.move_on_after(timeout or math.inf):
-                await driver.execute(batch.tasks, outcomes)
-        unfinished = [task.label for task, outcome in zip(batch.tasks, outcomes, strict=True) if outcome is None]
-        if unfinished:
-            raise TaskTimeout(
-                f"run() did not finish within {timeout} s; stopped {len(unfinished)} unfinished "
-                f"task(s): {', '.join(unfinished[:10])}{', ...' if len(unfinished) > 10 else ''}"
-            )
-        return batch.results(
-            [outcome for outcome in outcomes if outcome is not None], return_exceptions=return_exceptions
-        )
+        return timeout or self._core.settings.timeout
+
+    @overload
+    def run_blocking(  # type: ignore[overload-overlap]
+        self,
+        tasks: Mapping[K, Callable[[], Awaitable[T]]],
+        *,
+        timeout: float | None = ...,
+        return_exceptions: Literal[False] = ...,
+    ) -> dict[K, T]: ...
+    @overload
+    def run_blocking(  # type: ignore[overload-overlap]
+        self,
+        tasks: Mapping[K, Callable[[], T]],
+        *,
+        timeout: float | None = ...,
+        return_exceptions: Literal[False] = ...,
+    ) -> dict[K, T]: ...
+    @overload
+    def run_blocking(
+        self, tasks: Callable[[], Awaitable[T]], *, timeout: float | None = ..., return_exceptions: Literal[False] = ...
+    ) -> T: ...
+    @overload
+    def run_blocking(
+        self, tasks: Callable[[], T], *, timeout: float | None = ..., return_exceptions: Literal[False] = ...
+    ) -> T: ...
+    @overload
+    def run_blocking(  # type: ignore[overload-overlap]
+        self,
+        tasks: Iterable[Callable[[], Awaitable[T]]],
+        *,
+        timeout: float | None = ...,
+        return_exceptions: Literal[False] = ...,
+    ) -> list[T]: ...
+    @overload
+    def run_blocking(  # type: ignore[overload-overlap]
+        self, tasks: Iterable[Callable[[], T]], *, timeout: float | None = ..., return_exceptions: Literal[False] = ...
+    ) -> list[T]: ...
+    @overload
+    def run_blocking(  # type: ignore[overload-overlap]
+        self, tasks: Mapping[K, Callable[[], Awaitable[T]]], *, timeout: float | None = ..., return_exceptions: bool
+    ) -> dict[K, T | BaseException]: ...
+    @overload
+    def run_blocking(  # type: ignore[overload-overlap]
+        self, tasks: Mapping[K, Callable[[], T]], *, timeout: float | None = ..., return_exceptions: bool
+    ) -> dict[K, T | BaseException]: ...
+    @overload
+    def run_blocking(
+        self, tasks: Callable[[], Awaitable[T]], *, timeout: float | None = ..., return_exceptions: bool
+    ) -> T | BaseException: ...
+    @overload
+    def run_blocking(
+        self, tasks: Callable[[], T], *, timeout: float | None = ..., return_exceptions: bool
+    ) -> T | BaseException: ...
+    @overload
+    def run_blocking(
+        self, tasks: Iterable[Callable[[], Awaitable[T]]], *, timeout: float | None = ..., return_exceptions: bool
+    ) -> list[T | BaseException]: ...
+    @overload
+    def run_blocking(
+        self, tasks: Iterable[Callable[[], T]], *, timeout: float | None = ..., return_exceptions: bool
+    ) -> list[T | BaseException]: ...
+    @overload
+    def run_blocking(  # type: ignore[overload-overlap]
+        self, tasks: Mapping[Any, object], *, timeout: float | None = ..., return_exceptions: bool = ...
+    ) -> dict[Any, Any]: ...
+    @overload
+    def run_blocking(
+        self, tasks: Iterable[object], *, timeout: float | None = ..., return_exceptions: bool = ...
+    ) -> list[Any]: ...
+
+    def run_blocking(self, tasks: object, *, timeout: float | None = None, return_exceptions: bool = False) -> Any:
+        """Run the tasks at the same time and return their results, from sync code (any thread).
+
+        Exactly `run()`'s semantics; the call runs on the loop that owns the pool. A
+        `KeyboardInterrupt` (or any exception) in the waiting thread stops the call's tasks.
+
+        Returns:
+            The result, or a list or dict of results shaped like `tasks`.
+
+        Raises:
+            WrongContext: called on a thread that runs an event loop; use ``await run()`` there.
+            Exception: as `run()`.
+        """
+        batch = Batch.of(tasks)
+        timeout = self._timeout(timeout)
+        refuse_in_event_loop("run_blocking()", "await concurrency.run(...)")
+        if not batch.tasks:
+            return batch.results([], return_exceptions=return_exceptions)
+        host = self._core.ensure_host()
+        future = host.portal.start_task_soon(self._execute, batch, timeout)
+        try:
+            outcomes = future.result()
+        except BaseException:
+            future.cancel()  # stops the call's tasks on the host loop
+            raise
+        return batch.results(outcomes, return_exceptions=return_exceptions)
 
     def defer(self, tasks: Tasks, *, always: bool = False) -> None:
-        """Run the tasks after the response has been sent; return at once.
+        """Run the tasks after the response has been sent; return at once. Callable from any thread.
 
-        Inside a request handled by `ConcurrencyMiddleware` the tasks join that request's batch,
-        which starts (all its tasks at the same time) once the final response body has been sent,
-        and only if the status is below 400 unless `always` is true. Outside a request the tasks
-        start right away in the background. Failures are logged on the ``starlette_concurrency``
-        logger with the task's key and traceback; they never reach the client, and one failing
-        task does not stop the others. Deferred work is not durable: it is lost if the server
-        crashes. At shutdown it is drained (see `drain_timeout`).
+        Inside a request handled by `ConcurrencyMiddleware` or `ConcurrencyWSGIMiddleware` the tasks
+        join that request's batch, which starts (all its tasks at the same time) once the response
+        has been sent, and only if the status is below 400 unless `always` is true. Outside a
+        request the tasks start right away in the background. Failures are logged on the
+        ``starlette_concurrency`` logger with the task's key and traceback; they never reach the
+        client, and one failing task does not stop the others. Deferred work is not durable: it is
+        lost if the server crashes. At shutdown it is drained (see `drain_timeout`).
 
         Raises:
             TypeError: `tasks` is not a callable, a sequence or a mapping of callables.
+            SerializationError: a task cannot be pickled for this driver; nothing of this call was
+                accepted (the request's other deferrals are kept).
             DeferralRejected: more than `max_pending_deferred` deferred tasks would be pending.
-            ConcurrencyClosed: the facade was closed.
-            ConcurrencyError: called outside a request while the facade is not started.
+            ConcurrencyClosed: the facade was closed, or is shutting down.
         """
         batch = Batch.of(tasks)
         core = self._core
-        if core.closed:
-            raise ConcurrencyClosed("defer() on a closed Concurrency")
-        core.driver(self._name)
+        core.check_closed("defer()")
+        driver = core.driver(self._name)
         if not batch.tasks:
             return
-        deferrals = core.deferrals.get()
-        if deferrals is None and core.task_group is None:
-            raise ConcurrencyError(
-                "defer() outside a request needs a started Concurrency: use `async with concurrency:` "
-                "or register ConcurrencyMiddleware, whose lifespan starts it"
-            )
-        core.reserve(len(batch.tasks))
-        if deferrals is not None:
-            deferrals.entries.append(Deferred(self._name, batch.tasks, always))
+        if driver.pickles:
+            # A closure that cannot travel fails here, where the handler can react, not after the response
+            # (where it would be logged, and the client told all went well).
+            for task in batch.tasks:
+                dumps_task(task)
+        request = core.work.current.get()
+        core.work.reserve(len(batch.tasks))
+        if request is not None:
+            request.add(Deferred(self._name, batch.tasks, always))
         else:
-            core.launch(self._name, batch.tasks)
+            core.work.launch(self._name, batch.tasks, None)
 
-    async def __aenter__(self) -> Concurrency:
-        """Start the default driver (its worker pool) and open the task group that runs deferred work."""
-        core = self._core
-        if core.exit_stack is not None:
-            raise ConcurrencyError("this Concurrency is already started")
-        core.closed = False
-        stack = AsyncExitStack()
-        core.task_group = await stack.enter_async_context(anyio.create_task_group())
-        core.loop = (anyio.lowlevel.current_token(), threading.get_ident())
-        core.exit_stack = stack
-        try:
-            await core.started_driver(core.default)
-        except BaseException as exc:
-            await self.__aexit__(type(exc), exc, exc.__traceback__)
-            raise
-        return self
+    def request_batch(self, *, method: str | None = None, path: str | None = None) -> RequestBatch:
+        """Open a batch that collects what `defer()` is given while it is active — for integrations.
 
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        """Drain deferred work and close the drivers (see `aclose`)."""
-        core = self._core
-        await core.aclose()
-        stack, core.exit_stack = core.exit_stack, None
-        core.task_group = core.loop = None
-        if stack is not None:
-            await stack.aclose()
+        Both middlewares use it; so can any other framework: ``token = batch.activate()`` around
+        the request's code, ``batch.deactivate(token)``, then ``batch.finish(succeeded)`` once the
+        response has been sent.
 
-    async def aclose(self) -> None:
-        """Drain deferred work (up to `drain_timeout`), then stop every driver's workers.
+        Args:
+            method: the request's method, for the logs of its deferred tasks.
+            path: the request's path, for the logs of its deferred tasks.
 
-        Idempotent. Afterwards `run()` and `defer()` raise `ConcurrencyClosed`, until the facade is
-        entered again.
+        Returns:
+            The open batch.
         """
-        await self._core.aclose()
+        return RequestBatch(self._core.work, method, path)
 
     def __repr__(self) -> str:
         return f"<Concurrency driver={self._name!r} workers={self._core.settings.workers}>"

@@ -189,7 +189,7 @@ class Settings:
     driver: str = "process"
     workers: int = field(default_factory=usable_cpus)
     timeout: float | None = None
-    drain_timeout: float = 30.0
+    drain_timeout: float = 20.0
     max_pending_deferred: int | None = None
     max_tasks_per_worker: int | None = None
     idle_timeout: float | None = None
@@ -235,7 +235,7 @@ class Settings:
             or pick("dask_address", "CONCURRENCY_DASK_ADDRESS", check_dask_address),
         }
         drain_timeout = pick("drain_timeout", "CONCURRENCY_DRAIN_TIMEOUT", _parse(float))
-        values["drain_timeout"] = 30.0 if drain_timeout is None else positive("drain_timeout", drain_timeout, float)
+        values["drain_timeout"] = 20.0 if drain_timeout is None else positive("drain_timeout", drain_timeout, float)
         for name, kind in [
             ("max_pending_deferred", int),
             ("max_tasks_per_worker", int),

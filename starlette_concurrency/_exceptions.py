@@ -9,6 +9,9 @@ ConcurrencyError
 ├── TaskTimeout             also a TimeoutError
 ├── RemoteError             a task's exception that could not travel as itself
 ├── DeferralRejected        defer() would go past the bound on pending deferred tasks
+├── ClientDisconnected      run() in a request whose client went away; its tasks were stopped
+├── DriverError             a driver broke its contract (left a task without an outcome)
+├── WrongContext            a call from where it cannot be served (run_blocking() on an event loop)
 └── ConcurrencyClosed       use after aclose(); also a RuntimeError
 ```
 
@@ -21,16 +24,19 @@ from __future__ import annotations
 import signal
 
 __all__ = [
+    "ClientDisconnected",
     "ConcurrencyClosed",
     "ConcurrencyError",
     "ConfigurationError",
     "DeferralRejected",
+    "DriverError",
     "RemoteError",
     "RemoteTraceback",
     "SerializationError",
     "TaskTimeout",
     "WorkerCrashed",
     "WorkerStartFailed",
+    "WrongContext",
 ]
 
 
@@ -139,3 +145,23 @@ class RemoteTraceback(Exception):
 
     def __str__(self) -> str:
         return f'\n"""\n{self.traceback.rstrip()}\n"""'
+
+
+class ClientDisconnected(ConcurrencyError):
+    """Raised by `run()` inside a request when its client went away while the call ran.
+
+    The call's tasks were stopped, as on any cancellation. `ConcurrencyMiddleware` swallows it when
+    it escapes the app (there is nobody to answer); pass ``cancel_on_disconnect=False`` to the
+    middleware to let calls finish regardless.
+    """
+
+
+class DriverError(ConcurrencyError):
+    """Raised when a driver breaks its contract, e.g. returns from `execute()` leaving a task without an outcome."""
+
+
+class WrongContext(ConcurrencyError, RuntimeError):
+    """Raised when a call is made from where it cannot be served without blocking or hanging.
+
+    For example `run_blocking()` on a thread that runs an event loop: use ``await run()`` there.
+    """

@@ -183,9 +183,10 @@ class DriverContract:
             [functools.partial(work.raise_, GeneratorExit("gen")), functools.partial(work.raise_, work.Abort("stop"))],
             return_exceptions=True,
         )
-        assert all(isinstance(result, RemoteError) for result in results)
+        errors = [result for result in results if isinstance(result, RemoteError)]
+        assert len(errors) == len(results)
         # The type's name, qualified by its module or not (the built-in drivers qualify what is not a builtin).
-        assert [(result.type_name.rpartition(".")[2], result.message) for result in results] == [
+        assert [(error.type_name.rpartition(".")[2], error.message) for error in errors] == [
             ("GeneratorExit", "gen"),
             ("Abort", "stop"),
         ]

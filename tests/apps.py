@@ -37,11 +37,19 @@ def mark(name: str, seconds: float = 0.0) -> str:
     return name
 
 
+def report_and_mark(name: str, seconds: float) -> str:
+    """A `run()` task: say which worker took it, sleep (uncooperatively), then record that it finished."""
+    (markers() / f"{name}.pid.tmp").write_text(str(os.getpid()))
+    (markers() / f"{name}.pid.tmp").rename(markers() / f"{name}.pid")
+    time.sleep(seconds)
+    return mark(name)
+
+
 def explode(message: str) -> None:
     raise RuntimeError(message)
 
 
-def make_app(concurrency: Concurrency) -> Starlette:
+def make_app(concurrency: Concurrency, *, cancel_on_disconnect: bool = True) -> Starlette:
     async def defer_slow(request: Request) -> Response:
         seconds = float(request.query_params.get("seconds", "1.0"))
         concurrency.defer([functools.partial(mark, "slow-a", seconds), functools.partial(mark, "slow-b", seconds)])
@@ -84,6 +92,20 @@ def make_app(concurrency: Concurrency) -> Starlette:
         results = await concurrency.run({"a": functools.partial(os.getpid), "b": lambda: 2 + 2})
         return JSONResponse({"results": results, "server": os.getpid()})
 
+    async def slow_run(request: Request) -> Response:
+        name, seconds = request.query_params["name"], float(request.query_params.get("seconds", "5"))
+        return PlainTextResponse(await concurrency.run(functools.partial(report_and_mark, name, seconds)))
+
+    async def run_then_echo(request: Request) -> Response:
+        # Reads its body only after run(): the disconnect watch must not have eaten it.
+        value = await concurrency.run(lambda: 2 + 2)
+        return PlainTextResponse(f"{value}:{(await request.body()).decode()}")
+
+    async def defer_long(request: Request) -> Response:
+        concurrency.defer(functools.partial(mark, "quick", 0.2))
+        concurrency.defer(functools.partial(mark, "long", 600))
+        return PlainTextResponse("deferred")
+
     def sync_endpoint(request: Request) -> Response:
         # Sync endpoints run in the threadpool: the deferral scope must follow them there.
         concurrency.defer(functools.partial(mark, "from-thread"))
@@ -110,11 +132,20 @@ def make_app(concurrency: Concurrency) -> Starlette:
             Route("/failing", failing),
             Route("/run", run),
             Route("/sync", sync_endpoint),
+            Route("/slow-run", slow_run),
+            Route("/run-then-echo", run_then_echo, methods=["POST"]),
+            Route("/defer-long", defer_long),
             WebSocketRoute("/ws", echo),
         ],
-        middleware=[Middleware(ConcurrencyMiddleware, concurrency=concurrency), Middleware(Header)],
+        middleware=[
+            Middleware(ConcurrencyMiddleware, concurrency=concurrency, cancel_on_disconnect=cancel_on_disconnect),
+            Middleware(Header),
+        ],
     )
 
 
 # What `uvicorn tests.apps:app` serves.
 app = make_app(Concurrency(workers=2, drain_timeout=20))
+# The same with calls that outlive their client, and with a short drain (for servers without lifespan).
+app_keep_on_disconnect = make_app(Concurrency(workers=2, drain_timeout=20), cancel_on_disconnect=False)
+app_short_drain = make_app(Concurrency(workers=2, drain_timeout=3))

@@ -26,17 +26,21 @@ pytestmark = pytest.mark.anyio
 
 def test_the_public_names_are_pinned() -> None:
     assert starlette_concurrency.__all__ == [
+        "ClientDisconnected",
         "Concurrency",
         "ConcurrencyClosed",
         "ConcurrencyError",
         "ConcurrencyMiddleware",
+        "ConcurrencyWSGIMiddleware",
         "ConfigurationError",
         "DeferralRejected",
         "Driver",
+        "DriverError",
         "DriverFactory",
         "Outcome",
         "RemoteError",
         "RemoteTraceback",
+        "RequestBatch",
         "SerializationError",
         "Settings",
         "Stats",
@@ -44,6 +48,7 @@ def test_the_public_names_are_pinned() -> None:
         "TaskTimeout",
         "WorkerCrashed",
         "WorkerStartFailed",
+        "WrongContext",
         "__version__",
     ]
     for name in starlette_concurrency.__all__:
@@ -55,7 +60,16 @@ def test_the_public_names_are_pinned() -> None:
 
 def test_the_error_tree() -> None:
     errors = starlette_concurrency
-    for name in ["ConfigurationError", "SerializationError", "WorkerCrashed", "TaskTimeout", "RemoteError"]:
+    for name in [
+        "ConfigurationError",
+        "SerializationError",
+        "WorkerCrashed",
+        "TaskTimeout",
+        "RemoteError",
+        "ClientDisconnected",
+        "DriverError",
+        "WrongContext",
+    ]:
         assert issubclass(getattr(errors, name), ConcurrencyError)
     assert issubclass(errors.TaskTimeout, TimeoutError)
     assert issubclass(errors.ConcurrencyClosed, RuntimeError)
@@ -219,10 +233,17 @@ async def test_a_driver_instance_can_be_given_directly() -> None:
         assert await concurrency.run([lambda: 1, lambda: 2]) == [2, 4]
 
 
-async def test_entering_twice_is_an_error() -> None:
+async def test_entering_twice_is_counted() -> None:
+    # Two lifespans at once (two TestClients, two servers in one process): the inner exit leaves
+    # the facade working, the outer one closes it back to its not-started state.
     async with Concurrency(driver="sync", env_file=None) as concurrency:
-        with pytest.raises(ConcurrencyError, match="already started"):
-            await concurrency.__aenter__()
+        async with concurrency:
+            assert await concurrency.run(lambda: 1) == 1
+        assert await concurrency.run(lambda: 2) == 2
+        assert concurrency._core.host is not None
+    assert concurrency._core.host is None
+    assert await concurrency.run(lambda: 3) == 3  # lazily usable again
+    await concurrency.aclose()
 
 
 def test_a_facade_serves_one_event_loop_after_another() -> None:
@@ -237,5 +258,8 @@ def test_a_facade_serves_one_event_loop_after_another() -> None:
     assert anyio.run(lifetime, 1, backend="asyncio") == 1
     assert anyio.run(lifetime, 2, backend="trio") == 2
     assert anyio.run(lifetime, 3, backend="asyncio") == 3
-    with pytest.raises(ConcurrencyClosed):
-        anyio.run(concurrency.run, lambda: 4, backend="trio")
+    # After a lifespan the facade is back to its not-started state: usable lazily, on any loop.
+    assert anyio.run(concurrency.run, lambda: 4, backend="trio") == 4
+    concurrency.close()
+    with pytest.raises(ConcurrencyClosed, match=r"closed by close\(\)"):
+        anyio.run(concurrency.run, lambda: 5, backend="trio")

@@ -570,9 +570,13 @@ async def test_the_process_driver_sends_a_lambdas_skeleton_once_per_worker() -> 
 async def test_a_recycled_worker_starts_with_nothing_and_is_sent_the_skeleton() -> None:
     driver = ProcessDriver(1, max_tasks_per_worker=1)
     async with Concurrency(driver=driver, env_file=None) as concurrency:
+
+        def task(n: int) -> Callable[[], tuple[int, int]]:
+            return lambda: (os.getpid(), targets.add(n, 1))
+
         pids = set()
         for n in range(4):
-            pid, value = await concurrency.run(lambda n=n: (os.getpid(), targets.add(n, 1)))  # type: ignore[misc]
+            pid, value = await concurrency.run(task(n))
             assert value == n + 1
             pids.add(pid)
     assert len(pids) == 4  # four workers, each sent the skeleton it lacked

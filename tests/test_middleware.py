@@ -19,7 +19,7 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.types import Message, Receive, Scope, Send
 
-from starlette_concurrency import Concurrency, ConcurrencyError, ConcurrencyMiddleware, DeferralRejected
+from starlette_concurrency import Concurrency, ConcurrencyMiddleware, DeferralRejected
 
 from . import apps, helpers
 from .asgi import LifespanFailed, client, lifespan, read_marker
@@ -96,11 +96,17 @@ async def test_work_still_running_after_the_drain_timeout_is_logged_as_abandoned
     with caplog.at_level(logging.ERROR, logger="starlette_concurrency"):
         async with lifespan(app), client(app) as http:
             await http.get("/defer", params={"seconds": 30})
-    abandoned = sorted(record.getMessage() for record in caplog.records)
+    abandoned = sorted(record.getMessage().split(";")[0] for record in caplog.records)
     assert abandoned == [
         "deferred task 0 (partial(mark)) abandoned: still running after the 0.5 s drain timeout",
         "deferred task 1 (partial(mark)) abandoned: still running after the 0.5 s drain timeout",
     ]
+    assert all("raise drain_timeout" in record.getMessage() for record in caplog.records)  # says what to do
+    assert [getattr(r, "task", None) for r in sorted(caplog.records, key=lambda r: r.getMessage())] == [
+        "task 0 (partial(mark))",
+        "task 1 (partial(mark))",
+    ]
+    assert {getattr(record, "path", None) for record in caplog.records} == {"/defer"}
     assert list(markers.iterdir()) == []
 
 
@@ -112,7 +118,7 @@ async def test_deferred_work_that_overruns_the_timeout_is_stopped_and_logged(
         async with lifespan(app), client(app) as http:
             await http.get("/defer", params={"seconds": 5})
             await helpers.eventually(lambda: len(caplog.records) == 2)
-    assert sorted(record.getMessage() for record in caplog.records) == [
+    assert sorted(record.getMessage().split(";")[0] for record in caplog.records) == [
         "deferred task 0 (partial(mark)) timed out after 0.3 s and was stopped",
         "deferred task 1 (partial(mark)) timed out after 0.3 s and was stopped",
     ]
@@ -134,11 +140,12 @@ async def test_failures_are_logged_with_the_task_key_and_never_reach_the_client(
     assert str(record.exc_info[1]) == "deferred failure"
 
 
-async def test_without_a_lifespan_deferred_work_runs_after_the_response_in_the_request(markers: Path) -> None:
+async def test_without_a_lifespan_deferred_work_runs_and_wait_deferred_waits_for_it(markers: Path) -> None:
     concurrency = Concurrency(workers=1, env_file=None)
     app = apps.make_app(concurrency)
-    async with client(app) as http:  # no lifespan: the pool starts lazily
-        assert (await http.get("/defer", params={"seconds": 0})).text == "deferred"
+    async with client(app) as http:  # no lifespan: the pool starts lazily, on the facade's own loop
+        assert (await http.get("/defer", params={"seconds": 0.5})).text == "deferred"
+    await concurrency.wait_deferred(timeout=60)
     assert {path.name for path in markers.iterdir()} == {"slow-a.json", "slow-b.json"}
     await concurrency.aclose()
 
@@ -164,18 +171,22 @@ async def test_the_pending_bound_rejects_new_deferrals_clearly(markers: Path) ->
         assert (await http.get("/", params={"n": "second"})).status_code == 503
     assert outcomes == [
         "accepted",
-        "defer() of 2 task(s) refused: 2 deferred task(s) are already pending and max_pending_deferred is 3",
+        "defer() of 2 task(s) refused: 2 deferred task(s) are already pending and max_pending_deferred is 3; "
+        "run the work inline, retry later or answer 503",
     ]
     # Nothing accepted was lost, nothing rejected ran.
     assert sorted(path.stem for path in markers.iterdir()) == ["first-0", "first-1"]
 
 
-async def test_defer_outside_a_request_needs_a_started_facade() -> None:
+async def test_defer_outside_a_request_starts_the_facade_lazily(tmp_path: Path) -> None:
     concurrency = Concurrency(driver="sync", env_file=None)
-    with pytest.raises(ConcurrencyError, match="async with concurrency"):
-        concurrency.defer(lambda: None)
+    marker = tmp_path / "ran"
+    concurrency.defer(functools.partial(helpers.sleep_then_touch, marker, 0))
+    await concurrency.wait_deferred(timeout=30)
+    assert marker.exists()
     with pytest.raises(TypeError, match=r"tasks\[0\] is not callable"):
         concurrency.defer([42])  # type: ignore[list-item]
+    await concurrency.aclose()
 
 
 async def test_websockets_and_other_scopes_pass_through() -> None:

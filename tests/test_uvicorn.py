@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import socket
 import time
 from collections.abc import Iterator
@@ -10,6 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from . import helpers
 from .asgi import Server, read_marker, uvicorn
 
 MARKERS_WAIT = 20.0  # seconds: a bound against hangs, not a speed expectation
@@ -121,3 +123,52 @@ def test_the_example_app_serves_its_dashboard(tmp_path: Path) -> None:
         example.stop()
     metrics = (tmp_path / "metrics.log").read_text().splitlines()
     assert len(metrics) == 4  # two deferred metrics per dashboard request, all drained at shutdown
+
+
+def leave_during_run(server: Server, markers: Path, name: str) -> int:
+    """Start a 5 s run() through a raw connection, hang up once its task runs; return the task's worker pid."""
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as connection:
+        connection.sendall(f"GET /slow-run?name={name}&seconds=5 HTTP/1.1\r\nHost: test\r\n\r\n".encode())
+        wait_for(markers / f"{name}.pid")
+    return int((markers / f"{name}.pid").read_text())
+
+
+def test_a_client_that_goes_away_stops_its_run_call(server: Server, markers: Path) -> None:
+    pid = leave_during_run(server, markers, "left")
+    deadline = time.monotonic() + MARKERS_WAIT
+    while not helpers.gone(pid):  # the task's worker was stopped (and replaced), not left to finish
+        assert time.monotonic() < deadline, "the run() of a client that went away kept running"
+        time.sleep(0.02)
+    assert not (markers / "left.json").exists()  # its side effect never happens: its process is gone
+    assert httpx.get(f"{server.url}/run").json()["results"]["b"] == 4  # the pool serves on
+    server.stop()
+    assert "Exception in ASGI application" not in server.output()  # the middleware took ClientDisconnected
+
+
+def test_cancel_on_disconnect_can_be_turned_off(markers: Path, tmp_path: Path) -> None:
+    env = {"TEST_MARKERS": str(markers)}
+    with uvicorn("tests.apps:app_keep_on_disconnect", tmp_path / "server.log", env) as server:
+        pid = leave_during_run(server, markers, "kept")
+        wait_for(markers / "kept.json")
+        assert not helpers.gone(pid)
+
+
+def test_the_disconnect_watch_leaves_the_body_to_the_app(server: Server) -> None:
+    body = "x" * 200_000  # more than the watch ever holds for the app, in several messages
+    response = httpx.post(f"{server.url}/run-then-echo", content=body)
+    assert response.text == f"4:{body}"
+    assert httpx.post(f"{server.url}/run-then-echo", content=b"small").text == "4:small"
+
+
+def test_without_a_lifespan_sigterm_drains_at_exit_and_names_what_it_drops(markers: Path, tmp_path: Path) -> None:
+    env = {"TEST_MARKERS": str(markers)}
+    log = tmp_path / "server.log"
+    with uvicorn("tests.apps:app_short_drain", log, env, "--lifespan", "off") as server:
+        assert httpx.get(f"{server.url}/defer-long").text == "deferred"
+        wait_for(markers / "quick.json")
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(60) in (0, -signal.SIGTERM)
+        output = server.output()
+    assert "deferred task 0 abandoned: still running after the 3.0 s drain timeout" in output, output
+    assert "Application shutdown complete." not in output  # no lifespan ran: the drain happened at exit

@@ -28,6 +28,8 @@ class Driver(ABC):
     """
 
     name: str = "custom"
+    #: Whether tasks must pickle to run here: `defer()` then checks them in the handler, before the response.
+    pickles: bool = False
 
     async def start(self) -> None:
         """Acquire what the driver needs: called before the first `execute()`, and again after each `aclose()`."""

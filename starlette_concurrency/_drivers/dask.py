@@ -129,6 +129,7 @@ class DaskDriver(Driver):
     """
 
     name = "dask"
+    pickles = True
 
     def __init__(self, address: str | None = None, *, workers: int | None = None, security: Any = None) -> None:
         distributed = self._distributed = _import_distributed()

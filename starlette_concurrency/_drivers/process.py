@@ -83,6 +83,7 @@ class ProcessDriver(Driver):
     """
 
     name = "process"
+    pickles = True
 
     def __init__(
         self,

@@ -1,0 +1,330 @@
+"""Deferred work: each request's batch, the batches under way, and the drain at shutdown.
+
+A middleware (ASGI or WSGI) opens a `RequestBatch` per request with `Concurrency.request_batch()`
+and activates it around the app: `defer()` appends to the active batch (a ContextVar, shared with
+the tasks and threads the request spawns). Once the response has been sent the middleware calls
+`finish()`, which hands the batch to `DeferredWork` to run on the facade's host loop. That is the
+whole interface between a middleware and the facade.
+
+`DeferredWork` keeps count of what was accepted and not yet finished, runs each batch (the one
+place deferred tasks reach a driver), logs failures and drops by name with structured fields, and
+drains at shutdown.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from contextvars import ContextVar, Token
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import anyio
+
+from ._drivers.base import Driver
+from ._exceptions import ConcurrencyClosed, DeferralRejected
+from ._tasks import Outcome, Task
+
+__all__ = ["Deferred", "DeferredWork", "DisconnectWatch", "RequestBatch"]
+
+logger = logging.getLogger("starlette_concurrency")
+
+# How often a drain or `wait_deferred()` looks at the count: batches settle from any thread, and no
+# anyio primitive may be shared across the loops that call these.
+_POLL = 0.01
+
+
+@dataclass(frozen=True, slots=True)
+class Deferred:
+    """One `defer()` call: its tasks, the driver to run them on, and whether errors also run them."""
+
+    driver: str
+    tasks: list[Task]
+    always: bool
+
+
+class DisconnectWatch(Protocol):
+    """What `run()` needs from a request to stop its call when the client goes away."""
+
+    def applies(self) -> bool:
+        """Tell whether the current task can watch this request (same event loop thread)."""
+
+    async def watch(self, scope: anyio.CancelScope) -> None:
+        """Cancel `scope` when the client disconnects; return or be cancelled otherwise."""
+
+
+class RequestBatch:
+    """What one request deferred, in call order; started once its response has been sent.
+
+    Attributes:
+        method: the request's method, for logs.
+        path: the request's path, for logs.
+        disconnect: how `run()` learns that the client went away (set by the ASGI middleware).
+    """
+
+    def __init__(self, work: DeferredWork, method: str | None, path: str | None) -> None:
+        self.method = method
+        self.path = path
+        self.disconnect: DisconnectWatch | None = None
+        self._work = work
+        self._entries: list[Deferred] = []
+        self._lock = threading.Lock()
+        self._outcome: bool | None = None  # None while the request is open; then whether it succeeded
+        work.opened(self)
+
+    def activate(self) -> Token[RequestBatch | None]:
+        """Make `defer()` in this context join this batch; pass the token to `deactivate()`."""
+        return self._work.current.set(self)
+
+    def deactivate(self, token: Token[RequestBatch | None]) -> None:
+        """Undo `activate()`."""
+        self._work.current.reset(token)
+
+    def add(self, entry: Deferred) -> None:
+        """Join a `defer()` call to the batch, or start it at once if the response is already out."""
+        with self._lock:
+            outcome = self._outcome
+            if outcome is None:
+                self._entries.append(entry)
+                return
+        # Deferred after the response (from a BackgroundTask, a streaming generator's tail): it
+        # follows the fate of its request.
+        self._work.start([entry], outcome, self)
+
+    def finish(self, succeeded: bool) -> None:
+        """Start the batch: all of it if the request `succeeded`, the ``always`` tasks otherwise.
+
+        Idempotent: the first call decides. Returns at once; the work runs on the facade's loop.
+        """
+        with self._lock:
+            if self._outcome is not None:
+                return
+            self._outcome = succeeded
+            entries, self._entries = self._entries, []
+        self._work.closed(self)
+        self._work.start(entries, succeeded, self)
+
+    def abandon(self) -> list[Task]:
+        """Drop what the batch holds (the facade is shutting down while the request is open)."""
+        with self._lock:
+            entries, self._entries = self._entries, []
+            self._outcome = False
+        return [task for entry in entries for task in entry.tasks]
+
+
+@dataclass(eq=False)
+class _Running:
+    """A deferred batch under way: what shutdown cancels and reports when the drain time runs out."""
+
+    driver: str
+    tasks: Sequence[Task]
+    origin: RequestBatch | None
+    outcomes: list[Outcome | None]
+    started: float = field(default_factory=time.monotonic)
+    scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+
+
+class DeferredWork:
+    """Accepted deferred tasks of one facade: counted, run, drained.
+
+    Args:
+        max_pending: how many tasks may be pending at once (``None``: no bound).
+        timeout: how long one batch may run, in seconds (``None``: no limit).
+        driver: returns the started driver of a name, on the host loop.
+        spawn: runs a coroutine function in the background on the host loop, from any thread.
+    """
+
+    def __init__(
+        self,
+        max_pending: int | None,
+        timeout: float | None,
+        driver: Callable[[str], Awaitable[Driver]],
+        spawn: Callable[[Callable[[], Awaitable[None]]], None],
+    ) -> None:
+        self.current: ContextVar[RequestBatch | None] = ContextVar("starlette_concurrency.batch", default=None)
+        self.pending = 0  # accepted and not yet finished (or skipped); includes open requests' tasks
+        self.launched = 0  # handed to the host loop and not yet finished
+        self.closing = False
+        self._max_pending = max_pending
+        self._timeout = timeout
+        self._driver = driver
+        self._spawn = spawn
+        self._lock = threading.Lock()  # defer() is called from any thread
+        self._open: set[RequestBatch] = set()
+        self._running: set[_Running] = set()
+
+    def opened(self, batch: RequestBatch) -> None:
+        with self._lock:
+            self._open.add(batch)
+
+    def closed(self, batch: RequestBatch) -> None:
+        with self._lock:
+            self._open.discard(batch)
+
+    def reserve(self, count: int) -> None:
+        """Count tasks in before they are accepted.
+
+        Raises:
+            ConcurrencyClosed: the facade is shutting down.
+            DeferralRejected: `max_pending_deferred` would be exceeded.
+        """
+        with self._lock:
+            if self.closing:
+                raise ConcurrencyClosed(
+                    "defer() while this Concurrency is shutting down (draining deferred work): the tasks were not "
+                    "accepted; run them inline, or defer them before shutdown begins"
+                )
+            limit = self._max_pending
+            if limit is not None and self.pending + count > limit:
+                raise DeferralRejected(
+                    f"defer() of {count} task(s) refused: {self.pending} deferred task(s) are already pending "
+                    f"and max_pending_deferred is {limit}; run the work inline, retry later or answer 503"
+                )
+            self.pending += count
+
+    def _settle(self, count: int, launched: bool) -> None:
+        with self._lock:
+            self.pending -= count
+            if launched:
+                self.launched -= count
+
+    def start(self, entries: list[Deferred], succeeded: bool, origin: RequestBatch | None) -> None:
+        """Launch what a finished request deferred (everything, or only ``always`` entries)."""
+        chosen: dict[str, list[Task]] = {}
+        skipped = 0
+        for entry in entries:
+            if succeeded or entry.always:
+                chosen.setdefault(entry.driver, []).extend(entry.tasks)
+            else:
+                skipped += len(entry.tasks)
+        if skipped:
+            self._settle(skipped, launched=False)
+        for driver, tasks in chosen.items():
+            self.launch(driver, tasks, origin)
+
+    def launch(self, driver: str, tasks: list[Task], origin: RequestBatch | None) -> None:
+        """Hand accepted tasks to the host loop; if that is impossible, log each by name."""
+        with self._lock:
+            self.launched += len(tasks)
+
+        async def run() -> None:
+            await self.run_batch(driver, tasks, origin)
+
+        try:
+            self._spawn(run)
+        except Exception as exc:
+            for task in tasks:
+                logger.error(
+                    "deferred %s dropped: it could not be started (%s)",
+                    task.label,
+                    exc,
+                    extra=_extra(task, driver, origin),
+                )
+            self._settle(len(tasks), launched=True)
+
+    async def run_batch(self, driver_name: str, tasks: list[Task], origin: RequestBatch | None) -> None:
+        """Run one deferred batch, log how it went, and never raise."""
+        running = _Running(driver_name, tasks, origin, [None] * len(tasks))
+        self._running.add(running)
+        try:
+            with running.scope:
+                driver = await self._driver(driver_name)
+                with anyio.move_on_after(self._timeout or math.inf) as timeout:
+                    # The one place deferred tasks reach a driver.
+                    await driver.execute_deferred(tasks, running.outcomes)
+                if timeout.cancelled_caught:
+                    for task, outcome in zip(tasks, running.outcomes, strict=True):
+                        if outcome is None:
+                            logger.error(
+                                "deferred %s timed out after %s s and was stopped; raise the facade's timeout "
+                                "or split the work",
+                                task.label,
+                                self._timeout,
+                                extra=self._extra(task, running),
+                            )
+        except Exception as exc:  # the batch could not run at all: pickling, a pool that cannot start...
+            for task, outcome in zip(tasks, running.outcomes, strict=True):
+                if outcome is None:
+                    logger.error(
+                        "deferred %s could not run: %s", task.label, exc, exc_info=exc, extra=self._extra(task, running)
+                    )
+        finally:
+            self._running.discard(running)
+            for task, outcome in zip(tasks, running.outcomes, strict=True):
+                if outcome is not None and outcome.error is not None:
+                    logger.error(
+                        "deferred %s failed", task.label, exc_info=outcome.error, extra=self._extra(task, running)
+                    )
+            self._settle(len(tasks), launched=True)
+
+    def _extra(self, task: Task, running: _Running) -> dict[str, Any]:
+        extra = _extra(task, running.driver, running.origin)
+        extra["duration"] = time.monotonic() - running.started
+        return extra
+
+    async def wait(self, timeout: float | None) -> None:
+        """Wait until every launched batch has finished.
+
+        Raises:
+            TimeoutError: they had not after `timeout` seconds.
+        """
+        with anyio.fail_after(timeout):
+            while self.launched:  # noqa: ASYNC110
+                await anyio.sleep(_POLL)
+
+    async def drain(self, drain_timeout: float) -> None:
+        """Refuse new work, wait up to `drain_timeout` for what was accepted, then stop and log the rest."""
+        with self._lock:
+            self.closing = True
+        with anyio.move_on_after(drain_timeout):
+            while self.launched:  # noqa: ASYNC110
+                await anyio.sleep(_POLL)
+        for running in list(self._running):
+            for task, outcome in zip(running.tasks, running.outcomes, strict=True):
+                if outcome is None:
+                    logger.error(
+                        "deferred %s abandoned: still running after the %s s drain timeout; raise drain_timeout "
+                        "(and the server's graceful timeout above it) or make the task shorter",
+                        task.label,
+                        drain_timeout,
+                        extra=self._extra(task, running),
+                    )
+            running.scope.cancel()
+        with self._lock:
+            still_open, self._open = list(self._open), set()
+        for batch in still_open:
+            for task in batch.abandon():
+                logger.error(
+                    "deferred %s abandoned: its request had not finished when shutdown began",
+                    task.label,
+                    extra=_extra(task, None, batch),
+                )
+        # Let the cancelled batches log and settle before the drivers close under them.
+        with anyio.move_on_after(5):
+            while self._running:  # noqa: ASYNC110
+                await anyio.sleep(_POLL)
+
+    def reopen(self) -> None:
+        """Accept work again (the facade went back to its not-started state)."""
+        with self._lock:
+            self.closing = False
+
+    def forget(self) -> None:
+        """Drop every count: this is a forked child, the parent's work is not ours."""
+        with self._lock:
+            self.pending = self.launched = 0
+            self._open.clear()
+            self._running.clear()
+            self.closing = False
+
+
+def _extra(task: Task, driver: str | None, origin: RequestBatch | None) -> dict[str, Any]:
+    extra: dict[str, Any] = {"task": task.label, "task_key": task.key}
+    if driver is not None:
+        extra["driver"] = driver
+    if origin is not None:
+        extra["method"], extra["path"] = origin.method, origin.path
+    return extra

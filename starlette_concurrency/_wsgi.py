@@ -1,0 +1,88 @@
+"""`ConcurrencyWSGIMiddleware`: the WSGI twin of `ConcurrencyMiddleware` (Flask, Django, any PEP 3333 app)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from types import TracebackType
+from typing import Any
+
+from ._api import Concurrency
+from ._deferred import RequestBatch
+
+__all__ = ["ConcurrencyWSGIMiddleware"]
+
+StartResponse = Callable[..., Callable[[bytes], object]]
+WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
+ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None]
+
+
+class ConcurrencyWSGIMiddleware:
+    """Run each request's deferred work once its response has been sent.
+
+    `defer()` inside a request joins that request's batch. The batch starts when the server calls
+    ``close()`` on the response iterable (PEP 3333: after the last byte was sent), all of it if the
+    status is below 400, only the ``always=True`` tasks otherwise; an exception counts as a 500.
+    The work runs on the facade's own loop thread, so the server's thread is free at once. The
+    pool starts on first use in each server process (after any pre-fork) and deferred work is
+    drained at interpreter exit, or by ``concurrency.close()`` in a server's exit hook.
+
+    Args:
+        app: the WSGI app to wrap.
+        concurrency: the facade to wire in; a new ``Concurrency()`` if omitted.
+    """
+
+    def __init__(self, app: WSGIApp, concurrency: Concurrency | None = None) -> None:
+        self.app = app
+        self.concurrency = concurrency if concurrency is not None else Concurrency()
+
+    def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        batch = self.concurrency.request_batch(method=environ.get("REQUEST_METHOD"), path=environ.get("PATH_INFO"))
+        response = _Response(batch)
+
+        def start(
+            status: str, headers: list[tuple[str, str]], exc_info: ExcInfo | None = None
+        ) -> Callable[[bytes], object]:
+            try:
+                response.status = int(status.split(" ", 1)[0])
+            except ValueError:
+                response.status = 500
+            return start_response(status, headers, exc_info) if exc_info else start_response(status, headers)
+
+        token = batch.activate()
+        try:
+            response.body = self.app(environ, start)
+        except BaseException:
+            batch.finish(succeeded=False)
+            raise
+        finally:
+            batch.deactivate(token)
+        return response
+
+
+class _Response:
+    """The app's response iterable, with `close()` starting the request's deferred batch."""
+
+    def __init__(self, batch: RequestBatch) -> None:
+        self.batch = batch
+        self.status = 500
+        self.body: Iterable[bytes] = ()
+        self._complete = False
+
+    def __iter__(self) -> Iterator[bytes]:
+        # A generator body runs the app's code: let its defer() calls join the batch too.
+        token = self.batch.activate()
+        try:
+            yield from self.body
+            self._complete = True
+        finally:
+            self.batch.deactivate(token)
+
+    def close(self) -> None:
+        try:
+            close = getattr(self.body, "close", None)
+            if close is not None:
+                close()
+        except BaseException:
+            self.batch.finish(succeeded=False)
+            raise
+        self.batch.finish(succeeded=self._complete and self.status < 400)

@@ -1,0 +1,44 @@
+"""What type checkers must infer for run() and run_blocking(); checked by tests/test_typing.py (mypy and pyright).
+
+Not a test module: nothing here runs.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import assert_type
+
+from starlette_concurrency import Concurrency
+
+
+def count(table: str) -> int:
+    return len(table)
+
+
+async def fetch() -> str:
+    return "body"
+
+
+async def run_shapes(c: Concurrency) -> None:
+    assert_type(await c.run(lambda: 1), int)
+    assert_type(await c.run(fetch), str)
+    assert_type(await c.run(functools.partial(count, "users")), int)
+    assert_type(await c.run([lambda: count("a"), lambda: count("b")]), list[int])
+    assert_type(await c.run([fetch, fetch]), list[str])
+    assert_type(await c.run({"users": functools.partial(count, "users")}), dict[str, int])
+    assert_type(await c.run({1: fetch}), dict[int, str])
+    assert_type(await c.run(fetch, return_exceptions=True), str | BaseException)
+    assert_type(await c.run([fetch], return_exceptions=True), list[str | BaseException])
+    assert_type(await c.run({"a": fetch}, return_exceptions=True), dict[str, str | BaseException])
+    wrong: str = await c.run(lambda: 1)  # type: ignore[arg-type, return-value]  # pyright: ignore
+    del wrong
+
+
+def run_blocking_shapes(c: Concurrency) -> None:
+    assert_type(c.run_blocking(lambda: 1), int)
+    assert_type(c.run_blocking(fetch), str)
+    assert_type(c.run_blocking([functools.partial(count, "a")]), list[int])
+    assert_type(c.run_blocking({"a": fetch}), dict[str, str])
+    assert_type(c.run_blocking([fetch], return_exceptions=True), list[str | BaseException])
+    wrong: str = c.run_blocking(lambda: 1)  # type: ignore[assignment]  # pyright: ignore
+    del wrong
