@@ -279,9 +279,21 @@ class DeferredWork:
         """Refuse new work, wait up to `drain_timeout` for what was accepted, then stop and log the rest."""
         with self._lock:
             self.closing = True
+        draining, began = self.launched, time.monotonic()
+        if draining:
+            logger.info(
+                "draining %d deferred task(s), for up to %s s", draining, drain_timeout, extra={"pending": draining}
+            )
         with anyio.move_on_after(drain_timeout):
             while self.launched:  # noqa: ASYNC110
                 await anyio.sleep(_POLL)
+        if draining:
+            logger.info(
+                "drain finished in %.2f s; %d deferred task(s) still running",
+                time.monotonic() - began,
+                self.launched,
+                extra={"duration": time.monotonic() - began, "pending": self.launched},
+            )
         for running in list(self._running):
             for task, outcome in zip(running.tasks, running.outcomes, strict=True):
                 if outcome is None:

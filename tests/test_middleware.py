@@ -110,6 +110,18 @@ async def test_work_still_running_after_the_drain_timeout_is_logged_as_abandoned
     assert list(markers.iterdir()) == []
 
 
+async def test_the_drain_is_logged_when_it_begins_and_ends(markers: Path, caplog: pytest.LogCaptureFixture) -> None:
+    app = apps.make_app(Concurrency(workers=2, drain_timeout=0.5, env_file=None))
+    with caplog.at_level(logging.INFO, logger="starlette_concurrency"):
+        async with lifespan(app), client(app) as http:
+            await http.get("/defer", params={"seconds": 30})
+    messages = [record.getMessage() for record in caplog.records if record.levelno == logging.INFO]
+    assert "draining 2 deferred task(s), for up to 0.5 s" in messages
+    finished = [message for message in messages if message.startswith("drain finished in")]
+    assert len(finished) == 1
+    assert finished[0].endswith("; 2 deferred task(s) still running")
+
+
 async def test_deferred_work_that_overruns_the_timeout_is_stopped_and_logged(
     markers: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -211,14 +211,25 @@ async def test_stats_and_lifecycle_logs(tmp_path: Path, caplog: pytest.LogCaptur
 
 def test_a_pool_in_use_by_a_running_loop_refuses_another_loop_clearly() -> None:
     driver = ProcessDriver(1)
-    concurrency = Concurrency(driver=driver, env_file=None)
     with anyio.from_thread.start_blocking_portal() as portal:  # a loop that keeps running in its thread
-        assert portal.call(concurrency.run, lambda: 1) == 1
+        portal.call(driver.start)
+        outcomes: list[Outcome | None] = [None]
+        portal.call(driver.execute, [Task(0, functools.partial(int, 1))], outcomes)
+        assert outcomes == [Outcome(value=1)]
 
         async def elsewhere() -> None:
             with pytest.raises(RuntimeError, match="another event loop that is still running"):
-                await concurrency.run(lambda: 2)
+                await driver.execute([Task(0, functools.partial(int, 2))], [None])
 
         anyio.run(elsewhere)
+        portal.call(driver.aclose)
+    assert helpers.worker_children() == []
+
+
+def test_the_facade_forwards_a_call_from_another_loop_to_the_loop_hosting_its_pool() -> None:
+    concurrency = Concurrency(driver=ProcessDriver(1), env_file=None)
+    with anyio.from_thread.start_blocking_portal() as portal:  # a loop that keeps running in its thread
+        assert portal.call(concurrency.run, lambda: 1) == 1
+        assert anyio.run(concurrency.run, lambda: 2) == 2  # no RuntimeError: the facade hands it over
         portal.call(concurrency.aclose)
     assert helpers.worker_children() == []
