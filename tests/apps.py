@@ -145,7 +145,9 @@ def make_app(concurrency: Concurrency, *, cancel_on_disconnect: bool = True) -> 
 
 
 # What `uvicorn tests.apps:app` serves.
-app = make_app(Concurrency(workers=2, drain_timeout=20))
+# Three workers: deferred work may hold all but one of them (run() keeps one), and the tests check that
+# a deferred batch of two runs at the same time.
+app = make_app(Concurrency(workers=3, drain_timeout=20))
 # The same with calls that outlive their client, and with a short drain (for servers without lifespan).
 app_keep_on_disconnect = make_app(Concurrency(workers=2, drain_timeout=20), cancel_on_disconnect=False)
 app_short_drain = make_app(Concurrency(workers=2, drain_timeout=3))

@@ -34,7 +34,8 @@ def markers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 async def test_deferred_work_runs_after_the_response_in_the_background(markers: Path) -> None:
-    app = apps.make_app(Concurrency(workers=2, env_file=None))
+    # Three workers: deferred work may hold all but one (kept for run()), and the batch of two runs at once.
+    app = apps.make_app(Concurrency(workers=3, env_file=None))
     async with lifespan(app), client(app) as http:
         response = await http.get("/defer", params={"seconds": 0.5})
         assert response.text == "deferred"

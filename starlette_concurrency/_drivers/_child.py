@@ -22,10 +22,12 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import os
+import queue
 import signal
 import subprocess
+import threading
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import anyio
 
@@ -38,7 +40,36 @@ T = TypeVar("T")
 _READ_SIZE = 1 << 20
 _POLL_INTERVAL = 0.5  # seconds between liveness checks of a silent child where there is no pidfd
 
-_spawner: tuple[int, concurrent.futures.ThreadPoolExecutor] | None = None
+
+class _SpawnThread:
+    """One daemon thread that runs spawns in turn, for the life of the process.
+
+    Not a `ThreadPoolExecutor`: the interpreter shuts those down (and their threads exit) before the
+    `atexit` handlers run, and the drain at exit (a WSGI server's worker, a server without lifespan)
+    still needs the workers, which that thread's exit would kill through their parent-death signal.
+    """
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self.jobs: queue.SimpleQueue[tuple[Callable[[], Any], concurrent.futures.Future[Any]]] = queue.SimpleQueue()
+        threading.Thread(target=self._serve, name="concurrency-spawn", daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            fn, future = self.jobs.get()
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn())
+                except BaseException as exc:  # handed to the caller, whatever it is
+                    future.set_exception(exc)
+
+    def submit(self, fn: Callable[[], T]) -> concurrent.futures.Future[T]:
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        self.jobs.put((fn, future))
+        return future
+
+
+_spawner: _SpawnThread | None = None
 
 
 async def run_in_spawn_thread(fn: Callable[[], T]) -> T:
@@ -48,9 +79,9 @@ async def run_in_spawn_thread(fn: Callable[[], T]) -> T:
     sent when the thread that started it exits, not the process.
     """
     global _spawner
-    if _spawner is None or _spawner[0] != os.getpid():  # none yet, or the one of the process we were forked from
-        _spawner = (os.getpid(), concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="concurrency-spawn"))
-    future = _spawner[1].submit(fn)
+    if _spawner is None or _spawner.pid != os.getpid():  # none yet, or the one of the process we were forked from
+        _spawner = _SpawnThread()
+    future = _spawner.submit(fn)
     return await anyio.to_thread.run_sync(future.result)
 
 

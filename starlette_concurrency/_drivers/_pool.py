@@ -123,7 +123,7 @@ class Pool(Lifecycle):
         self._start_error: WorkerStartFailed | None = None  # for start() to raise
         self._last_start_error: WorkerStartFailed | None = None
         self._loop: object = None
-        self._pid = os.getpid()
+        self.pid = os.getpid()  # the process the pool belongs to: a forked child must make its own
         self._tasks: set[Any] = set()  # asyncio readers: a strong reference while they run
         self.closed = False
 
@@ -233,7 +233,7 @@ class Pool(Lifecycle):
 
     def _bind_loop(self) -> None:
         """Start readers in this event loop for the workers whose reader ran in another (now ended) one."""
-        if os.getpid() != self._pid:
+        if os.getpid() != self.pid:
             raise RuntimeError("a process pool cannot be used in a process forked from the one that started it")
         token = anyio.lowlevel.current_token()
         if token == self._loop:

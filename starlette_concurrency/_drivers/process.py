@@ -134,7 +134,9 @@ class ProcessDriver(Driver):
         Raises:
             WorkerStartFailed: a worker failed to start (its initializer raised, say).
         """
-        if self._pool.closed:
+        if self._pool.closed or self._pool.pid != os.getpid():
+            # After aclose(), or in a process forked from the one that made the pool (gunicorn --preload):
+            # the parent's workers are the parent's, so this process starts workers of its own.
             self._pool = self._new_pool()
         self._init_frame = self._build_init_frame()
         await self._pool.start()
