@@ -134,8 +134,12 @@ class Pool(Lifecycle):
         for start in range(0, len(tasks), 256):  # all of it before anything is queued: nothing runs if one fails
             if start:  # pickling 20,000 closures takes a while: let the server breathe
                 await anyio.lowlevel.checkpoint()
+            some = tasks[start : start + 256]
+            if len(some) < 4:  # entering a batch costs more than it saves on a few tasks
+                payloads.extend([pickle_task(task, self._closures) for task in some])
+                continue
             with self._closures.batch():  # no await inside: see ClosureCache.batch
-                payloads.extend([pickle_task(task, self._closures) for task in tasks[start : start + 256]])
+                payloads.extend([pickle_task(task, self._closures) for task in some])
         self.check_open()
         if not tasks:
             return
