@@ -9,7 +9,7 @@
  await the call's event         busy worker ← one more chunk
                                 (long queue only: window 2)  ◀── answer (id, result) ──────  one per task
                                                               id == first in flight? else protocol error
- outcomes[i] ◀─────────────────────────────────────────────── settle the task's call; dispatch again
+ outcomes[i] ◀─────────────────────────────────────────────── settle its call; dispatch once per read
 ```
 
 A call never owns a worker: its tasks join the queue, and the answers are delivered to it as they
