@@ -204,7 +204,7 @@ async def test_stats_and_lifecycle_logs(tmp_path: Path, caplog: pytest.LogCaptur
     assert any("started with 2 workers" in record.getMessage() for record in records)
     crash = next(record for record in records if "crashed" in record.getMessage())
     assert crash.levelno == logging.WARNING
-    assert (crash.driver, crash.task, crash.task_key) == ("process", "task 0", 0)  # type: ignore[attr-defined]
+    assert (crash.driver, crash.task, crash.task_key) == ("process", "task 0 (partial(crash))", 0)  # type: ignore[attr-defined]
     assert isinstance(crash.worker_pid, int)  # type: ignore[attr-defined]
     assert any("recycle" in record.getMessage() for record in records)
 
