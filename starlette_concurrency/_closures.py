@@ -46,7 +46,7 @@ import sys
 import threading
 import types
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import cloudpickle  # type: ignore[import-untyped]
@@ -242,6 +242,24 @@ class ClosureCache:
         finally:
             pickler.reset()
 
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """Within the block, this thread's dumps remember which functions and classes go by reference.
+
+        A call pickles its tasks one by one (each may go to another worker), and most of what a dump
+        costs is cloudpickle asking, for the same `partial` class and the same module function, whether
+        they are importable by name. A batch asks once per object. Keep a batch short and free of
+        awaits: a module attribute reassigned while it is open would not be seen.
+        """
+        current: _Pickler | None = getattr(self._local, "pickler", None)
+        if current is None or current.busy:
+            current = self._local.pickler = _Pickler(io.BytesIO(), self)
+        current.by_reference = {}
+        try:
+            yield
+        finally:
+            current.by_reference = None
+
     def mirror(self, *, max_entries: int = WORKER_ENTRIES, max_bytes: int = WORKER_BYTES) -> WorkerMirror:
         """Make the parent's record of what one new worker holds (it holds nothing yet)."""
         return WorkerMirror(max_entries=max_entries, max_bytes=max_bytes)
@@ -294,25 +312,39 @@ class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
         self.used: dict[int, Skeleton] = {}
         self.groups: dict[int, int] = {}  # id(__globals__) → index: functions sharing globals share them there too
         self.checked: dict[tuple[int, int], _Record] = {}  # checked once per payload
+        # Within ClosureCache.batch(): id → the function or class found to go by reference (held, so
+        # that its id is not reused meanwhile).
+        self.by_reference: dict[int, Any] | None = None
 
     def reset(self) -> None:
         """Forget the last dump (its bytes, memo and bookkeeping), as a new pickler would."""
         self.file.seek(0)
         self.file.truncate()
         self.clear_memo()
-        self.globals_ref.clear()  # cloudpickle's: functions share globals within one dump only
-        self.used.clear()
-        self.groups.clear()
-        self.checked.clear()
+        if self.globals_ref:  # cloudpickle's: functions share globals within one dump only
+            self.globals_ref.clear()
+        if self.used:
+            self.used.clear()
+            self.groups.clear()
+        if self.checked:
+            self.checked.clear()
         self.busy = False
 
     def reducer_override(self, obj: Any) -> Any:
+        known = self.by_reference
+        if known is not None and known.get(id(obj)) is obj:
+            return NotImplemented  # by reference, as found earlier in this batch
         if type(obj) is not types.FunctionType or not SUPPORTED:
-            return super().reducer_override(obj)
+            reduced = super().reducer_override(obj)
+            if reduced is NotImplemented and known is not None and isinstance(obj, type):
+                known[id(obj)] = obj  # a class cloudpickle sends by name
+            return reduced
         if obj is _rebuild_function:
             return NotImplemented  # the stand-in, by reference (once per payload, then pickle's memo)
         # A "<locals>" name is never a module attribute (pickle's own lookup refuses it): skip the test.
         if "<locals>" not in obj.__qualname__ and _cp._should_pickle_by_reference(obj):
+            if known is not None:
+                known[id(obj)] = obj
             return NotImplemented  # as cloudpickle does: pickle's own reference to module.qualname
         ident = (id(obj.__code__), id(obj.__globals__))
         record = self.checked.get(ident)

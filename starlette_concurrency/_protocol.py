@@ -30,6 +30,7 @@ __all__ = [
     "ERROR",
     "HEADER",
     "IDLE_EXIT",
+    "ID_SIZE",
     "INIT",
     "LOAD_FAILED",
     "OK",
@@ -41,6 +42,7 @@ __all__ = [
     "FrameBuffer",
     "ProtocolError",
     "answer",
+    "answer_id",
     "frame",
     "grow_pipe",
     "parse_tasks",
@@ -83,6 +85,21 @@ def frame(tag: bytes, body: bytes) -> bytes:
 def answer(tag: bytes, task_id: int, body: bytes) -> bytes:
     """Frame a worker's answer for one task."""
     return HEADER.pack(MAGIC, len(body) + 1 + _ID.size) + tag + _ID.pack(task_id) + body
+
+
+ID_SIZE = _ID.size
+
+
+def answer_id(body: bytes) -> int:
+    """Return the task id an answer's body names (its payload starts at ``ID_SIZE``).
+
+    Raises:
+        ProtocolError: the body is too short to name a task.
+    """
+    if len(body) < _ID.size:
+        raise ProtocolError("an answer too short to name its task")
+    task_id: int = _ID.unpack_from(body)[0]
+    return task_id
 
 
 def split_answer(body: bytes) -> tuple[int, bytes]:

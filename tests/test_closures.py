@@ -774,3 +774,27 @@ def test_a_cached_function_is_what_cloudpickle_would_have_rebuilt() -> None:
         assert [_describe(fn) for fn in ours] == [_describe(fn) for fn in theirs]
         assert ours[2](5) == theirs[2](5) == 120
         assert ours[4](2, c=3) == theirs[4](2, c=3) == "2x3"
+
+
+def test_a_batch_pickles_as_single_dumps_do_and_forgets_its_verdicts_when_it_ends() -> None:
+    cache, store = ClosureCache(), WorkerStore()
+    mirror = cache.mirror()
+    module = types.ModuleType("batch_scratch")
+    exec("def twice(x):\n    return 2 * x\n", module.__dict__)
+    sys.modules["batch_scratch"] = module
+    try:
+        tasks = [functools.partial(module.twice, i) for i in range(5)]
+        alone = [cache.dumps(task).data for task in tasks]
+        with cache.batch():
+            batched = [cache.dumps(task).data for task in tasks]
+        assert batched == alone  # by reference, both ways: the same bytes
+        # The name now means another function: the old one no longer goes by reference.
+        original = module.twice
+        exec("def twice(x):\n    return 3 * x\n", module.__dict__)
+        with cache.batch():
+            payload = cache.dumps(functools.partial(original, 7))
+        assert payload.data != cache.dumps(functools.partial(module.twice, 7)).data
+        store.load_definitions(mirror.prepare(payload.skeletons))
+        assert store.load(payload.data)() == 14  # the function it was given, not the one now named so
+    finally:
+        del sys.modules["batch_scratch"]

@@ -109,6 +109,7 @@ class Worker(Child):
         self.selector_loop: asyncio.AbstractEventLoop | None = None
         self._on_frame: Callable[[Worker, bytes, bytes], str | None] | None = None
         self._on_gone: Callable[[Worker, str], None] | None = None
+        self._on_batch: Callable[[], None] | None = None
         self.frame_sizes: deque[int] = deque()  # tasks per frame in flight
         self.mirror = WorkerMirror()  # the function skeletons this process was sent: none yet
         self.outbox = bytearray()
@@ -149,9 +150,11 @@ class Worker(Child):
         loop: asyncio.AbstractEventLoop,
         on_frame: Callable[[Worker, bytes, bytes], str | None],
         on_gone: Callable[[Worker, str], None],
+        on_batch: Callable[[], None],
     ) -> None:
-        """Have `loop` call `on_frame` for each frame, then `on_gone` once with why the worker is gone."""
-        self.selector_loop, self._on_frame, self._on_gone = loop, on_frame, on_gone
+        """Have `loop` call `on_frame` for each frame, `on_batch` after the frames of each read, then
+        `on_gone` once with why the worker is gone."""
+        self.selector_loop, self._on_frame, self._on_gone, self._on_batch = loop, on_frame, on_gone, on_batch
         loop.add_reader(self.from_child, self._readable)
         if self.pidfd is not None:
             loop.add_reader(self.pidfd, self._exited)
@@ -177,6 +180,8 @@ class Worker(Child):
             reason = None if self.read_available() else "exit"
             while reason is None and (message := self.frames.next()) is not None:
                 reason = self._on_frame(self, *message)
+            if reason is None and self._on_batch is not None:
+                self._on_batch()  # once per read, not per answer: the answers of a chunk cost one dispatch
         except _protocol.ProtocolError as exc:
             reason = f"protocol error: {exc}"
         except Exception:  # a bug of ours: the worker cannot be trusted to be in step any more
@@ -223,14 +228,20 @@ class Worker(Child):
                 return  # it died: the reader sees it
             del self.outbox[:written]
 
-    async def read_loop(self, handle: Callable[[Worker, bytes, bytes], str | None]) -> str:
-        """Hand each frame to `handle` until it returns a reason to stop; return why ("exit": EOF)."""
+    async def read_loop(
+        self, handle: Callable[[Worker, bytes, bytes], str | None], on_batch: Callable[[], None]
+    ) -> str:
+        """Hand each frame to `handle` until it returns a reason to stop; return why ("exit": EOF).
+
+        `on_batch` is called after the frames of each read.
+        """
         try:
             while True:
                 while (message := self.frames.next()) is not None:
                     reason = handle(self, *message)
                     if reason is not None:
                         return reason
+                on_batch()
                 try:
                     await anyio.wait_readable(self.from_child)
                 except (anyio.ClosedResourceError, OSError):

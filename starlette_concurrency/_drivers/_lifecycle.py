@@ -77,6 +77,7 @@ class Lifecycle:
                         break
             except _protocol.ProtocolError as exc:
                 reason = f"protocol error: {exc}"
+            self._dispatch()  # the answers it wrote freed other calls' turns
         crashed = reason == "exit" or reason.startswith("protocol error")
         if reason == "exit":
             if not await worker.wait_exit_within(1.0):

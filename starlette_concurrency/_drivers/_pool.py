@@ -9,7 +9,7 @@
  await the call's event         busy worker ← one more chunk
                                 (long queue only: window 2)  ◀── answer (id, result) ──────  one per task
                                                               id == first in flight? else protocol error
- outcomes[i] ◀─────────────────────────────────────────────── settle the task's call; dispatch again
+ outcomes[i] ◀─────────────────────────────────────────────── settle its call; dispatch once per read
 ```
 
 A call never owns a worker: its tasks join the queue, and the answers are delivered to it as they
@@ -66,7 +66,7 @@ import anyio.lowlevel
 import sniffio
 
 from .. import _protocol
-from .._closures import ClosureCache
+from .._closures import ClosureCache, Payload
 from .._exceptions import ConcurrencyClosed, WorkerStartFailed
 from .._pickling import decode_outcome, describe_failure, pickle_task
 from .._stats import Stats, TaskCounters
@@ -130,11 +130,16 @@ class Pool(Lifecycle):
     # Calls ---------------------------------------------------------------------------------------
 
     async def execute(self, tasks: Sequence[Task], outcomes: list[Outcome | None], *, background: bool) -> None:
-        payloads = []
-        for number, task in enumerate(tasks):  # all of it before anything is queued: nothing runs if one fails
-            payloads.append(pickle_task(task, self._closures))
-            if number % 256 == 255:  # pickling 20,000 closures takes a while: let the server breathe
+        payloads: list[Payload] = []
+        for start in range(0, len(tasks), 256):  # all of it before anything is queued: nothing runs if one fails
+            if start:  # pickling 20,000 closures takes a while: let the server breathe
                 await anyio.lowlevel.checkpoint()
+            some = tasks[start : start + 256]
+            if len(some) < 4:  # entering a batch costs more than it saves on a few tasks
+                payloads.extend([pickle_task(task, self._closures) for task in some])
+                continue
+            with self._closures.batch():  # no await inside: see ClosureCache.batch
+                payloads.extend([pickle_task(task, self._closures) for task in some])
         self.check_open()
         if not tasks:
             return
@@ -257,7 +262,7 @@ class Pool(Lifecycle):
         if sniffio.current_async_library() == "asyncio":
             import asyncio
 
-            worker.attach(asyncio.get_running_loop(), self._handle, self._gone)
+            worker.attach(asyncio.get_running_loop(), self._handle, self._gone, self._answered)
         else:
             launch(self._tasks, self._serve, worker)
 
@@ -279,7 +284,7 @@ class Pool(Lifecycle):
             async with anyio.create_task_group() as tg:
                 tg.start_soon(worker.write_loop)
                 tg.start_soon(self._watch_exit, worker, tg.cancel_scope)
-                reason = await worker.read_loop(self._handle)
+                reason = await worker.read_loop(self._handle, self._answered)
                 tg.cancel_scope.cancel()
         if worker.retired or worker.scope is not scope:
             return  # retired by the pool, or its loop moved on: not a death
@@ -305,17 +310,20 @@ class Pool(Lifecycle):
             return "idle"
         if tag not in _protocol.ANSWERS:
             raise _protocol.ProtocolError(f"unknown tag {tag!r}")
-        task_id, payload = _protocol.split_answer(body)
-        if not worker.inflight or worker.inflight[0].id != task_id:
+        task_id = _protocol.answer_id(body)
+        inflight = worker.inflight
+        if not inflight or inflight[0].id != task_id:
             raise _protocol.ProtocolError(f"an answer for task id {task_id}, which is not the task in progress")
-        job = worker.inflight.popleft()
-        worker.deferred -= job.call.background
-        worker.frame_sizes[0] -= 1
-        if not worker.frame_sizes[0]:
-            worker.frame_sizes.popleft()
+        job = inflight.popleft()
+        if job.call.background:
+            worker.deferred -= 1
+        sizes = worker.frame_sizes
+        sizes[0] -= 1
+        if not sizes[0]:
+            sizes.popleft()
         worker.tasks_done += 1
         now = time.monotonic()
-        outcome = decode_outcome(tag, payload, job.task)
+        outcome = decode_outcome(tag, memoryview(body)[_protocol.ID_SIZE :], job.task)  # no copy of the body
         self.counters.record(outcome, now - max(job.sent_at, worker.last_answer))
         worker.last_answer = now
         job.call.settle(job.index, outcome)
@@ -323,9 +331,12 @@ class Pool(Lifecycle):
             return "timeout or cancellation"  # it started a task nobody waits for: stop it
         if not worker.inflight and (why := self._due_for_recycle(worker)) is not None:
             return why
+        return None  # the reader calls _answered() once it has handled every frame it read
+
+    def _answered(self) -> None:
+        """After a reader handled the frames of one read: hand the queue to the workers they freed."""
         if self._run or self._deferred:
             self._dispatch()
-        return None
 
     def _due_for_recycle(self, worker: Worker) -> str | None:
         """Say why the worker is due for replacement between tasks ("recycle: ..."), or None."""

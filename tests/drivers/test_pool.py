@@ -16,7 +16,7 @@ import pytest
 
 from starlette_concurrency import Concurrency, TaskTimeout, WorkerCrashed
 from starlette_concurrency._drivers.process import ProcessDriver
-from starlette_concurrency._protocol import OK, answer
+from starlette_concurrency._protocol import HEADER, ID_SIZE, OK, ProtocolError, answer, answer_id
 from starlette_concurrency._tasks import Outcome, Task
 
 from .. import helpers
@@ -233,3 +233,11 @@ def test_the_facade_forwards_a_call_from_another_loop_to_the_loop_hosting_its_po
         assert anyio.run(concurrency.run, lambda: 2) == 2  # no RuntimeError: the facade hands it over
         portal.call(concurrency.aclose)
     assert helpers.worker_children() == []
+
+
+def test_an_answer_names_its_task_or_is_a_protocol_error() -> None:
+    body = answer(OK, 42, b"result")[HEADER.size + 1 :]
+    assert answer_id(body) == 42
+    assert body[ID_SIZE:] == b"result"
+    with pytest.raises(ProtocolError, match="too short to name its task"):
+        answer_id(body[: ID_SIZE - 1])
