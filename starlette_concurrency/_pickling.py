@@ -117,7 +117,8 @@ def decode_outcome(tag: bytes, body: bytes | memoryview, task: Task) -> Outcome:
         if tag == _protocol.ERROR:
             error, traceback = pickle.loads(body)
             if not isinstance(error, Exception):
-                substitute = RemoteError(_qualname(error), _safe_str(error), traceback)
+                name, message = _protocol.exception_type_name(error), _protocol.exception_str(error)
+                substitute = RemoteError(name, message, traceback)
                 return Outcome(error=remote_exception(substitute, traceback))
             return Outcome(error=remote_exception(error, traceback))
         type_name, message, traceback = pickle.loads(body)
@@ -145,15 +146,3 @@ def describe_failure(body: bytes, what: str) -> WorkerStartFailed:
     error = WorkerStartFailed(f"{what}: {type_name}: {message}")
     error.__cause__ = RemoteTraceback(traceback)
     return error
-
-
-def _qualname(exc: BaseException) -> str:
-    cls = type(exc)
-    return cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
-
-
-def _safe_str(exc: BaseException) -> str:
-    try:
-        return str(exc)
-    except Exception:
-        return "<exception str() failed>"

@@ -43,6 +43,8 @@ __all__ = [
     "ProtocolError",
     "answer",
     "answer_id",
+    "exception_str",
+    "exception_type_name",
     "frame",
     "grow_pipe",
     "parse_tasks",
@@ -232,3 +234,17 @@ class FrameBuffer:
         else:
             self._start = end
         return tag, body
+
+
+def exception_type_name(exc: BaseException) -> str:
+    """Name an exception's type as a `RemoteError` does: ``ValueError``, ``myapp.errors.PaymentDeclined``."""
+    cls = type(exc)
+    return cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+
+
+def exception_str(exc: BaseException) -> str:
+    """Return ``str(exc)``, or a placeholder when the exception's own ``__str__`` raises."""
+    try:
+        return str(exc)
+    except BaseException:
+        return "<exception str() failed>"

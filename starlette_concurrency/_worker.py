@@ -206,7 +206,7 @@ def _encode_error(exc: BaseException, dumps: Callable[[Any], bytes]) -> tuple[by
             except BaseException:
                 continue
             return _protocol.ERROR, body
-    return _protocol.REMOTE, pickle.dumps((_qualname(exc), _str(exc), text))
+    return _protocol.REMOTE, pickle.dumps((_protocol.exception_type_name(exc), _protocol.exception_str(exc), text))
 
 
 _BUILTIN_REDUCE = (BaseException.__reduce__, OSError.__reduce__)
@@ -229,19 +229,7 @@ class _ByState:
 
 def _describe(exc: BaseException) -> bytes:
     text = "".join(traceback.format_exception(exc))
-    return pickle.dumps((_qualname(exc), _str(exc), text))
-
-
-def _str(exc: BaseException) -> str:
-    try:
-        return str(exc)
-    except BaseException:
-        return "<exception str() failed>"
-
-
-def _qualname(exc: BaseException) -> str:
-    cls = type(exc)
-    return cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+    return pickle.dumps((_protocol.exception_type_name(exc), _protocol.exception_str(exc), text))
 
 
 def _write(writer: BinaryIO, data: bytes) -> None:

@@ -12,6 +12,7 @@ import anyio.lowlevel
 
 from .._config import Settings
 from .._exceptions import RemoteError
+from .._protocol import exception_str, exception_type_name
 from .._stats import Stats, TaskCounters
 from .._tasks import Outcome, Task
 from .base import Driver
@@ -77,20 +78,8 @@ async def _run(task: Task) -> Outcome:
         raise  # the server's own Ctrl-C
     except BaseException as exc:  # SystemExit, GeneratorExit, ...: as themselves they would unwind the server
         text = "".join(traceback.format_exception(exc))
-        return Outcome(error=RemoteError(_qualname(exc), _str(exc), text))
+        return Outcome(error=RemoteError(exception_type_name(exc), exception_str(exc), text))
     return Outcome(value=value)
-
-
-def _qualname(exc: BaseException) -> str:
-    cls = type(exc)
-    return cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
-
-
-def _str(exc: BaseException) -> str:
-    try:
-        return str(exc)
-    except Exception:
-        return "<exception str() failed>"
 
 
 def create(settings: Settings) -> SyncDriver:
