@@ -36,6 +36,7 @@ __all__ = [
     "OK",
     "READY",
     "REMOTE",
+    "SLOW_IMPORT",
     "START_FAILED",
     "TASKS",
     "UNPICKLABLE",
@@ -72,6 +73,7 @@ ERROR = b"E"  # the task raised; body: pickled (exception, formatted traceback)
 REMOTE = b"X"  # the task raised something that would not round-trip; body: pickled (type name, str, traceback)
 UNPICKLABLE = b"S"  # the task returned something that would not pickle; body: pickled (type name, str, traceback)
 LOAD_FAILED = b"L"  # the task itself would not unpickle here; body: pickled (type name, str, traceback)
+SLOW_IMPORT = b"W"  # before the first answer: loading the first task took long; body: "<seconds> <module>,<module>…"
 ANSWERS = frozenset((OK, ERROR, REMOTE, UNPICKLABLE, LOAD_FAILED))
 
 

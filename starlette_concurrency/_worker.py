@@ -40,6 +40,7 @@ import pickle
 import signal
 import sys
 import threading
+import time
 import traceback
 from collections.abc import Callable
 from typing import Any, BinaryIO
@@ -103,6 +104,7 @@ def main(argv: list[str]) -> int:
     idle_timeout: float | None = config["idle_timeout"]
 
     _write(writer, _protocol.frame(_protocol.READY, str(os.getpid()).encode()))
+    first_task = True
     while True:
         if idle_timeout is not None and not _readable_within(reader, idle_timeout):
             _write(writer, _protocol.frame(_protocol.IDLE_EXIT, b""))
@@ -125,7 +127,11 @@ def main(argv: list[str]) -> int:
         while entries:
             task_id, payload = entries.pop(0)
             try:
-                fn = load_task(payload)
+                if first_task:  # what its imports cost, told to the parent (see SLOW_IMPORT)
+                    first_task = False
+                    fn = _load_timed(payload, writer)
+                else:
+                    fn = load_task(payload)
             except BaseException as exc:
                 tag, body = _protocol.LOAD_FAILED, _describe(exc)
             else:
@@ -133,6 +139,26 @@ def main(argv: list[str]) -> int:
                 del fn
             _flush_stdio()  # before the answer, so that the output shows before run() returns
             _write(writer, _protocol.answer(tag, task_id, body))
+
+
+SLOW_IMPORT_SECONDS = 1.0  # a first task that takes longer than this to load is worth a warning
+
+
+def _load_timed(payload: bytes, writer: BinaryIO) -> Callable[[], Any]:
+    """Load a worker's first task, and tell the parent when its imports took more than a second.
+
+    Loading a task imports the module its function lives in, with everything that module imports
+    (a single-file app's `main.py` and its whole framework, say): a cost every fresh worker pays.
+    """
+    before, began = set(sys.modules), time.perf_counter()
+    try:
+        return load_task(payload)
+    finally:
+        seconds = time.perf_counter() - began
+        if seconds > SLOW_IMPORT_SECONDS:
+            modules = sorted({name.partition(".")[0] for name in set(sys.modules) - before})
+            report = f"{seconds:.2f} {','.join(modules[:12])}".encode("ascii", "replace")
+            _write(writer, _protocol.frame(_protocol.SLOW_IMPORT, report))
 
 
 def die_with_parent(parent: int) -> None:

@@ -113,6 +113,7 @@ class Pool(Lifecycle):
         self._over_memory = over_memory
         self.workers: list[Worker] = []
         self.counters = TaskCounters()
+        self.warned_slow_import = False
         self._run: deque[Job] = deque()
         self._deferred: deque[Job] = deque()
         self._calls: set[Call] = set()
@@ -292,6 +293,23 @@ class Pool(Lifecycle):
         with anyio.CancelScope(shield=True):
             await self._bury(worker, reason)
 
+    def _warn_slow_import(self, worker: Worker, body: bytes) -> None:
+        """Warn once per pool that a worker's first task spent long importing (every fresh worker pays it)."""
+        if self.warned_slow_import:
+            return
+        self.warned_slow_import = True
+        seconds, _, modules = body.decode("ascii", "replace").partition(" ")
+        logger.warning(
+            "a %s worker (pid %d) spent %s s importing before its first task could run (modules: %s); every "
+            "fresh worker pays this: preload them (preload=[...]) so that workers import them at start-up, or "
+            "keep task functions in a module that imports little",
+            self.name,
+            worker.pid,
+            seconds,
+            modules or "?",
+            extra={"driver": self.name, "worker_pid": worker.pid},
+        )
+
     async def _watch_exit(self, worker: Worker, scope: anyio.CancelScope) -> None:
         await worker.wait_exit()
         scope.cancel()
@@ -308,6 +326,9 @@ class Pool(Lifecycle):
             raise _protocol.ProtocolError(f"{tag!r} before READY")
         if tag == _protocol.IDLE_EXIT:
             return "idle"
+        if tag == _protocol.SLOW_IMPORT:
+            self._warn_slow_import(worker, body)
+            return None
         if tag not in _protocol.ANSWERS:
             raise _protocol.ProtocolError(f"unknown tag {tag!r}")
         task_id = _protocol.answer_id(body)

@@ -241,3 +241,16 @@ def test_an_answer_names_its_task_or_is_a_protocol_error() -> None:
     assert body[ID_SIZE:] == b"result"
     with pytest.raises(ProtocolError, match="too short to name its task"):
         answer_id(body[: ID_SIZE - 1])
+
+
+async def test_a_first_task_that_spends_long_importing_warns_once(caplog: pytest.LogCaptureFixture) -> None:
+    from .. import slow_import_target  # the parent imports it once (1.2 s); each fresh worker does too
+
+    caplog.set_level(logging.WARNING, logger="starlette_concurrency")
+    async with Concurrency(driver=ProcessDriver(1, max_tasks_per_worker=1), env_file=None) as concurrency:
+        assert await concurrency.run(slow_import_target.answer) == 42
+        assert await concurrency.run(slow_import_target.answer) == 42  # a fresh worker, which imports it again
+    slow = [record for record in caplog.records if "importing before its first task" in record.getMessage()]
+    assert len(slow) == 1, [record.getMessage() for record in caplog.records]
+    assert "tests" in slow[0].getMessage()  # names what it imported
+    assert "preload" in slow[0].getMessage()  # and says what to do
