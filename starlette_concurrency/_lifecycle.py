@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Mapping
 from contextlib import AsyncExitStack
 from contextvars import ContextVar
 from types import TracebackType
@@ -21,8 +22,9 @@ from ._tasks import Outcome
 
 __all__ = ["Lifecycle"]
 
-# The lifespan a task entered as the host, so that its exit closes what its entry opened.
-_hosting: ContextVar[tuple[Core, AsyncExitStack] | None] = ContextVar("starlette_concurrency.hosting", default=None)
+# The facades whose pool this task hosts (entered with `async with` here), each with what closes it: a
+# mapping, since one task may host several facades (`async with a, b:`); replaced, never mutated.
+_hosting: ContextVar[Mapping[Core, AsyncExitStack] | None] = ContextVar("starlette_concurrency.hosting", default=None)
 
 
 class Lifecycle:
@@ -79,7 +81,7 @@ class Lifecycle:
                         core.claimed = None
                         core.hosted.notify_all()
                     raise _single(exc) from None
-                _hosting.set((core, stack))
+                _hosting.set({**(_hosting.get() or {}), core: stack})
             else:
                 # Another lifespan hosts the pool: only check that the default driver starts.
                 host = core.live_host() or core.ensure_host()
@@ -102,10 +104,10 @@ class Lifecycle:
     ) -> None:
         """Leave: the last one out drains deferred work and stops the workers (not started again)."""
         core = self._core
-        hosting = _hosting.get()
-        if hosting is not None and hosting[0] is core:
-            _hosting.set(None)
-            await hosting[1].aclose()
+        hosting = _hosting.get() or {}
+        if core in hosting:
+            _hosting.set({other: stack for other, stack in hosting.items() if other is not core})
+            await hosting[core].aclose()
         with core.lock:
             core.users -= 1
             last = core.users <= 0

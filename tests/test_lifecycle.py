@@ -265,3 +265,15 @@ def test_defer_from_a_background_task_follows_its_request(tmp_path: Path) -> Non
         assert http.get("/", params={"code": 500}).status_code == 500
         concurrency.wait_deferred_blocking(timeout=30)
     assert [path.name for path in tmp_path.iterdir()] == ["after-200"]  # the 500's was skipped, as its batch
+
+
+@pytest.mark.anyio
+async def test_one_task_hosting_several_facades_closes_each_of_them() -> None:
+    first, second = Concurrency(workers=1, env_file=None), Concurrency(workers=1, env_file=None)
+    async with first, second:  # the same task enters both as their host
+        assert await first.run(lambda: 1) == 1
+        assert await second.run(lambda: 2) == 2
+        assert len(helpers.worker_children()) == 2
+    assert helpers.worker_children() == []  # each exit closed its own facade's workers
+    assert await first.run(lambda: 3) == 3  # and each is back to not started: usable again
+    await first.aclose()
