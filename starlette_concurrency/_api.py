@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import functools
 import math
@@ -12,13 +11,13 @@ from typing import Any, Literal, TypeVar, overload
 
 import anyio
 import anyio.to_thread
-import sniffio
 
 from ._config import Settings, positive
 from ._core import Core, DriverFactory
-from ._deferred import Deferred, DisconnectWatch, RequestBatch
+from ._deferred import Deferred, RequestBatch
+from ._disconnect import watched
 from ._drivers.base import Driver
-from ._exceptions import ClientDisconnected, ConfigurationError, DriverError, TaskTimeout
+from ._exceptions import ConfigurationError, DriverError, TaskTimeout
 from ._host import refuse_in_event_loop
 from ._lifecycle import Lifecycle
 from ._pickling import dumps_task
@@ -26,8 +25,6 @@ from ._stats import Stats
 from ._tasks import Batch, Outcome, Tasks
 
 __all__ = ["Concurrency", "DriverFactory"]
-
-_WATCH_AFTER = 0.02  # seconds a request's run() goes unwatched for its client's disconnect (see _watched)
 
 T = TypeVar("T")
 K = TypeVar("K")
@@ -259,7 +256,7 @@ class Concurrency(Lifecycle):
         request = self._core.work.current.get()
         watch = request.disconnect if request is not None else None
         if watch is not None and watch.applies():
-            outcomes = await self._watched(call, watch)
+            outcomes = await watched(functools.partial(self._dispatch, call), watch)
         else:
             outcomes = await self._dispatch(call)
         return batch.results(outcomes, return_exceptions=return_exceptions)
@@ -275,41 +272,6 @@ class Concurrency(Lifecycle):
         if host.here():
             return await call()
         return await host.portal.call_async(call)
-
-    async def _watched(self, call: Callable[[], Awaitable[list[Outcome]]], watch: DisconnectWatch) -> list[Outcome]:
-        if sniffio.current_async_library() == "asyncio":
-            return await self._watched_on_asyncio(call, watch)
-        outcomes: list[Outcome] | None = None
-        async with anyio.create_task_group() as task_group:
-            task_group.start_soon(watch.watch, task_group.cancel_scope)
-            outcomes = await self._dispatch(call)
-            task_group.cancel_scope.cancel()
-        return _not_disconnected(outcomes)
-
-    async def _watched_on_asyncio(
-        self, call: Callable[[], Awaitable[list[Outcome]]], watch: DisconnectWatch
-    ) -> list[Outcome]:
-        # Most calls end within a few milliseconds, sooner than a watcher task would cost to start and
-        # stop (a third of the throughput of a busy server): the watch starts only if the call is still
-        # running after _WATCH_AFTER. A timer handle costs next to nothing.
-        loop = asyncio.get_running_loop()
-        watcher: asyncio.Task[None] | None = None
-        outcomes: list[Outcome] | None = None
-        with anyio.CancelScope() as scope:
-
-            def start_watching() -> None:
-                nonlocal watcher
-                watcher = loop.create_task(watch.watch(scope))
-
-            timer = loop.call_later(_WATCH_AFTER, start_watching)
-            try:
-                outcomes = await self._dispatch(call)
-            finally:
-                timer.cancel()
-                if watcher is not None:
-                    watcher.cancel()
-                    await asyncio.wait([watcher])  # it releases the request's receive() before the app reads on
-        return _not_disconnected(outcomes)
 
     async def _execute(self, batch: Batch, timeout: float | None) -> list[Outcome]:
         """Run a batch on the host loop: start the driver, apply the timeout, check every outcome."""
@@ -504,12 +466,3 @@ class Concurrency(Lifecycle):
         driver = self._core.drivers.get(self._name)
         stats = driver.stats() if driver is not None else Stats(driver=self._name)
         return dataclasses.replace(stats, deferred_pending=self._core.pending)
-
-
-def _not_disconnected(outcomes: list[Outcome] | None) -> list[Outcome]:
-    if outcomes is None:
-        raise ClientDisconnected(
-            "the client went away while run() was running: its tasks were stopped. Nothing needs doing; "
-            "pass cancel_on_disconnect=False to ConcurrencyMiddleware to let such calls finish"
-        )
-    return outcomes
