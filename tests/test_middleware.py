@@ -268,3 +268,52 @@ async def test_the_fastapi_example_runs_and_defers(tmp_path: Path, monkeypatch: 
     assert {body["users"]["pid"], body["primes"]["pid"]}.isdisjoint({os.getpid()})
     [reported] = [json.loads(line) for line in metrics.read_text().splitlines()]  # drained at shutdown
     assert reported["metric"] == "fastapi.dashboard"
+
+
+async def test_a_client_that_leaves_stops_its_run_call_on_any_event_loop(tmp_path: Path) -> None:
+    # The uvicorn tests cover asyncio under a real server; this one drives the middleware by hand, so
+    # that trio's path (a watcher task from the start) is covered as well as asyncio's (a timer first).
+    concurrency = Concurrency(workers=1, env_file=None)
+    marker = tmp_path / "ran"
+
+    async def endpoint(request: Request) -> Response:
+        await concurrency.run(functools.partial(helpers.sleep_then_touch, marker, 20))
+        return PlainTextResponse("finished")  # pragma: no cover - the client left before
+
+    app = ConcurrencyMiddleware(Starlette(routes=[Route("/", endpoint)]), concurrency=concurrency)
+    pending: list[Message] = [{"type": "http.request", "body": b"", "more_body": False}]
+
+    async def receive() -> Message:
+        if pending:
+            return pending.pop(0)
+        await anyio.sleep(0.5)  # the client leaves half a second in
+        return {"type": "http.disconnect"}
+
+    sent: list[Message] = []
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    scope: Scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": "/",
+        "raw_path": b"/",
+        "root_path": "",
+        "query_string": b"",
+        "headers": [],
+        "server": ("127.0.0.1", 80),
+        "client": ("127.0.0.1", 1234),
+    }
+    try:
+        with anyio.fail_after(60):
+            await app(scope, receive, send)  # returns once the call was stopped, not after 20 s
+        assert not marker.exists()  # the task was stopped: it never touched its marker
+        # Starlette's error middleware answers the stopped call with a 500, to a client that is gone.
+        assert [message.get("status") for message in sent if message["type"] == "http.response.start"] == [500]
+    finally:
+        await concurrency.aclose()
+    assert helpers.worker_children() == []
