@@ -1,11 +1,9 @@
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,7 +91,7 @@ def dask_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaskClust
                           "--scheduler-file", str(scheduler_file))  # fmt: skip
         workers: list[subprocess.Popen[bytes]] = []
         try:
-            address = _scheduler_address(scheduler_file, scheduler)
+            address = helpers.scheduler_address(scheduler_file, scheduler)
             for n in range(2):
                 workers.append(spawn("worker", address, "--host", "127.0.0.1", "--nthreads", "1", "--no-dashboard",
                                      "--name", f"worker-{n}"))  # fmt: skip
@@ -111,15 +109,3 @@ def dask_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaskClust
                     except subprocess.TimeoutExpired:
                         process.kill()
                         process.wait()
-
-
-def _scheduler_address(scheduler_file: Path, scheduler: subprocess.Popen[bytes]) -> str:
-    deadline = time.monotonic() + 60
-    while scheduler.poll() is None and time.monotonic() < deadline:
-        try:
-            address: str = json.loads(scheduler_file.read_text())["address"]
-        except (OSError, ValueError, KeyError):  # not written yet, or half written
-            time.sleep(0.05)
-        else:
-            return address
-    raise RuntimeError(f"the dask scheduler did not start (exit code {scheduler.poll()})")

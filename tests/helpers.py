@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -346,3 +348,16 @@ def exit_worker(code: int) -> None:
 
 def interrupt() -> None:
     raise KeyboardInterrupt
+
+
+def scheduler_address(scheduler_file: Path, scheduler: subprocess.Popen[bytes]) -> str:
+    """Wait for a `dask scheduler --scheduler-file` process to write its address, and return it."""
+    deadline = time.monotonic() + 60
+    while scheduler.poll() is None and time.monotonic() < deadline:
+        try:
+            address: str = json.loads(scheduler_file.read_text())["address"]
+        except (OSError, ValueError, KeyError):  # not written yet, or half written
+            time.sleep(0.05)
+        else:
+            return address
+    raise RuntimeError(f"the dask scheduler did not start (exit code {scheduler.poll()})")

@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,8 @@ from distributed.security import Security
 
 from starlette_concurrency import Concurrency, ConcurrencyError, ConfigurationError
 from starlette_concurrency._drivers.dask import DaskDriver
+
+from .. import helpers
 
 pytestmark = pytest.mark.anyio
 
@@ -237,7 +238,7 @@ def tls_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str,
         try:
             scheduler = spawn("scheduler", "--protocol", "tls", "--host", "127.0.0.1", "--port", "0",
                               "--no-dashboard", "--scheduler-file", str(scheduler_file), *tls)  # fmt: skip
-            address = _address_from(scheduler_file, scheduler)
+            address = helpers.scheduler_address(scheduler_file, scheduler)
             spawn("worker", address, "--host", "127.0.0.1", "--nthreads", "1", "--no-dashboard", *tls)
             yield address, files
         finally:
@@ -248,18 +249,6 @@ def tls_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str,
                 except subprocess.TimeoutExpired:
                     process.kill()
                     process.wait()
-
-
-def _address_from(scheduler_file: Path, scheduler: subprocess.Popen[bytes]) -> str:
-    deadline = time.monotonic() + 60
-    while scheduler.poll() is None and time.monotonic() < deadline:
-        try:
-            address: str = json.loads(scheduler_file.read_text())["address"]
-        except (OSError, ValueError, KeyError):  # not written yet, or half written
-            time.sleep(0.05)
-        else:
-            return address
-    raise RuntimeError(f"the TLS dask scheduler did not start (exit code {scheduler.poll()})")
 
 
 async def test_an_external_tls_cluster_with_a_security_argument(tls_cluster: tuple[str, dict[str, Path]]) -> None:
