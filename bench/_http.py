@@ -163,33 +163,25 @@ def mixed(base: str, args: argparse.Namespace, generator: str) -> dict[str, floa
         drain(base, args.drain_timeout)
 
 
+LABELS = {
+    "/plain": "no work (reference)",
+    "/run/ours": "concurrency.run()",
+    "/run/ppe": "run_in_executor(ProcessPoolExecutor)",
+    "/run/anyio": "anyio.to_process.run_sync",
+    "/defer": "concurrency.defer()",
+    "/background": "Starlette BackgroundTasks",
+}
+
+
+def _row(label: str, m: Measured) -> list[str]:
+    """One line of a closed-loop table: label, req/s, p50, p99, errors."""
+    return [label, fmt(m.get("rps"), 0), fmt(m.get("p50_ms"), 2), fmt(m.get("p99_ms"), 2), f"{m.total('errors'):.0f}"]
+
+
 def report_phase1(args: argparse.Namespace, runs: dict[str, Measured], busy: Measured) -> None:
-    labels = {
-        "/plain": "no work (reference)",
-        "/run/ours": "concurrency.run()",
-        "/run/ppe": "run_in_executor(ProcessPoolExecutor)",
-        "/run/anyio": "anyio.to_process.run_sync",
-    }
     print(f"\nrun() of two trivial closures per request, {args.connections} connections:\n")
-    rows = [
-        [
-            f"{endpoint} — {labels[endpoint]}",
-            fmt(m.get("rps"), 0),
-            fmt(m.get("p50_ms"), 2),
-            fmt(m.get("p99_ms"), 2),
-            f"{m.total('errors'):.0f}",
-        ]
-        for endpoint, m in runs.items()
-    ]
-    rows.append(
-        [
-            f"/run/ours beside deferred work ({args.mixed_rate:g} x /defer per s)",
-            fmt(busy.get("rps"), 0),
-            fmt(busy.get("p50_ms"), 2),
-            fmt(busy.get("p99_ms"), 2),
-            f"{busy.total('errors'):.0f}",
-        ]
-    )
+    rows = [_row(f"{endpoint} — {LABELS[endpoint]}", m) for endpoint, m in runs.items()]
+    rows.append(_row(f"/run/ours beside deferred work ({args.mixed_rate:g} x /defer per s)", busy))
     print(table(["endpoint", "req/s", "p50 ms", "p99 ms", "errors"], rows))
     ours, plain, aio = runs["/run/ours"], runs["/plain"], runs["/run/anyio"]
     print(f"\nGoals at {args.connections} connections:")
@@ -215,24 +207,7 @@ def report(args: argparse.Namespace, generator: str, runs: dict[str, Measured], 
     if args.load_at_start > 0.5:
         print(f"WARNING: the machine was busy before the run (load average {args.load_at_start:.2f}).")
     print("\nrun() of two trivial closures per request:\n")
-    labels = {
-        "/plain": "no work (reference)",
-        "/run/ours": "concurrency.run()",
-        "/run/ppe": "run_in_executor(ProcessPoolExecutor)",
-        "/run/anyio": "anyio.to_process.run_sync",
-        "/defer": "concurrency.defer()",
-        "/background": "Starlette BackgroundTasks",
-    }
-    rows = [
-        [
-            f"{endpoint} — {labels[endpoint]}",
-            fmt(m.get("rps"), 0),
-            fmt(m.get("p50_ms"), 2),
-            fmt(m.get("p99_ms"), 2),
-            f"{m.total('errors'):.0f}",
-        ]
-        for endpoint, m in runs.items()
-    ]
+    rows = [_row(f"{endpoint} — {LABELS[endpoint]}", m) for endpoint, m in runs.items()]
     print(table(["endpoint", "req/s", "p50 ms", "p99 ms", "errors"], rows))
     ours, ppe, aio = runs["/run/ours"], runs["/run/ppe"], runs["/run/anyio"]
     print("\nours / peer:\n")
@@ -262,7 +237,7 @@ def report(args: argparse.Namespace, generator: str, runs: dict[str, Measured], 
     print(f"\nDeferred work, open loop at {args.rate:g} requests/s:\n")
     rows = [
         [
-            f"{endpoint} — {labels[endpoint]}",
+            f"{endpoint} — {LABELS[endpoint]}",
             fmt(m.get("rps"), 0),
             fmt(m.get("p50_ms"), 2),
             fmt(m.get("p99_ms"), 2),
