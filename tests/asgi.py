@@ -148,3 +148,16 @@ def uvicorn(app: str, log: Path, env: dict[str, str] | None = None, *options: st
         yield server
     finally:
         server.stop()
+
+
+@contextmanager
+def example_server(tmp_path: Path) -> Iterator[Server]:
+    """Serve `examples/app.py` with a 2-worker process pool, its logs and activity notes under `tmp_path`."""
+    env = {
+        "EXAMPLE_METRICS_LOG": str(tmp_path / "metrics.log"),
+        "EXAMPLE_ACTIVITY_DIR": str(tmp_path / "activity"),
+        "CONCURRENCY_WORKERS": "2",
+        "CONCURRENCY_DRIVER": "process",
+    }
+    with uvicorn("examples.app:app", tmp_path / "example.log", env) as server:
+        yield server

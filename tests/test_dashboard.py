@@ -15,7 +15,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from .asgi import Server, uvicorn
+from .asgi import Server, example_server
 
 CHROMIUM = "/usr/bin/chromium"
 # No sandbox: the tests run as root in a container; nothing of the browser's own reaches the network.
@@ -41,13 +41,7 @@ def chromium() -> str:
 
 @pytest.fixture
 def example(tmp_path: Path) -> Iterator[Server]:
-    env = {
-        "EXAMPLE_METRICS_LOG": str(tmp_path / "metrics.log"),
-        "EXAMPLE_ACTIVITY_DIR": str(tmp_path / "activity"),
-        "CONCURRENCY_WORKERS": "2",
-        "CONCURRENCY_DRIVER": "process",
-    }
-    with uvicorn("examples.app:app", tmp_path / "example.log", env) as server:
+    with example_server(tmp_path) as server:
         yield server
 
 

@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from starlette_concurrency import Concurrency, TaskTimeout, WorkerCrashed
 
 from . import helpers
-from .asgi import uvicorn
+from .asgi import example_server
 
 pytestmark = pytest.mark.anyio
 
@@ -111,13 +111,7 @@ async def test_the_process_pool_counts_its_restarts(tmp_path: Path) -> None:
 
 
 def test_the_example_reports_the_pools_counters(tmp_path: Path) -> None:
-    env = {
-        "EXAMPLE_METRICS_LOG": str(tmp_path / "metrics.log"),
-        "EXAMPLE_ACTIVITY_DIR": str(tmp_path / "activity"),
-        "CONCURRENCY_WORKERS": "2",
-        "CONCURRENCY_DRIVER": "process",
-    }
-    with uvicorn("examples.app:app", tmp_path / "example.log", env) as example:
+    with example_server(tmp_path) as example:
         assert httpx.post(f"{example.url}/api/work/run", timeout=60).status_code == 200
         assert httpx.post(f"{example.url}/api/work/crash", timeout=60).status_code == 200
         stats = httpx.get(f"{example.url}/api/stats", timeout=30).json()["stats"]
