@@ -11,25 +11,49 @@ from pathlib import Path
 
 import anyio
 
-# The tasks the driver contract kit runs serve these tests too (workers import them by reference).
-from starlette_concurrency._contract_tasks import (
-    Counter as Counter,
-    add as add,
-    async_sleep_then as async_sleep_then,
-    fail as fail,
-    fail_later as fail_later,
-    identity as identity,
-    pid as pid,
-    sleep_then as sleep_then,
-    sleep_then_touch as sleep_then_touch,
-)
-
 
 async def eventually(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
     """Wait until `predicate()` holds (polling: files and processes have no event to wait on)."""
     with anyio.fail_after(timeout):
         while not predicate():  # noqa: ASYNC110
             await anyio.sleep(0.02)
+
+
+def identity(value: object) -> object:
+    return value
+
+
+def pid() -> int:
+    return os.getpid()
+
+
+def add(a: int, b: int) -> int:
+    return a + b
+
+
+def fail(message: str) -> None:
+    raise ValueError(message)
+
+
+async def fail_later(message: str, seconds: float) -> None:
+    await anyio.sleep(seconds)
+    raise LookupError(message)
+
+
+def sleep_then(value: object, seconds: float) -> object:
+    time.sleep(seconds)
+    return value
+
+
+async def async_sleep_then(value: object, seconds: float) -> object:
+    await anyio.sleep(seconds)
+    return value
+
+
+async def sleep_then_touch(path: Path, seconds: float) -> None:
+    """Cooperative (so that the `sync` driver can be cancelled too), with a side effect to look for."""
+    await anyio.sleep(seconds)
+    await anyio.Path(path).write_text("ran")
 
 
 def crash(code: int) -> None:
@@ -41,6 +65,14 @@ def burn(n: int) -> int:
     for i in range(n):
         total += i
     return total
+
+
+class Counter:
+    def __init__(self, start: int) -> None:
+        self.start = start
+
+    def next(self) -> int:
+        return self.start + 1
 
 
 class TwoArgumentError(Exception):
@@ -74,18 +106,18 @@ def worker_children() -> list[int]:
     return pids
 
 
-def gone(process_id: int) -> bool:
+def gone(pid: int) -> bool:
     """True once the process has exited (a zombie waiting for a parent that no longer exists counts)."""
     import psutil
 
     try:
         # A child of ours: exited means waitable. /proc shows a killed process as a zombie as soon as
         # its main thread is gone, but waitpid() reports it only once its other threads are gone too.
-        return os.waitid(os.P_PID, process_id, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
     except ChildProcessError:
         pass  # not our child (a worker of a server we started), or reaped already
     try:
-        return bool(psutil.Process(process_id).status() == psutil.STATUS_ZOMBIE)
+        return bool(psutil.Process(pid).status() == psutil.STATUS_ZOMBIE)
     except psutil.NoSuchProcess:
         return True
 
