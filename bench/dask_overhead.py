@@ -23,6 +23,8 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 
+from starlette_concurrency import DaskOptions
+
 # `python bench/dask_overhead.py` puts bench/ first on sys.path; import the helpers as the `bench` package.
 _BENCH = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [os.path.dirname(_BENCH), *(p for p in sys.path if os.path.abspath(p or os.curdir) != _BENCH)]
@@ -52,7 +54,7 @@ async def measure(calls: int, tasks: int, rounds: int) -> None:
         asynchronous=True,
     )
     client = await distributed.Client(cluster, asynchronous=True, set_as_default=False)  # type: ignore[no-untyped-call]
-    concurrency = Concurrency(driver="dask", dask_address=cluster.scheduler_address, env_file=None)
+    concurrency = Concurrency(driver="dask", options=DaskOptions(address=cluster.scheduler_address), env_file=None)
     try:
         async with concurrency:
 

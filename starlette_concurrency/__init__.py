@@ -30,6 +30,7 @@ from ._exceptions import (
     WrongContext,
 )
 from ._middleware import ConcurrencyMiddleware
+from ._options import DaskOptions, DriverOptions, ProcessOptions
 from ._stats import Stats
 from ._tasks import Outcome, Task
 from ._wsgi import ConcurrencyWSGIMiddleware
@@ -44,11 +45,14 @@ __all__ = [
     "ConcurrencyMiddleware",
     "ConcurrencyWSGIMiddleware",
     "ConfigurationError",
+    "DaskOptions",
     "DeferralRejected",
     "Driver",
     "DriverError",
     "DriverFactory",
+    "DriverOptions",
     "Outcome",
+    "ProcessOptions",
     "RemoteError",
     "RemoteTraceback",
     "RequestBatch",

@@ -6,13 +6,15 @@ import dataclasses
 import functools
 import math
 import os
+import warnings
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from typing import Any, Literal, TypeVar, overload
+from typing import Any, Literal, TypedDict, TypeVar, Unpack, overload
 
 import anyio
 import anyio.to_thread
 
-from ._config import Settings, positive
+from ._checks import positive
+from ._config import Settings, options_list
 from ._core import Core, DriverFactory
 from ._deferred import Deferred, RequestBatch
 from ._disconnect import watched
@@ -20,6 +22,7 @@ from ._drivers.base import Driver
 from ._exceptions import ConfigurationError, DriverError, TaskTimeout
 from ._host import refuse_in_event_loop
 from ._lifecycle import Lifecycle
+from ._options import DaskOptions, DriverOptions, ProcessOptions
 from ._pickling import dumps_task
 from ._stats import Stats
 from ._tasks import Batch, Outcome, Tasks
@@ -47,13 +50,12 @@ class Concurrency(Lifecycle):
             ``CONCURRENCY_DRAIN_TIMEOUT``, else the default of `Settings.drain_timeout`.
         max_pending_deferred: how many deferred tasks may be pending at once; past it `defer()`
             raises `DeferralRejected`. Default: no bound.
-        max_tasks_per_worker: `process`: replace a worker after it ran this many tasks.
-        idle_timeout: `process`: seconds after which an idle worker exits (restarted on demand).
-        max_worker_memory: `process`: bytes of resident memory past which a worker is replaced.
-        initializer: `process`: a zero-argument callable each worker runs once at start-up.
-        preload: `process`: modules each worker imports at start-up.
-        dask_address: `dask`: the scheduler address. Default: ``CONCURRENCY_DASK_ADDRESS``, else an
-            embedded LocalCluster.
+        options: a driver's options object, or a list of them (one per driver): `ProcessOptions`
+            (worker recycling, idle timeout, memory ceiling, initializer, preload), `DaskOptions` (the
+            scheduler address and TLS), or a custom driver's `DriverOptions`. Each is checked when it
+            is made; the facade hands them to the drivers' factories in `Settings.options`.
+            (Release 1's keywords, ``max_tasks_per_worker=`` ... ``dask_address=``, still work, with
+            a `DeprecationWarning`.)
         env_file: a `.env` file to read ``CONCURRENCY_*`` settings from (real environment variables
             take precedence). A missing default ``.env`` is ignored; a missing file given explicitly
             warns.
@@ -79,29 +81,20 @@ class Concurrency(Lifecycle):
         timeout: float | None = None,
         drain_timeout: float | None = None,
         max_pending_deferred: int | None = None,
-        max_tasks_per_worker: int | None = None,
-        idle_timeout: float | None = None,
-        max_worker_memory: int | None = None,
-        initializer: Callable[[], object] | None = None,
-        preload: Sequence[str] = (),
-        dask_address: str | None = None,
+        options: DriverOptions | Iterable[DriverOptions] = (),
         env_file: str | os.PathLike[str] | None = ".env",
+        **deprecated: Unpack[DeprecatedKeywords],
     ) -> None:
         if driver is not None and not isinstance(driver, str | Driver):
             raise ConfigurationError(f"driver must be a driver name or a Driver instance, not {type(driver).__name__}")
         settings = Settings.resolve(
             env_file,
+            _deprecated_options(options_list(options), dict(deprecated)),
             driver=driver if isinstance(driver, str) else None,
             workers=workers,
             timeout=timeout,
             drain_timeout=drain_timeout,
             max_pending_deferred=max_pending_deferred,
-            max_tasks_per_worker=max_tasks_per_worker,
-            idle_timeout=idle_timeout,
-            max_worker_memory=max_worker_memory,
-            initializer=initializer,
-            preload=preload,
-            dask_address=dask_address,
         )
         self._core = Core(settings, driver if isinstance(driver, Driver) else settings.driver)
         self._name = self._core.default
@@ -466,3 +459,48 @@ class Concurrency(Lifecycle):
         driver = self._core.drivers.get(self._name)
         stats = driver.stats() if driver is not None else Stats(driver=self._name)
         return dataclasses.replace(stats, deferred_pending=self._core.pending)
+
+
+class DeprecatedKeywords(TypedDict, total=False):
+    """Release 1's keywords of `Concurrency`, each now a field of a driver's options object."""
+
+    max_tasks_per_worker: int | None
+    idle_timeout: float | None
+    max_worker_memory: int | None
+    initializer: Callable[[], object] | None
+    preload: Sequence[str]
+    dask_address: str | None
+
+
+# Where each of them went: accepted, with a DeprecationWarning, until the next release.
+_DEPRECATED_KEYWORDS: dict[str, tuple[type[DriverOptions], str]] = {
+    "max_tasks_per_worker": (ProcessOptions, "max_tasks_per_worker"),
+    "idle_timeout": (ProcessOptions, "idle_timeout"),
+    "max_worker_memory": (ProcessOptions, "max_worker_memory"),
+    "initializer": (ProcessOptions, "initializer"),
+    "preload": (ProcessOptions, "preload"),
+    "dask_address": (DaskOptions, "address"),
+}
+
+
+def _deprecated_options(options: list[DriverOptions], keywords: dict[str, Any]) -> list[DriverOptions]:
+    """Turn release 1's keywords (``max_tasks_per_worker=``, ``dask_address=``...) into options objects."""
+    fields: dict[type[DriverOptions], dict[str, Any]] = {}
+    for keyword, value in keywords.items():
+        if keyword not in _DEPRECATED_KEYWORDS:
+            raise TypeError(f"Concurrency() got an unexpected keyword argument {keyword!r}")
+        kind, name = _DEPRECATED_KEYWORDS[keyword]
+        if value is not None:
+            fields.setdefault(kind, {})[name] = value
+    for kind, values in fields.items():
+        if any(isinstance(item, kind) for item in options):
+            raise ConfigurationError(f"give {kind.__name__} either in options= or as keywords, not both")
+        options.append(kind(**values))  # checked before the warning: a wrong value is an error first
+    for keyword in keywords:
+        kind, name = _DEPRECATED_KEYWORDS[keyword]
+        warnings.warn(
+            f"Concurrency({keyword}=...) is deprecated; pass options={kind.__name__}({name}=...)",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+    return options

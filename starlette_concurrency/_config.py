@@ -2,32 +2,34 @@
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import functools
 import math
 import os
-import re
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 from starlette.config import Config
 
+from ._checks import check_dask_address, positive
 from ._exceptions import ConfigurationError
+from ._options import DaskOptions, DriverOptions
 
 __all__ = [
     "KNOWN_VARIABLES",
     "Settings",
-    "check_dask_address",
     "check_workers",
     "default_workers",
-    "positive",
+    "options_list",
     "usable_cpus",
 ]
 
 T = TypeVar("T", int, float)
+OptionsT = TypeVar("OptionsT", bound=DriverOptions)
 
 # Every variable this package reads. A `CONCURRENCY_*` name not listed here is most likely a typo.
 KNOWN_VARIABLES = {
@@ -139,35 +141,6 @@ def check_workers(name: str, value: Any) -> int | None:
     return workers
 
 
-_DASK_ADDRESS = re.compile(r"(?:[A-Za-z][A-Za-z0-9+.-]*://)?(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5})")
-
-
-def check_dask_address(name: str, value: Any) -> str | None:
-    """Check the form of a Dask scheduler address: ``scheme://host:port`` or ``host:port``.
-
-    Args:
-        name: the argument or variable the value came from, for the error message.
-        value: the address, or ``None`` for an embedded cluster.
-
-    Returns:
-        The address without surrounding blanks, or ``None``.
-
-    Raises:
-        ConfigurationError: naming `name` and the value.
-    """
-    if value is None:
-        return None
-    if not isinstance(value, str):
-        raise ConfigurationError(f"{name} must be a string such as 'tcp://host:8786', not {type(value).__name__}")
-    address = value.strip()
-    match = _DASK_ADDRESS.fullmatch(address)
-    if match is None or not 0 < int(match.group(1)) < 65536:
-        raise ConfigurationError(
-            f"{name} must look like 'tcp://host:8786' or 'host:8786' (scheme://host:port), got {value!r}"
-        )
-    return address
-
-
 @dataclass(frozen=True, slots=True)
 class Settings:
     """The resolved configuration of a `Concurrency`, handed to every driver factory.
@@ -178,12 +151,7 @@ class Settings:
         timeout: the default timeout of a `run()` call and of a deferred batch, in seconds.
         drain_timeout: how long shutdown waits for deferred work before abandoning it, in seconds.
         max_pending_deferred: how many deferred tasks may be pending at once (``None``: no bound).
-        max_tasks_per_worker: `process` driver: replace a worker after this many tasks.
-        idle_timeout: `process` driver: seconds after which an idle worker exits.
-        max_worker_memory: `process` driver: bytes of RSS past which a worker is replaced.
-        initializer: `process` driver: a callable each worker runs once at start-up.
-        preload: `process` driver: modules each worker imports at start-up.
-        dask_address: `dask` driver: the scheduler's address (``None``: an embedded LocalCluster).
+        options: the drivers' options objects, one per type; read them with `options_for()`.
     """
 
     driver: str = "process"
@@ -191,20 +159,32 @@ class Settings:
     timeout: float | None = None
     drain_timeout: float = 20.0
     max_pending_deferred: int | None = None
-    max_tasks_per_worker: int | None = None
-    idle_timeout: float | None = None
-    max_worker_memory: int | None = None
-    initializer: Callable[[], object] | None = None
-    preload: Sequence[str] = ()
-    dask_address: str | None = None
+    options: tuple[DriverOptions, ...] = ()
+
+    def options_for(self, kind: type[OptionsT]) -> OptionsT:
+        """Return the options of type `kind` the facade was given, or `kind`'s defaults.
+
+        Args:
+            kind: a `DriverOptions` subclass, e.g. `ProcessOptions` or a custom driver's own.
+        """
+        for options in self.options:
+            if isinstance(options, kind):
+                return options
+        return kind()
 
     @classmethod
-    def resolve(cls, env_file: str | os.PathLike[str] | None, **arguments: Any) -> Settings:
+    def resolve(
+        cls,
+        env_file: str | os.PathLike[str] | None,
+        options: DriverOptions | Iterable[DriverOptions] = (),
+        **arguments: Any,
+    ) -> Settings:
         """Fill the arguments left as ``None`` from the environment, then from defaults; check them all.
 
         Args:
             env_file: a `.env` file to read. Missing, it is skipped: silently when it is the default
                 ``".env"``, with a warning when it was named explicitly.
+            options: a driver's options object, or several, at most one of each type.
             arguments: the `Concurrency` arguments, ``None`` where not given.
 
         Returns:
@@ -227,29 +207,52 @@ class Settings:
         workers = check_workers("workers", arguments.get("workers")) or pick(
             "workers", "CONCURRENCY_WORKERS", lambda variable, raw: check_workers(variable, _parse(int)(variable, raw))
         )
-        values = {
-            "driver": pick("driver", "CONCURRENCY_DRIVER", lambda _, raw: raw.strip().lower()) or "process",
-            "workers": default_workers() if workers is None else workers,
-            "timeout": positive("timeout", pick("timeout", "CONCURRENCY_TIMEOUT", _parse(float)), float),
-            "dask_address": check_dask_address("dask_address", arguments.get("dask_address"))
-            or pick("dask_address", "CONCURRENCY_DASK_ADDRESS", check_dask_address),
-        }
         drain_timeout = pick("drain_timeout", "CONCURRENCY_DRAIN_TIMEOUT", _parse(float))
-        values["drain_timeout"] = 20.0 if drain_timeout is None else positive("drain_timeout", drain_timeout, float)
-        for name, kind in [
-            ("max_pending_deferred", int),
-            ("max_tasks_per_worker", int),
-            ("idle_timeout", float),
-            ("max_worker_memory", int),
-        ]:
-            values[name] = positive(name, arguments.get(name), kind)
-        initializer = arguments.get("initializer")
-        if initializer is not None and not callable(initializer):
-            raise ConfigurationError(f"initializer must be callable, not {type(initializer).__name__}")
-        preload = arguments.get("preload") or ()
-        if isinstance(preload, str) or not all(isinstance(module, str) for module in preload):
-            raise ConfigurationError("preload must be a list of module names")
-        return cls(**values, initializer=initializer, preload=tuple(preload))
+        return cls(
+            driver=pick("driver", "CONCURRENCY_DRIVER", lambda _, raw: raw.strip().lower()) or "process",
+            workers=default_workers() if workers is None else workers,
+            timeout=positive("timeout", pick("timeout", "CONCURRENCY_TIMEOUT", _parse(float)), float),
+            drain_timeout=20.0 if drain_timeout is None else positive("drain_timeout", drain_timeout, float),
+            max_pending_deferred=positive("max_pending_deferred", arguments.get("max_pending_deferred"), int),
+            options=_with_environment(_distinct(options_list(options)), config),
+        )
+
+
+def options_list(options: object) -> list[DriverOptions]:
+    """Return `options` as a list: it is one driver options object, or an iterable of them."""
+    if isinstance(options, DriverOptions):
+        return [options]
+    if isinstance(options, str | bytes | Mapping) or not isinstance(options, Iterable):
+        raise ConfigurationError(
+            "options must be a driver options object such as ProcessOptions(max_tasks_per_worker=100), "
+            f"or a list of them, not {type(options).__name__}"
+        )
+    return list(options)
+
+
+def _distinct(options: Iterable[DriverOptions]) -> tuple[DriverOptions, ...]:
+    """Check that `options` holds driver options, at most one object of each type."""
+    seen: dict[type, DriverOptions] = {}
+    for item in options:
+        if not isinstance(item, DriverOptions):
+            raise ConfigurationError(
+                f"options must be driver options such as ProcessOptions(...) or DaskOptions(...), "
+                f"not {type(item).__name__} {item!r}"
+            )
+        if type(item) in seen:
+            raise ConfigurationError(f"options holds two {type(item).__name__} objects; give one")
+        seen[type(item)] = item
+    return tuple(seen.values())
+
+
+def _with_environment(options: tuple[DriverOptions, ...], config: Config) -> tuple[DriverOptions, ...]:
+    """Fill the dask driver's address from ``CONCURRENCY_DASK_ADDRESS`` when its options give none."""
+    dask = next((item for item in options if isinstance(item, DaskOptions)), DaskOptions())
+    raw = config("CONCURRENCY_DASK_ADDRESS", default=None)
+    if dask.address is not None or raw in (None, ""):
+        return options
+    address = check_dask_address("CONCURRENCY_DASK_ADDRESS", raw)
+    return (*(item for item in options if item is not dask), dataclasses.replace(dask, address=address))
 
 
 def _env_file(env_file: str | os.PathLike[str] | None) -> str | None:
@@ -300,24 +303,6 @@ def _parse(kind: type[T]) -> Callable[[str, str], T]:
         return checked
 
     return parse
-
-
-def positive(name: str, value: Any, kind: type[T]) -> Any:
-    """Check that an option is ``None`` or a positive number of the right kind.
-
-    Raises:
-        ConfigurationError: naming the option and the value.
-    """
-    if value is None:
-        return None
-    wrong_type = (
-        isinstance(value, bool) or not isinstance(value, int | float) or (kind is int and isinstance(value, float))
-    )
-    if wrong_type:
-        raise ConfigurationError(f"{name} must be a positive {kind.__name__}, not {type(value).__name__} {value!r}")
-    if not value > 0:  # also refuses NaN
-        raise ConfigurationError(f"{name} must be positive, got {value!r}")
-    return kind(value)
 
 
 # Read the CPUs at import, so that a facade or a driver built inside an event loop reads no file there.

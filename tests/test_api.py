@@ -14,8 +14,10 @@ from starlette_concurrency import (
     ConcurrencyClosed,
     ConcurrencyError,
     ConfigurationError,
+    DaskOptions,
     Driver,
     Outcome,
+    ProcessOptions,
     Settings,
     Task,
 )
@@ -33,11 +35,14 @@ def test_the_public_names_are_pinned() -> None:
         "ConcurrencyMiddleware",
         "ConcurrencyWSGIMiddleware",
         "ConfigurationError",
+        "DaskOptions",
         "DeferralRejected",
         "Driver",
         "DriverError",
         "DriverFactory",
+        "DriverOptions",
         "Outcome",
+        "ProcessOptions",
         "RemoteError",
         "RemoteTraceback",
         "RequestBatch",
@@ -103,11 +108,9 @@ def test_unknown_drivers_are_refused_with_the_known_names() -> None:
         ({"timeout": "3"}, "timeout must be a positive float, not str '3'"),
         ({"drain_timeout": 0}, "drain_timeout must be positive"),
         ({"max_pending_deferred": 0}, "max_pending_deferred must be positive"),
-        ({"max_tasks_per_worker": -1}, "max_tasks_per_worker must be positive"),
-        ({"idle_timeout": 0}, "idle_timeout must be positive"),
-        ({"max_worker_memory": 0}, "max_worker_memory must be positive"),
-        ({"initializer": 42}, "initializer must be callable, not int"),
-        ({"preload": "json"}, "preload must be a list of module names"),
+        ({"options": {"idle_timeout": 1}}, "options must be a driver options object .* not dict"),
+        ({"options": [ProcessOptions(), 3]}, "options must be driver options such as .* not int 3"),
+        ({"options": [ProcessOptions(), ProcessOptions()]}, "options holds two ProcessOptions objects"),
     ],
 )
 def test_invalid_options_name_themselves(options: dict[str, object], message: str) -> None:
@@ -122,7 +125,13 @@ def test_environment_variables_configure_what_arguments_leave_unset(monkeypatch:
     monkeypatch.setenv("CONCURRENCY_DRAIN_TIMEOUT", "4")
     monkeypatch.setenv("CONCURRENCY_DASK_ADDRESS", "tcp://10.0.0.1:8786")
     settings = Concurrency(env_file=None).settings
-    assert (settings.driver, settings.workers, settings.timeout, settings.drain_timeout, settings.dask_address) == (
+    assert (
+        settings.driver,
+        settings.workers,
+        settings.timeout,
+        settings.drain_timeout,
+        settings.options_for(DaskOptions).address,
+    ) == (
         "sync",
         3,
         2.5,

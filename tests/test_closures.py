@@ -23,7 +23,7 @@ from typing import Any
 import cloudpickle  # type: ignore[import-untyped]
 import pytest
 
-from starlette_concurrency import Concurrency, SerializationError, _closure_store, _closures
+from starlette_concurrency import Concurrency, ProcessOptions, SerializationError, _closure_store, _closures
 from starlette_concurrency._closures import ClosureCache, Payload, WorkerMirror, WorkerStore
 from starlette_concurrency._drivers.process import ProcessDriver
 
@@ -568,7 +568,7 @@ async def test_the_process_driver_sends_a_lambdas_skeleton_once_per_worker() -> 
 
 @pytest.mark.anyio
 async def test_a_recycled_worker_starts_with_nothing_and_is_sent_the_skeleton() -> None:
-    driver = ProcessDriver(1, max_tasks_per_worker=1)
+    driver = ProcessDriver(1, ProcessOptions(max_tasks_per_worker=1))
     async with Concurrency(driver=driver, env_file=None) as concurrency:
 
         def task(n: int) -> Callable[[], tuple[int, int]]:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from starlette_concurrency import Concurrency, ConfigurationError
+from starlette_concurrency import Concurrency, ConfigurationError, DaskOptions
 from starlette_concurrency._config import WORKERS_PER_CPU, Settings, _warned, usable_cpus
 
 
@@ -125,19 +125,24 @@ def test_a_missing_env_file_warns_only_when_named(tmp_path: Path, monkeypatch: p
     "address", ["tcp://10.0.0.1:8786", "scheduler.internal:8786", "tls://[::1]:8786", " tcp://h:1 "]
 )
 def test_a_dask_address_of_the_right_form_is_accepted(address: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    assert Concurrency("sync", dask_address=address, env_file=None).settings.dask_address == address.strip()
+    assert (
+        Concurrency("sync", options=DaskOptions(address=address), env_file=None)
+        .settings.options_for(DaskOptions)
+        .address
+        == address.strip()
+    )
     monkeypatch.setenv("CONCURRENCY_DASK_ADDRESS", address)
-    assert Concurrency("sync", env_file=None).settings.dask_address == address.strip()
+    assert Concurrency("sync", env_file=None).settings.options_for(DaskOptions).address == address.strip()
 
 
 @pytest.mark.parametrize("address", ["tcp://scheduler", "scheduler", "tcp//h:1", "h:99999", "h:0", "a b:1", "tcp://:1"])
 def test_a_dask_address_of_the_wrong_form_is_refused_at_construction(
     address: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    with pytest.raises(ConfigurationError, match=r"^dask_address must look like 'tcp://host:8786'"):
-        Concurrency("sync", dask_address=address, env_file=None)
+    with pytest.raises(ConfigurationError, match=r"^DaskOptions\.address must look like 'tcp://host:8786'"):
+        Concurrency("sync", options=DaskOptions(address=address), env_file=None)
     monkeypatch.setenv("CONCURRENCY_DASK_ADDRESS", address)
     with pytest.raises(ConfigurationError, match=r"^CONCURRENCY_DASK_ADDRESS must look like"):
         Concurrency("sync", env_file=None)
-    with pytest.raises(ConfigurationError, match=r"^dask_address must be a string"):
-        Concurrency("sync", dask_address=8786, env_file=None)  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match=r"^DaskOptions\.address must be a string"):
+        Concurrency("sync", options=DaskOptions(address=8786), env_file=None)  # type: ignore[arg-type]

@@ -19,7 +19,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from starlette_concurrency import Concurrency, TaskTimeout, WorkerCrashed
+from starlette_concurrency import Concurrency, ProcessOptions, TaskTimeout, WorkerCrashed
 
 from . import helpers
 from .asgi import example_server
@@ -94,7 +94,9 @@ async def test_deferred_tasks_are_counted_by_the_driver_too(facade: Concurrency)
 
 
 async def test_the_process_pool_counts_its_restarts(tmp_path: Path) -> None:
-    async with Concurrency(driver="process", workers=2, max_tasks_per_worker=2, env_file=None) as concurrency:
+    async with Concurrency(
+        driver="process", workers=2, options=ProcessOptions(max_tasks_per_worker=2), env_file=None
+    ) as concurrency:
         await helpers.eventually(lambda: concurrency.stats().workers == 2, timeout=60)
         assert concurrency.stats().worker_restarts == 0
         await concurrency.run(functools.partial(helpers.crash, 3), return_exceptions=True)

@@ -28,6 +28,7 @@ from starlette_concurrency import (
     Driver,
     DriverError,
     Outcome,
+    ProcessOptions,
     SerializationError,
     Task,
     WrongContext,
@@ -116,7 +117,9 @@ def test_two_lifespans_at_once_behave_as_without_the_middleware(tmp_path: Path) 
 
 
 def test_a_pool_that_cannot_start_fails_the_testclient_at_enter() -> None:
-    concurrency = Concurrency(workers=1, initializer=functools.partial(helpers.fail, "no db"), env_file=None)
+    concurrency = Concurrency(
+        workers=1, options=ProcessOptions(initializer=functools.partial(helpers.fail, "no db")), env_file=None
+    )
     app = counting_app(concurrency, [], Path("."))
     with pytest.raises(BaseException, match="no db") as caught, TestClient(app):
         pass  # pragma: no cover - never entered

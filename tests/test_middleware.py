@@ -19,7 +19,7 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.types import Message, Receive, Scope, Send
 
-from starlette_concurrency import Concurrency, ConcurrencyMiddleware, DeferralRejected
+from starlette_concurrency import Concurrency, ConcurrencyMiddleware, DeferralRejected, ProcessOptions
 
 from . import apps, helpers
 from .asgi import LifespanFailed, client, lifespan, read_marker
@@ -83,7 +83,10 @@ async def test_the_app_lifespan_still_runs_and_shutdown_waits_for_the_drain(mark
 
 async def test_a_worker_pool_that_cannot_start_fails_the_startup() -> None:
     app = ConcurrencyMiddleware(
-        Starlette(), Concurrency(workers=1, initializer=functools.partial(helpers.fail, "no db"), env_file=None)
+        Starlette(),
+        Concurrency(
+            workers=1, options=ProcessOptions(initializer=functools.partial(helpers.fail, "no db")), env_file=None
+        ),
     )
     with pytest.raises(LifespanFailed, match="no db"):
         async with lifespan(app):

@@ -21,7 +21,7 @@ __all__ = [
     "security_from_environment",
 ]
 
-ADDRESS = "dask_address / CONCURRENCY_DASK_ADDRESS"
+ADDRESS = "DaskOptions.address / CONCURRENCY_DASK_ADDRESS"
 SECURE_SCHEMES = ("tls://", "wss://")  # the transports distributed encrypts
 TLS_CA, TLS_CERT, TLS_KEY = "CONCURRENCY_DASK_TLS_CA_FILE", "CONCURRENCY_DASK_TLS_CERT", "CONCURRENCY_DASK_TLS_KEY"
 _INSTALL_HINT = "pip install 'starlette-concurrency[dask]'"

@@ -48,6 +48,7 @@ import anyio.to_thread
 from .. import _worker
 from .._config import Settings, check_workers, default_workers
 from .._exceptions import ConcurrencyClosed, ConcurrencyError, ConfigurationError, WorkerCrashed
+from .._options import DaskOptions
 from .._pickling import decode_outcome, dumps_task, remote_exception
 from .._stats import Stats, TaskCounters
 from .._tasks import Outcome, Task
@@ -109,21 +110,18 @@ class DaskDriver(Driver):
 
     The embedded cluster speaks TLS with certificates made in memory for it at `start()`, known only
     to this driver's client and its workers: nobody else on the machine can connect to it. For an
-    external cluster pass `security`, or set ``CONCURRENCY_DASK_TLS_CA_FILE``,
+    external cluster give `DaskOptions.security`, or set ``CONCURRENCY_DASK_TLS_CA_FILE``,
     ``CONCURRENCY_DASK_TLS_CERT`` (and ``CONCURRENCY_DASK_TLS_KEY`` unless the certificate file holds
     the key); without either, Dask's own ``distributed.comm.tls`` configuration applies.
 
     Args:
-        address: the scheduler's address (``tcp://host:8786``, ``tls://host:8786``); ``None`` starts
-            an embedded cluster.
+        options: the scheduler's address (none: an embedded cluster) and the TLS settings to reach it.
         workers: worker processes of the embedded cluster (default: the CPU count); ignored with an
             address, where the cluster decides.
-        security: a `distributed.Security` for the connection to the external cluster at `address`
-            (default: from the ``CONCURRENCY_DASK_TLS_*`` variables, if set).
 
     Raises:
         ConfigurationError: Dask distributed is not installed (or `cryptography`, for the embedded
-            cluster); `workers` is not positive; `address` is not one distributed can connect to;
+            cluster); `workers` is not positive; the address is not one distributed can connect to;
             the TLS settings are unusable (a missing or invalid file, named by its variable) or do
             not fit the address.
     """
@@ -131,13 +129,14 @@ class DaskDriver(Driver):
     name = "dask"
     pickles = True
 
-    def __init__(self, address: str | None = None, *, workers: int | None = None, security: Any = None) -> None:
+    def __init__(self, options: DaskOptions | None = None, *, workers: int | None = None) -> None:
         distributed = self._distributed = _import_distributed()
-        self.address = None if address is None else check_address(address)
+        if options is not None and not isinstance(options, DaskOptions):
+            raise ConfigurationError(f"options must be a DaskOptions, not {type(options).__name__}")
+        self.options = options = options or DaskOptions()
+        self.address = None if options.address is None else check_address(options.address)
         self.workers: int = check_workers("workers", workers) or default_workers()
-        if security is not None and not isinstance(security, distributed.Security):
-            raise ConfigurationError(f"security must be a distributed.Security, not {type(security).__name__}")
-        origin = "security"
+        security, origin = options.security, "DaskOptions.security"
         if security is None:
             security = security_from_environment(distributed)
             origin = f"{TLS_CA} / {TLS_CERT}"
@@ -149,7 +148,7 @@ class DaskDriver(Driver):
         if self.address is not None and self.address.startswith(SECURE_SCHEMES) and not client_tls["cert"]:
             raise ConfigurationError(
                 f"{ADDRESS} {self.address!r} is a tls:// address, but no client certificate is configured: "
-                f"pass security=distributed.Security(...) or set {TLS_CA}, {TLS_CERT} and {TLS_KEY}"
+                f"give DaskOptions(security=distributed.Security(...)) or set {TLS_CA}, {TLS_CERT} and {TLS_KEY}"
             )
         self.security: Any = security
         self._counters = TaskCounters()
@@ -391,4 +390,4 @@ def create(settings: Settings) -> DaskDriver:
     Raises:
         ConfigurationError: Dask distributed is not installed, the address or the TLS settings are invalid.
     """
-    return DaskDriver(settings.dask_address, workers=settings.workers)
+    return DaskDriver(settings.options_for(DaskOptions), workers=settings.workers)

@@ -33,11 +33,12 @@ import os
 import pickle
 import subprocess
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 
 from .. import _protocol, _worker
-from .._config import Settings, check_workers, default_workers, positive
+from .._config import Settings, check_workers, default_workers
 from .._exceptions import ConfigurationError
+from .._options import ProcessOptions
 from .._pickling import dumps
 from .._stats import Stats
 from .._tasks import Outcome, Task
@@ -73,38 +74,23 @@ class ProcessDriver(Driver):
     goes back to the queue. Workers die with the server, even in the middle of a task.
 
     Args:
-        workers: how many worker processes (default: the CPU count).
-        max_tasks_per_worker: replace a worker after it ran this many tasks (default: never).
-        idle_timeout: seconds after which an idle worker exits; it is started again on demand.
-        max_worker_memory: bytes of resident memory past which a worker is replaced after its task
-            (Linux; checked between tasks, not during one).
-        initializer: a zero-argument callable each worker runs once at start-up.
-        preload: modules each worker imports at start-up, so that the first task does not pay for it.
+        workers: how many worker processes (default: the CPUs this process may use).
+        options: worker recycling, idle timeout, memory ceiling, initializer and preload (default: none).
     """
 
     name = "process"
     pickles = True
 
-    def __init__(
-        self,
-        workers: int | None = None,
-        *,
-        max_tasks_per_worker: int | None = None,
-        idle_timeout: float | None = None,
-        max_worker_memory: int | None = None,
-        initializer: Callable[[], object] | None = None,
-        preload: Iterable[str] = (),
-    ) -> None:
+    def __init__(self, workers: int | None = None, options: ProcessOptions | None = None) -> None:
+        if options is not None and not isinstance(options, ProcessOptions):
+            raise ConfigurationError(f"options must be a ProcessOptions, not {type(options).__name__}")
         self.workers: int = check_workers("workers", workers) or default_workers()
-        self.max_tasks_per_worker: int | None = positive("max_tasks_per_worker", max_tasks_per_worker, int)
-        self.idle_timeout: float | None = positive("idle_timeout", idle_timeout, float)
-        self.max_worker_memory: int | None = positive("max_worker_memory", max_worker_memory, int)
-        if initializer is not None and not callable(initializer):
-            raise ConfigurationError(f"initializer must be callable, not {type(initializer).__name__}")
+        self.options = options or ProcessOptions()
+        initializer = self.options.initializer
         self._config = {
-            "preload": list(preload),
+            "preload": list(self.options.preload),
             "initializer": dumps(initializer) if initializer is not None else None,
-            "idle_timeout": self.idle_timeout,
+            "idle_timeout": self.options.idle_timeout,
         }
         self._init_frame = self._build_init_frame()
         self._pool = self._new_pool()
@@ -119,8 +105,8 @@ class ProcessDriver(Driver):
             self.workers,
             self._spawn,
             name=self.name,
-            max_tasks_per_worker=self.max_tasks_per_worker,
-            over_memory=self._over_memory if self.max_worker_memory is not None else None,
+            max_tasks_per_worker=self.options.max_tasks_per_worker,
+            over_memory=self._over_memory if self.options.max_worker_memory is not None else None,
         )
 
     @property
@@ -158,8 +144,8 @@ class ProcessDriver(Driver):
         return await run_in_spawn_thread(lambda: _start_worker(init_frame))
 
     def _over_memory(self, worker: Worker) -> bool:
-        rss = _rss(worker.pid)
-        return rss is not None and self.max_worker_memory is not None and rss > self.max_worker_memory
+        rss, ceiling = _rss(worker.pid), self.options.max_worker_memory
+        return rss is not None and ceiling is not None and rss > ceiling
 
     async def aclose(self) -> None:
         """Stop every worker: close their pipes, give them a moment to exit, then kill what is left."""
@@ -198,11 +184,4 @@ def _start_worker(init_frame: bytes) -> Worker:
 
 def create(settings: Settings) -> ProcessDriver:
     """Build the driver from a facade's settings."""
-    return ProcessDriver(
-        settings.workers,
-        max_tasks_per_worker=settings.max_tasks_per_worker,
-        idle_timeout=settings.idle_timeout,
-        max_worker_memory=settings.max_worker_memory,
-        initializer=settings.initializer,
-        preload=settings.preload,
-    )
+    return ProcessDriver(settings.workers, settings.options_for(ProcessOptions))

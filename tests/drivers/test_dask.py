@@ -29,6 +29,7 @@ from starlette_concurrency import (
     ConcurrencyError,
     ConcurrencyMiddleware,
     ConfigurationError,
+    DaskOptions,
     RemoteError,
     RemoteTraceback,
     SerializationError,
@@ -42,6 +43,11 @@ from .. import helpers
 from ..conftest import DaskCluster
 
 pytestmark = pytest.mark.anyio
+
+
+def _on(address: str) -> Concurrency:
+    """A facade on the dask driver, connected to the cluster at `address`."""
+    return Concurrency(driver="dask", options=DaskOptions(address=address), env_file=None)
 
 
 @pytest.fixture
@@ -82,7 +88,7 @@ def raise_locked_error() -> None:
 
 
 async def test_tasks_run_in_the_workers_of_the_cluster(dask_cluster: DaskCluster) -> None:
-    async with Concurrency(driver="dask", dask_address=dask_cluster.address, env_file=None) as concurrency:
+    async with _on(dask_cluster.address) as concurrency:
         results = await concurrency.run([functools.partial(whereabouts, 0.3) for _ in range(6)])
     pids = {pid for pid, _, _, _ in results}
     nannies = {nanny for _, nanny, _, _ in results}
@@ -97,7 +103,7 @@ async def test_tasks_run_in_the_workers_of_the_cluster(dask_cluster: DaskCluster
 
 
 async def test_identical_closures_are_not_merged(dask_cluster: DaskCluster) -> None:
-    async with Concurrency(driver="dask", dask_address=dask_cluster.address, env_file=None) as concurrency:
+    async with _on(dask_cluster.address) as concurrency:
         same = functools.partial(fresh_token)
         tokens = await concurrency.run([same] * 5)
         again = await concurrency.run(same)
@@ -110,15 +116,15 @@ async def test_the_address_comes_from_the_argument_then_the_environment(
 ) -> None:
     monkeypatch.setenv("CONCURRENCY_DASK_ADDRESS", dask_cluster.address)
     concurrency = Concurrency(driver="dask", env_file=None)
-    assert concurrency.settings.dask_address == dask_cluster.address
+    assert concurrency.settings.options_for(DaskOptions).address == dask_cluster.address
     async with concurrency:
         assert await concurrency.run(lambda: "via the environment") == "via the environment"
-    explicit = Concurrency(driver="dask", dask_address="tcp://10.1.2.3:8786", env_file=None)
-    assert explicit.settings.dask_address == "tcp://10.1.2.3:8786"
+    explicit = Concurrency(driver="dask", options=DaskOptions(address="tcp://10.1.2.3:8786"), env_file=None)
+    assert explicit.settings.options_for(DaskOptions).address == "tcp://10.1.2.3:8786"
 
 
 async def test_exceptions_keep_their_type_and_the_worker_traceback(dask_cluster: DaskCluster) -> None:
-    async with Concurrency(driver="dask", dask_address=dask_cluster.address, env_file=None) as concurrency:
+    async with _on(dask_cluster.address) as concurrency:
         results = await concurrency.run(
             {
                 "plain": functools.partial(helpers.fail, "boom"),
@@ -148,7 +154,7 @@ async def test_exceptions_keep_their_type_and_the_worker_traceback(dask_cluster:
 async def test_an_unpicklable_closure_runs_nothing(dask_cluster: DaskCluster, tmp_path: Path) -> None:
     marker = tmp_path / "marker"
     lock = threading.Lock()
-    async with Concurrency(driver="dask", dask_address=dask_cluster.address, env_file=None) as concurrency:
+    async with _on(dask_cluster.address) as concurrency:
         with pytest.raises(SerializationError, match=r"task 'locked' \(<lambda>\) cannot be pickled"):
             await concurrency.run(
                 {"touch": functools.partial(helpers.sleep_then_touch, marker, 0), "locked": lambda: lock.locked()}
@@ -161,7 +167,7 @@ async def test_an_unpicklable_closure_runs_nothing(dask_cluster: DaskCluster, tm
 
 async def test_a_timeout_cancels_running_and_queued_tasks(dask_cluster: DaskCluster, tmp_path: Path) -> None:
     markers = [tmp_path / f"marker-{n}" for n in range(6)]
-    driver = DaskDriver(dask_cluster.address)
+    driver = DaskDriver(DaskOptions(address=dask_cluster.address))
     async with Concurrency(driver=driver, env_file=None) as concurrency:
         # Two run (one per worker thread), four wait in the queue.
         tasks = [functools.partial(helpers.sleep_then_touch, marker, 1.0) for marker in markers]
@@ -178,7 +184,7 @@ async def test_a_timeout_cancels_running_and_queued_tasks(dask_cluster: DaskClus
 
 
 async def test_stats_count_the_tasks_and_see_the_cluster(dask_cluster: DaskCluster) -> None:
-    driver = DaskDriver(dask_cluster.address)
+    driver = DaskDriver(DaskOptions(address=dask_cluster.address))
     assert driver.stats() == Stats(driver="dask")
     async with Concurrency(driver=driver, env_file=None) as concurrency:
         assert driver.stats().workers == 2
@@ -202,7 +208,7 @@ async def test_stats_count_the_tasks_and_see_the_cluster(dask_cluster: DaskClust
 
 async def test_deferred_work_runs_on_the_cluster_after_the_response(dask_cluster: DaskCluster, tmp_path: Path) -> None:
     marker = tmp_path / "marker"
-    concurrency = Concurrency(driver="dask", dask_address=dask_cluster.address, env_file=None)
+    concurrency = _on(dask_cluster.address)
 
     async def endpoint(request: Request) -> PlainTextResponse:
         concurrency.defer(functools.partial(helpers.sleep_then_touch, marker, 0.1))
@@ -259,7 +265,7 @@ def _unused_port() -> int:
 
 async def test_an_unreachable_scheduler_is_reported() -> None:
     with dask.config.set({"distributed.comm.timeouts.connect": "1s"}):
-        concurrency = Concurrency(driver="dask", dask_address=f"tcp://127.0.0.1:{_unused_port()}", env_file=None)
+        concurrency = _on(f"tcp://127.0.0.1:{_unused_port()}")
         with pytest.raises(ConcurrencyError, match="cannot reach the dask scheduler"):
             await concurrency.run(lambda: 1)
 
@@ -267,7 +273,7 @@ async def test_an_unreachable_scheduler_is_reported() -> None:
 @pytest.mark.parametrize("anyio_backend", ["trio"])
 async def test_on_trio_the_driver_says_it_needs_asyncio() -> None:
     with pytest.raises(ConfigurationError, match="asyncio only"):
-        async with Concurrency(driver="dask", dask_address="tcp://127.0.0.1:8786", env_file=None):
+        async with _on("tcp://127.0.0.1:8786"):
             pass
 
 

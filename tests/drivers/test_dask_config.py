@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from distributed.security import Security
 
-from starlette_concurrency import Concurrency, ConfigurationError
+from starlette_concurrency import Concurrency, ConfigurationError, DaskOptions
 from starlette_concurrency._drivers.dask import DaskDriver
 
 TLS_VARIABLES = ("CONCURRENCY_DASK_TLS_CA_FILE", "CONCURRENCY_DASK_TLS_CERT", "CONCURRENCY_DASK_TLS_KEY")
@@ -59,13 +59,13 @@ def test_a_bad_address_in_the_environment_is_refused_at_construction(
     monkeypatch.setenv("CONCURRENCY_DASK_ADDRESS", address)
     with pytest.raises(ConfigurationError, match="CONCURRENCY_DASK_ADDRESS"):
         Concurrency(driver="dask", env_file=None)
-    with pytest.raises(ConfigurationError, match="dask_address"):
-        DaskDriver(address)
+    with pytest.raises(ConfigurationError, match=r"DaskOptions\.address"):
+        DaskDriver(DaskOptions(address=address))
 
 
 @pytest.mark.parametrize("address", ["tcp://10.1.2.3:8786", "127.0.0.1:8786", "tcp://[::1]:8786", "scheduler:8786"])
 def test_a_good_address_is_accepted_without_connecting(address: str) -> None:
-    assert DaskDriver(address).address == address
+    assert DaskDriver(DaskOptions(address=address)).address == address
 
 
 def test_tls_files_from_the_environment_make_the_clients_security(
@@ -74,7 +74,7 @@ def test_tls_files_from_the_environment_make_the_clients_security(
     monkeypatch.setenv("CONCURRENCY_DASK_TLS_CA_FILE", str(pem["ca"]))
     monkeypatch.setenv("CONCURRENCY_DASK_TLS_CERT", str(pem["cert"]))
     monkeypatch.setenv("CONCURRENCY_DASK_TLS_KEY", str(pem["key"]))
-    driver = DaskDriver("tls://127.0.0.1:8786")
+    driver = DaskDriver(DaskOptions(address="tls://127.0.0.1:8786"))
     assert isinstance(driver.security, Security)
     security: Any = driver.security
     assert (security.tls_ca_file, security.tls_client_cert, security.tls_client_key) == (
@@ -147,22 +147,22 @@ def test_tls_settings_must_fit_the_address(pem: dict[str, Path], monkeypatch: py
         require_encryption=True,
     )
     with pytest.raises(ConfigurationError, match=r"requires encryption, but .* 'tcp://127.0.0.1:8786' is not a tls://"):
-        DaskDriver("tcp://127.0.0.1:8786", security=security)
-    with pytest.raises(ConfigurationError, match="no dask_address / CONCURRENCY_DASK_ADDRESS is set"):
-        DaskDriver(security=security)
+        DaskDriver(DaskOptions(address="tcp://127.0.0.1:8786", security=security))
+    with pytest.raises(ConfigurationError, match=r"no DaskOptions\.address / CONCURRENCY_DASK_ADDRESS is set"):
+        DaskDriver(DaskOptions(security=security))
     for encrypted in ("tls://127.0.0.1:8786", "wss://127.0.0.1:8786"):
-        assert DaskDriver(encrypted, security=security).security is security
+        assert DaskDriver(DaskOptions(address=encrypted, security=security)).security is security
     with pytest.raises(ConfigurationError, match=r"security must be a distributed\.Security, not dict"):
-        DaskDriver("tls://127.0.0.1:8786", security={"tls_ca_file": str(pem["ca"])})
+        DaskDriver(DaskOptions(address="tls://127.0.0.1:8786", security={"tls_ca_file": str(pem["ca"])}))
     with pytest.raises(ConfigurationError, match="tls:// address, but no client certificate is configured"):
-        DaskDriver("tls://127.0.0.1:8786")
+        DaskDriver(DaskOptions(address="tls://127.0.0.1:8786"))
     with pytest.raises(ConfigurationError, match="tls:// address, but no client certificate is configured"):
-        DaskDriver("tls://127.0.0.1:8786", security=Security())  # type: ignore[no-untyped-call]
+        DaskDriver(DaskOptions(address="tls://127.0.0.1:8786", security=Security()))  # type: ignore[no-untyped-call]
     # The TLS variables without an address would go unused: say so rather than start an embedded cluster.
     monkeypatch.setenv("CONCURRENCY_DASK_TLS_CA_FILE", str(pem["ca"]))
     monkeypatch.setenv("CONCURRENCY_DASK_TLS_CERT", str(pem["cert"]))
     monkeypatch.setenv("CONCURRENCY_DASK_TLS_KEY", str(pem["key"]))
-    with pytest.raises(ConfigurationError, match=r"CONCURRENCY_DASK_TLS_CA_FILE .* no dask_address"):
+    with pytest.raises(ConfigurationError, match=r"CONCURRENCY_DASK_TLS_CA_FILE .* no DaskOptions\.address"):
         Concurrency(driver="dask", env_file=None)
 
 
@@ -170,4 +170,4 @@ def test_without_cryptography_the_embedded_cluster_says_what_to_install(monkeypa
     monkeypatch.setitem(sys.modules, "cryptography", None)  # what `import cryptography` does when not installed
     with pytest.raises(ConfigurationError, match=r"needs the 'cryptography' package .*starlette-concurrency\[dask\]"):
         DaskDriver()
-    assert DaskDriver("tcp://127.0.0.1:8786").address == "tcp://127.0.0.1:8786"  # an external cluster does not
+    assert DaskDriver(DaskOptions(address="tcp://127.0.0.1:8786")).address  # an external cluster does not

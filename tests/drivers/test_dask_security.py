@@ -21,7 +21,7 @@ import psutil
 import pytest
 from distributed.security import Security
 
-from starlette_concurrency import Concurrency, ConcurrencyError, ConfigurationError
+from starlette_concurrency import Concurrency, ConcurrencyError, ConfigurationError, DaskOptions
 from starlette_concurrency._drivers.dask import DaskDriver
 
 from .. import helpers
@@ -260,7 +260,7 @@ async def test_an_external_tls_cluster_with_a_security_argument(tls_cluster: tup
         tls_client_key=str(files["key"]),
         require_encryption=True,
     )
-    driver = DaskDriver(address, security=security)
+    driver = DaskDriver(DaskOptions(address=address, security=security))
     async with Concurrency(driver, env_file=None) as concurrency:
         pid, greeting = await concurrency.run([os.getpid, lambda: "over TLS"])
     assert greeting == "over TLS"
@@ -286,16 +286,18 @@ async def test_an_external_tls_cluster_refuses_other_certificates(
     # Without certificates the driver refuses at construction; a raw client with a certificate that the
     # cluster's CA did not sign is refused by the scheduler.
     with pytest.raises(ConfigurationError, match="tls:// address, but no client certificate"):
-        DaskDriver(address)
+        DaskDriver(DaskOptions(address=address))
     other = _write_certificates(tmp_path)
     stranger = DaskDriver(
-        address,
-        security=Security(  # type: ignore[no-untyped-call]
-            tls_ca_file=str(other["ca"]),
-            tls_client_cert=str(other["cert"]),
-            tls_client_key=str(other["key"]),
-            require_encryption=True,
-        ),
+        DaskOptions(
+            address=address,
+            security=Security(  # type: ignore[no-untyped-call]
+                tls_ca_file=str(other["ca"]),
+                tls_client_cert=str(other["cert"]),
+                tls_client_key=str(other["key"]),
+                require_encryption=True,
+            ),
+        )
     )
     with dask.config.set({"distributed.comm.timeouts.connect": "3s"}):
         concurrency = Concurrency(stranger, env_file=None)

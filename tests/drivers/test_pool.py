@@ -14,7 +14,7 @@ import anyio
 import anyio.from_thread
 import pytest
 
-from starlette_concurrency import Concurrency, TaskTimeout, WorkerCrashed
+from starlette_concurrency import Concurrency, ProcessOptions, TaskTimeout, WorkerCrashed
 from starlette_concurrency._drivers.process import ProcessDriver
 from starlette_concurrency._protocol import HEADER, ID_SIZE, OK, ProtocolError, answer, answer_id
 from starlette_concurrency._tasks import Outcome, Task
@@ -187,7 +187,7 @@ async def test_starting_and_replacing_workers_never_blocks_the_event_loop(tmp_pa
 
 async def test_stats_and_lifecycle_logs(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="starlette_concurrency")
-    driver = ProcessDriver(2, max_tasks_per_worker=3)
+    driver = ProcessDriver(2, ProcessOptions(max_tasks_per_worker=3))
     async with Concurrency(driver=driver, env_file=None) as concurrency:
         await concurrency.run([functools.partial(helpers.identity, i) for i in range(7)])
         with pytest.raises(WorkerCrashed):
@@ -247,7 +247,9 @@ async def test_a_first_task_that_spends_long_importing_warns_once(caplog: pytest
     from .. import slow_import_target  # the parent imports it once (1.2 s); each fresh worker does too
 
     caplog.set_level(logging.WARNING, logger="starlette_concurrency")
-    async with Concurrency(driver=ProcessDriver(1, max_tasks_per_worker=1), env_file=None) as concurrency:
+    async with Concurrency(
+        driver=ProcessDriver(1, ProcessOptions(max_tasks_per_worker=1)), env_file=None
+    ) as concurrency:
         assert await concurrency.run(slow_import_target.answer) == 42
         assert await concurrency.run(slow_import_target.answer) == 42  # a fresh worker, which imports it again
     slow = [record for record in caplog.records if "importing before its first task" in record.getMessage()]

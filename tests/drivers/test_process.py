@@ -19,6 +19,7 @@ import pytest
 from starlette_concurrency import (
     Concurrency,
     ConcurrencyClosed,
+    ProcessOptions,
     SerializationError,
     TaskTimeout,
     WorkerCrashed,
@@ -167,7 +168,7 @@ async def test_aclose_in_the_middle_of_a_call_stops_it_and_leaves_no_worker(tmp_
 
 
 async def test_max_tasks_per_worker_recycles_workers() -> None:
-    driver = ProcessDriver(1, max_tasks_per_worker=3)
+    driver = ProcessDriver(1, ProcessOptions(max_tasks_per_worker=3))
     async with Concurrency(driver=driver, env_file=None) as concurrency:
         pids = await concurrency.run([helpers.pid] * 10)
         groups = [pids[i : i + 3] for i in range(0, 10, 3)]
@@ -181,7 +182,7 @@ async def test_max_tasks_per_worker_recycles_workers() -> None:
 
 
 async def test_max_tasks_per_worker_holds_with_several_workers_and_concurrent_calls() -> None:
-    driver = ProcessDriver(2, max_tasks_per_worker=2)
+    driver = ProcessDriver(2, ProcessOptions(max_tasks_per_worker=2))
     async with Concurrency(driver=driver, env_file=None) as concurrency:
         results: list[list[int]] = []
 
@@ -199,7 +200,7 @@ async def test_max_tasks_per_worker_holds_with_several_workers_and_concurrent_ca
 
 
 async def test_an_idle_worker_exits_and_a_fresh_one_starts_on_demand() -> None:
-    driver = ProcessDriver(1, idle_timeout=0.3)
+    driver = ProcessDriver(1, ProcessOptions(idle_timeout=0.3))
     async with Concurrency(driver=driver, env_file=None) as concurrency:
         first = await concurrency.run(helpers.pid)
         await helpers.eventually(lambda: helpers.gone(first), timeout=5)
@@ -212,7 +213,7 @@ async def test_calls_racing_the_idle_timeout_all_succeed() -> None:
     # Calls land just before, just after and right at the moment the worker leaves: a task sent to a
     # worker that is already saying goodbye must be run by the next one, once, never lost.
     rng = random.Random(5)
-    driver = ProcessDriver(1, idle_timeout=0.05)
+    driver = ProcessDriver(1, ProcessOptions(idle_timeout=0.05))
     async with Concurrency(driver=driver, env_file=None) as concurrency:
         for i in range(15):
             await anyio.sleep(rng.uniform(0.03, 0.08))
@@ -223,7 +224,7 @@ async def test_calls_racing_the_idle_timeout_all_succeed() -> None:
 
 async def test_a_worker_past_the_memory_ceiling_is_recycled() -> None:
     ceiling = 64 << 20
-    driver = ProcessDriver(1, max_worker_memory=ceiling)
+    driver = ProcessDriver(1, ProcessOptions(max_worker_memory=ceiling))
     async with Concurrency(driver=driver, env_file=None) as concurrency:
         small = await concurrency.run([functools.partial(helpers.hoard, 0)] * 2)
         assert small[0] == small[1]  # under the ceiling: kept
@@ -235,7 +236,7 @@ async def test_a_worker_past_the_memory_ceiling_is_recycled() -> None:
 
 async def test_the_memory_ceiling_applies_between_the_tasks_of_one_call() -> None:
     ceiling = 64 << 20
-    driver = ProcessDriver(1, max_worker_memory=ceiling)
+    driver = ProcessDriver(1, ProcessOptions(max_worker_memory=ceiling))
     async with Concurrency(driver=driver, env_file=None) as concurrency:
         pids = await concurrency.run(
             [functools.partial(helpers.hoard, 2 * ceiling), *[functools.partial(helpers.hoard, 0)] * 5]
@@ -311,7 +312,7 @@ async def test_payloads_and_results_are_never_logged(
 
 async def test_an_initializer_that_raises_fails_the_start_with_its_reason() -> None:
     concurrency = Concurrency(
-        driver=ProcessDriver(1, initializer=functools.partial(helpers.fail, "no db")), env_file=None
+        driver=ProcessDriver(1, ProcessOptions(initializer=functools.partial(helpers.fail, "no db"))), env_file=None
     )
     with pytest.raises(WorkerStartFailed, match=r"failed to start: ValueError: no db"):
         await concurrency.__aenter__()
@@ -319,7 +320,7 @@ async def test_an_initializer_that_raises_fails_the_start_with_its_reason() -> N
 
 
 async def test_a_preload_that_cannot_be_imported_fails_the_start_with_its_reason() -> None:
-    driver = ProcessDriver(1, preload=["sc_no_such_module"])
+    driver = ProcessDriver(1, ProcessOptions(preload=["sc_no_such_module"]))
     with pytest.raises(WorkerStartFailed, match=r"failed to start: ModuleNotFoundError: No module named"):
         await driver.start()
     await driver.aclose()

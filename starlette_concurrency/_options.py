@@ -1,0 +1,103 @@
+"""Driver options: one frozen object per driver, checked once, when it is made.
+
+The facade does not know what a driver can be told: it forwards whatever options objects it is given
+(`Concurrency(options=ProcessOptions(...))`) in `Settings.options`, and each driver's factory picks
+its own with `Settings.options_for()`. A custom driver does the same with a `DriverOptions` subclass
+of its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ._checks import check_dask_address, positive
+from ._exceptions import ConfigurationError
+
+__all__ = ["DaskOptions", "DriverOptions", "ProcessOptions"]
+
+
+@dataclass(frozen=True, slots=True)
+class DriverOptions:
+    """The base of every driver's options, so that the facade can tell them from anything else.
+
+    Subclass it (as a frozen dataclass whose fields all have defaults) for a custom driver's options;
+    the driver's factory reads them with ``settings.options_for(MyOptions)``.
+    """
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessOptions(DriverOptions):
+    """Options of the `process` driver (the warm pool); checked when made.
+
+    Args:
+        max_tasks_per_worker: replace a worker after it ran this many tasks (default: never).
+        idle_timeout: seconds after which an idle worker exits; it is started again on demand.
+        max_worker_memory: bytes of resident memory past which a worker is replaced after its task
+            (Linux; checked between tasks, not during one).
+        initializer: a zero-argument callable each worker runs once at start-up (it must pickle).
+        preload: modules each worker imports at start-up, so that the first task does not pay for it.
+
+    Raises:
+        ConfigurationError: an option is not a positive number, not callable, or not module names;
+            the message names the option.
+    """
+
+    max_tasks_per_worker: int | None = None
+    idle_timeout: float | None = None
+    max_worker_memory: int | None = None
+    initializer: Callable[[], object] | None = None
+    preload: Sequence[str] = ()
+
+    def __post_init__(self) -> None:
+        for name, kind in [("max_tasks_per_worker", int), ("idle_timeout", float), ("max_worker_memory", int)]:
+            _set(self, name, positive(f"ProcessOptions.{name}", getattr(self, name), kind))
+        if self.initializer is not None and not callable(self.initializer):
+            raise ConfigurationError(
+                f"ProcessOptions.initializer must be callable, not {type(self.initializer).__name__}"
+            )
+        preload: Any = self.preload
+        modules = () if preload is None else tuple(preload) if not isinstance(preload, str | bytes) else None
+        if modules is None or not all(isinstance(module, str) and module.strip() for module in modules):
+            raise ConfigurationError(f"ProcessOptions.preload must be a list of module names, got {preload!r}")
+        _set(self, "preload", modules)
+
+
+@dataclass(frozen=True, slots=True)
+class DaskOptions(DriverOptions):
+    """Options of the `dask` driver; checked when made.
+
+    Args:
+        address: the scheduler's address (``tcp://host:8786``, ``tls://host:8786`` or ``host:8786``).
+            Default: ``CONCURRENCY_DASK_ADDRESS``, else an embedded LocalCluster of `workers` processes.
+        security: a `distributed.Security` for a TLS connection to the cluster at `address`. Default:
+            built from ``CONCURRENCY_DASK_TLS_CA_FILE`` / ``_CERT`` / ``_KEY`` if set. The embedded
+            cluster always has certificates of its own.
+
+    Raises:
+        ConfigurationError: the address is not of the form ``scheme://host:port``; `security` is not a
+            `distributed.Security`.
+    """
+
+    address: str | None = None
+    security: Any = None
+
+    def __post_init__(self) -> None:
+        _set(self, "address", check_dask_address("DaskOptions.address", self.address))
+        if self.security is not None:
+            try:
+                from distributed import Security
+            except ImportError:
+                raise ConfigurationError(
+                    "DaskOptions.security needs Dask distributed: pip install 'starlette-concurrency[dask]'"
+                ) from None
+            if not isinstance(self.security, Security):
+                raise ConfigurationError(
+                    f"DaskOptions.security must be a distributed.Security, not {type(self.security).__name__}"
+                )
+
+
+def _set(options: DriverOptions, name: str, value: object) -> None:
+    # A frozen dataclass normalises its own fields in __post_init__ the way dataclasses document it.
+    object.__setattr__(options, name, value)
