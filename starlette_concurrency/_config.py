@@ -152,6 +152,8 @@ class Settings:
         drain_timeout: how long shutdown waits for deferred work before abandoning it, in seconds.
         max_pending_deferred: how many deferred tasks may be pending at once (``None``: no bound).
         options: the drivers' options objects, one per type; read them with `options_for()`.
+        variables: every ``CONCURRENCY_*`` variable set, from the environment or else the `.env` file,
+            for drivers that read variables of their own (the dask driver's ``CONCURRENCY_DASK_TLS_*``).
     """
 
     driver: str = "process"
@@ -160,6 +162,7 @@ class Settings:
     drain_timeout: float = 20.0
     max_pending_deferred: int | None = None
     options: tuple[DriverOptions, ...] = ()
+    variables: Mapping[str, str] = field(default_factory=dict)
 
     def options_for(self, kind: type[OptionsT]) -> OptionsT:
         """Return the options of type `kind` the facade was given, or `kind`'s defaults.
@@ -215,6 +218,11 @@ class Settings:
             drain_timeout=20.0 if drain_timeout is None else positive("drain_timeout", drain_timeout, float),
             max_pending_deferred=positive("max_pending_deferred", arguments.get("max_pending_deferred"), int),
             options=_with_environment(_distinct(options_list(options)), config),
+            variables={
+                name: value
+                for name, value in {**config.file_values, **os.environ}.items()
+                if name.startswith("CONCURRENCY_")
+            },
         )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import ssl
+from collections.abc import Mapping
 from types import ModuleType
 from typing import Any
 
@@ -51,9 +52,9 @@ def check_address(address: str) -> str:
     return address
 
 
-def security_from_environment(distributed: ModuleType) -> Any:
+def security_from_environment(distributed: ModuleType, variables: Mapping[str, str]) -> Any:
     """Build the client's `Security` from the `CONCURRENCY_DASK_TLS_*` files, or ``None`` if none is set."""
-    paths = {name: os.environ.get(name, "").strip() or None for name in (TLS_CA, TLS_CERT, TLS_KEY)}
+    paths = {name: variables.get(name, "").strip() or None for name in (TLS_CA, TLS_CERT, TLS_KEY)}
     if not any(paths.values()):
         return None
     for name in (TLS_CA, TLS_CERT):

@@ -32,12 +32,13 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import os
 import pickle
 import re
 import time
 import traceback
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from types import ModuleType
 from typing import Any
 
@@ -118,6 +119,8 @@ class DaskDriver(Driver):
         options: the scheduler's address (none: an embedded cluster) and the TLS settings to reach it.
         workers: worker processes of the embedded cluster (default: the CPU count); ignored with an
             address, where the cluster decides.
+        variables: where to read the ``CONCURRENCY_DASK_TLS_*`` variables (default: `os.environ`; the
+            facade passes `Settings.variables`, which adds its `.env` file).
 
     Raises:
         ConfigurationError: Dask distributed is not installed (or `cryptography`, for the embedded
@@ -129,7 +132,13 @@ class DaskDriver(Driver):
     name = "dask"
     pickles = True
 
-    def __init__(self, options: DaskOptions | None = None, *, workers: int | None = None) -> None:
+    def __init__(
+        self,
+        options: DaskOptions | None = None,
+        *,
+        workers: int | None = None,
+        variables: Mapping[str, str] | None = None,
+    ) -> None:
         distributed = self._distributed = _import_distributed()
         if options is not None and not isinstance(options, DaskOptions):
             raise ConfigurationError(f"options must be a DaskOptions, not {type(options).__name__}")
@@ -138,7 +147,7 @@ class DaskDriver(Driver):
         self.workers: int = check_workers("workers", workers) or default_workers()
         security, origin = options.security, "DaskOptions.security"
         if security is None:
-            security = security_from_environment(distributed)
+            security = security_from_environment(distributed, os.environ if variables is None else variables)
             origin = f"{TLS_CA} / {TLS_CERT}"
         if security is not None:
             check_security(security, self.address, origin)
@@ -390,4 +399,4 @@ def create(settings: Settings) -> DaskDriver:
     Raises:
         ConfigurationError: Dask distributed is not installed, the address or the TLS settings are invalid.
     """
-    return DaskDriver(settings.options_for(DaskOptions), workers=settings.workers)
+    return DaskDriver(settings.options_for(DaskOptions), workers=settings.workers, variables=settings.variables)

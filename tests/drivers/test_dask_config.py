@@ -85,6 +85,25 @@ def test_tls_files_from_the_environment_make_the_clients_security(
     assert security.require_encryption
 
 
+def test_tls_files_and_the_address_can_come_from_a_dotenv_file(pem: dict[str, Path], tmp_path: Path) -> None:
+    env_file = tmp_path / ".env"
+    env_file.write_text(
+        "CONCURRENCY_DASK_ADDRESS=tls://127.0.0.1:8786\n"
+        f"CONCURRENCY_DASK_TLS_CA_FILE={pem['ca']}\n"
+        f"CONCURRENCY_DASK_TLS_CERT={pem['cert']}\n"
+        f"CONCURRENCY_DASK_TLS_KEY={pem['key']}\n"
+    )
+    driver = Concurrency(driver="dask", env_file=env_file)._core.driver("dask")
+    assert isinstance(driver, DaskDriver)
+    assert driver.address == "tls://127.0.0.1:8786"
+    security: Any = driver.security
+    assert (security.tls_ca_file, security.tls_client_cert, security.tls_client_key) == (
+        str(pem["ca"]),
+        str(pem["cert"]),
+        str(pem["key"]),
+    )
+
+
 @pytest.mark.parametrize(
     ("variables", "error"),
     [
