@@ -8,7 +8,7 @@ from __future__ import annotations
 import functools
 from typing import assert_type
 
-from starlette_concurrency import Concurrency
+from starlette_concurrency import Concurrency, DaskOptions, ProcessOptions, Settings
 
 
 def count(table: str) -> int:
@@ -42,3 +42,13 @@ def run_blocking_shapes(c: Concurrency) -> None:
     assert_type(c.run_blocking([fetch], return_exceptions=True), list[str | BaseException])
     wrong: str = c.run_blocking(lambda: 1)  # type: ignore[assignment]  # pyright: ignore
     del wrong
+
+
+def option_shapes(settings: Settings) -> None:
+    assert_type(settings.options_for(ProcessOptions), ProcessOptions)
+    assert_type(settings.options_for(DaskOptions).address, str | None)
+    Concurrency(options=ProcessOptions(max_tasks_per_worker=100))
+    Concurrency(options=[ProcessOptions(preload=["json"]), DaskOptions(address="tcp://h:8786")])
+    Concurrency(max_tasks_per_worker=100)  # release 1's keyword: typed, and deprecated at run time
+    Concurrency(wokers=2)  # type: ignore[call-arg]  # pyright: ignore
+    Concurrency(options={"max_tasks_per_worker": 100})  # type: ignore[dict-item]  # pyright: ignore
