@@ -81,7 +81,7 @@ class Concurrency(Lifecycle):
         timeout: float | None = None,
         drain_timeout: float | None = None,
         max_pending_deferred: int | None = None,
-        options: DriverOptions | Iterable[DriverOptions] = (),
+        options: DriverOptions | Iterable[DriverOptions] | None = None,
         env_file: str | os.PathLike[str] | None = ".env",
         **deprecated: Unpack[DeprecatedKeywords],
     ) -> None:

@@ -179,7 +179,7 @@ class Settings:
     def resolve(
         cls,
         env_file: str | os.PathLike[str] | None,
-        options: DriverOptions | Iterable[DriverOptions] = (),
+        options: DriverOptions | Iterable[DriverOptions] | None = None,
         **arguments: Any,
     ) -> Settings:
         """Fill the arguments left as ``None`` from the environment, then from defaults; check them all.
@@ -227,7 +227,9 @@ class Settings:
 
 
 def options_list(options: object) -> list[DriverOptions]:
-    """Return `options` as a list: it is one driver options object, or an iterable of them."""
+    """Return `options` as a list: it is one driver options object, an iterable of them, or ``None``."""
+    if options is None:
+        return []
     if isinstance(options, DriverOptions):
         return [options]
     if isinstance(options, str | bytes | Mapping) or not isinstance(options, Iterable):
