@@ -162,7 +162,7 @@ class Settings:
     drain_timeout: float = 20.0
     max_pending_deferred: int | None = None
     options: tuple[DriverOptions, ...] = ()
-    variables: Mapping[str, str] = field(default_factory=dict)
+    variables: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     def options_for(self, kind: type[OptionsT]) -> OptionsT:
         """Return the options of type `kind` the facade was given, or `kind`'s defaults.

@@ -170,3 +170,10 @@ def test_release_1_keywords_are_checked_and_never_mixed_with_options() -> None:
         Concurrency("sync", options=ProcessOptions(), idle_timeout=1, env_file=None)
     with pytest.raises(TypeError, match=r"^Concurrency\(\) got an unexpected keyword argument 'wokers'$"):
         Concurrency("sync", wokers=2, env_file=None)  # type: ignore[call-arg]
+
+
+def test_settings_and_options_stay_hashable_and_readable() -> None:
+    settings = Concurrency("sync", options=ProcessOptions(preload=["json"]), env_file=None).settings
+    assert hash(settings) == hash(dataclasses.replace(settings))  # usable as a cache key by a driver factory
+    assert "variables" not in repr(settings)  # the environment is not echoed into logs
+    assert repr(ProcessOptions(idle_timeout=5)).startswith("ProcessOptions(max_tasks_per_worker=None, idle_timeout=5.0")
