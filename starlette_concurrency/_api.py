@@ -6,9 +6,8 @@ import dataclasses
 import functools
 import math
 import os
-import warnings
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from typing import Any, Literal, TypedDict, TypeVar, Unpack, overload
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from typing import Any, Literal, TypeVar, Unpack, overload
 
 import anyio
 import anyio.to_thread
@@ -22,7 +21,7 @@ from ._drivers.base import Driver
 from ._exceptions import ConfigurationError, DriverError, TaskTimeout
 from ._host import refuse_in_event_loop
 from ._lifecycle import Lifecycle
-from ._options import DaskOptions, DriverOptions, ProcessOptions
+from ._options import DeprecatedKeywords, DriverOptions, with_deprecated_keywords
 from ._pickling import dumps_task
 from ._stats import Stats
 from ._tasks import Batch, Outcome, Tasks
@@ -89,7 +88,7 @@ class Concurrency(Lifecycle):
             raise ConfigurationError(f"driver must be a driver name or a Driver instance, not {type(driver).__name__}")
         settings = Settings.resolve(
             env_file,
-            _deprecated_options(options_list(options), dict(deprecated)),
+            with_deprecated_keywords(options_list(options), dict(deprecated)),
             driver=driver if isinstance(driver, str) else None,
             workers=workers,
             timeout=timeout,
@@ -459,48 +458,3 @@ class Concurrency(Lifecycle):
         driver = self._core.drivers.get(self._name)
         stats = driver.stats() if driver is not None else Stats(driver=self._name)
         return dataclasses.replace(stats, deferred_pending=self._core.pending)
-
-
-class DeprecatedKeywords(TypedDict, total=False):
-    """Release 1's keywords of `Concurrency`, each now a field of a driver's options object."""
-
-    max_tasks_per_worker: int | None
-    idle_timeout: float | None
-    max_worker_memory: int | None
-    initializer: Callable[[], object] | None
-    preload: Sequence[str]
-    dask_address: str | None
-
-
-# Where each of them went: accepted, with a DeprecationWarning, until the next release.
-_DEPRECATED_KEYWORDS: dict[str, tuple[type[DriverOptions], str]] = {
-    "max_tasks_per_worker": (ProcessOptions, "max_tasks_per_worker"),
-    "idle_timeout": (ProcessOptions, "idle_timeout"),
-    "max_worker_memory": (ProcessOptions, "max_worker_memory"),
-    "initializer": (ProcessOptions, "initializer"),
-    "preload": (ProcessOptions, "preload"),
-    "dask_address": (DaskOptions, "address"),
-}
-
-
-def _deprecated_options(options: list[DriverOptions], keywords: dict[str, Any]) -> list[DriverOptions]:
-    """Turn release 1's keywords (``max_tasks_per_worker=``, ``dask_address=``...) into options objects."""
-    fields: dict[type[DriverOptions], dict[str, Any]] = {}
-    for keyword, value in keywords.items():
-        if keyword not in _DEPRECATED_KEYWORDS:
-            raise TypeError(f"Concurrency() got an unexpected keyword argument {keyword!r}")
-        kind, name = _DEPRECATED_KEYWORDS[keyword]
-        if value is not None:
-            fields.setdefault(kind, {})[name] = value
-    for kind, values in fields.items():
-        if any(isinstance(item, kind) for item in options):
-            raise ConfigurationError(f"give {kind.__name__} either in options= or as keywords, not both")
-        options.append(kind(**values))  # checked before the warning: a wrong value is an error first
-    for keyword in keywords:
-        kind, name = _DEPRECATED_KEYWORDS[keyword]
-        warnings.warn(
-            f"Concurrency({keyword}=...) is deprecated; pass options={kind.__name__}({name}=...)",
-            DeprecationWarning,
-            stacklevel=3,
-        )
-    return options

@@ -8,14 +8,15 @@ of its own.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict
 
 from ._checks import check_dask_address, positive
 from ._exceptions import ConfigurationError
 
-__all__ = ["DaskOptions", "DriverOptions", "ProcessOptions"]
+__all__ = ["DaskOptions", "DeprecatedKeywords", "DriverOptions", "ProcessOptions", "with_deprecated_keywords"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +97,56 @@ class DaskOptions(DriverOptions):
                 raise ConfigurationError(
                     f"DaskOptions.security must be a distributed.Security, not {type(self.security).__name__}"
                 )
+
+
+class DeprecatedKeywords(TypedDict, total=False):
+    """Release 1's keywords of `Concurrency`, each now a field of a driver's options object."""
+
+    max_tasks_per_worker: int | None
+    idle_timeout: float | None
+    max_worker_memory: int | None
+    initializer: Callable[[], object] | None
+    preload: Sequence[str]
+    dask_address: str | None
+
+
+# Where each of them went: accepted, with a DeprecationWarning, until the next release.
+_DEPRECATED_KEYWORDS: dict[str, tuple[type[DriverOptions], str]] = {
+    "max_tasks_per_worker": (ProcessOptions, "max_tasks_per_worker"),
+    "idle_timeout": (ProcessOptions, "idle_timeout"),
+    "max_worker_memory": (ProcessOptions, "max_worker_memory"),
+    "initializer": (ProcessOptions, "initializer"),
+    "preload": (ProcessOptions, "preload"),
+    "dask_address": (DaskOptions, "address"),
+}
+
+
+def with_deprecated_keywords(options: list[DriverOptions], keywords: dict[str, Any]) -> list[DriverOptions]:
+    """Add to `options` what release 1's keywords of `Concurrency` say, warning of each keyword.
+
+    Raises:
+        TypeError: a keyword that never existed.
+        ConfigurationError: a wrong value (before any warning), or a driver's options given both ways.
+    """
+    fields: dict[type[DriverOptions], dict[str, Any]] = {}
+    for keyword, value in keywords.items():
+        if keyword not in _DEPRECATED_KEYWORDS:
+            raise TypeError(f"Concurrency() got an unexpected keyword argument {keyword!r}")
+        kind, name = _DEPRECATED_KEYWORDS[keyword]
+        if value is not None:
+            fields.setdefault(kind, {})[name] = value
+    for kind, values in fields.items():
+        if any(isinstance(item, kind) for item in options):
+            raise ConfigurationError(f"give {kind.__name__} either in options= or as keywords, not both")
+        options.append(kind(**values))  # checked before the warning: a wrong value is an error first
+    for keyword in keywords:
+        kind, name = _DEPRECATED_KEYWORDS[keyword]
+        warnings.warn(
+            f"Concurrency({keyword}=...) is deprecated; pass options={kind.__name__}({name}=...)",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+    return options
 
 
 def _set(options: DriverOptions, name: str, value: object) -> None:
