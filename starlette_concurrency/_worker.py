@@ -67,10 +67,9 @@ def load_definitions(blob: bytes) -> None:
     _STORE.load_definitions(blob)
 
 
-def load_task(payload: bytes) -> Callable[[], Any]:
-    """Unpickle one task's callable (pickled by `_pickling.pickle_task` in the parent)."""
-    fn: Callable[[], Any] = _STORE.load(payload)
-    return fn
+def load_task(payload: bytes) -> Any:
+    """Unpickle one task's callable, or a group's list of them (pickled by `_pickling` in the parent)."""
+    return _STORE.load(payload)
 
 
 def main(argv: list[str]) -> int:
@@ -121,30 +120,55 @@ def main(argv: list[str]) -> int:
             load_definitions(definitions)
         except BaseException as exc:  # none of the frame can run; each task says so by name
             failure = _describe(exc)
-            for task_id, _ in entries:
-                _write(writer, _protocol.answer(_protocol.LOAD_FAILED, task_id, failure))
+            for first, count, _, _ in entries:
+                for task_id in range(first, first + count):
+                    _write(writer, _protocol.answer(_protocol.LOAD_FAILED, task_id, failure))
             continue
+        entries.reverse()  # popped from the end: each payload is let go of once its tasks ran
         while entries:
-            task_id, payload = entries.pop(0)
-            try:
-                if first_task:  # what its imports cost, told to the parent (see SLOW_IMPORT)
+            first, count, start, payload = entries.pop()
+            if start != _protocol.SINGLE:  # a group pickled in one dump: one load for its tasks
+                try:
+                    fns: list[Any] = _load(payload, writer, first_task)
+                except BaseException:  # none of them ran: the parent sends them one by one, so only the culprit fails
+                    _write(writer, _protocol.frame(_protocol.RESEND, _protocol.resend_body(first, count)))
+                    continue
+                finally:
                     first_task = False
-                    fn = _load_timed(payload, writer)
-                else:
-                    fn = load_task(payload)
+                del payload
+                for offset in range(count):
+                    fn = fns[start + offset]
+                    fns[start + offset] = None  # let it go once it ran
+                    _answer(writer, first + offset, outcome(fn, cloudpickle.dumps))
+                    del fn
+                del fns
+                continue
+            try:
+                fn = _load(payload, writer, first_task)
             except BaseException as exc:
-                tag, body = _protocol.LOAD_FAILED, _describe(exc)
+                _answer(writer, first, (_protocol.LOAD_FAILED, _describe(exc)))
             else:
-                tag, body = outcome(fn, cloudpickle.dumps)
+                _answer(writer, first, outcome(fn, cloudpickle.dumps))
                 del fn
-            _flush_stdio()  # before the answer, so that the output shows before run() returns
-            _write(writer, _protocol.answer(tag, task_id, body))
+            finally:
+                first_task = False
+            del payload
+
+
+def _answer(writer: BinaryIO, task_id: int, how: tuple[bytes, bytes]) -> None:
+    _flush_stdio()  # before the answer, so that the output shows before run() returns
+    _write(writer, _protocol.answer(how[0], task_id, how[1]))
+
+
+def _load(payload: bytes, writer: BinaryIO, first: bool) -> Any:
+    # What a worker's first load imports is timed and told to the parent (see SLOW_IMPORT).
+    return _load_timed(payload, writer) if first else load_task(payload)
 
 
 SLOW_IMPORT_SECONDS = 1.0  # a first task that takes longer than this to load is worth a warning
 
 
-def _load_timed(payload: bytes, writer: BinaryIO) -> Callable[[], Any]:
+def _load_timed(payload: bytes, writer: BinaryIO) -> Any:
     """Load a worker's first task, and tell the parent when its imports took more than a second.
 
     Loading a task imports the module its function lives in, with everything that module imports

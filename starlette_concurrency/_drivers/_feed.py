@@ -88,7 +88,8 @@ class Job:
     id: int
     call: Call
     index: int
-    payload: Payload
+    payload: Payload  # its callable, or (slot >= 0) a group's list of callables, shared by the group's jobs
+    slot: int = -1  # where its callable is in the group's list
     sent_at: float = 0.0
 
     @property

@@ -66,9 +66,9 @@ import anyio.lowlevel
 import sniffio
 
 from .. import _protocol
-from .._closures import ClosureCache, Payload
-from .._exceptions import ConcurrencyClosed, WorkerStartFailed
-from .._pickling import decode_outcome, describe_failure, pickle_task
+from .._closures import ClosureCache, Payload, Skeleton
+from .._exceptions import ConcurrencyClosed, SerializationError, WorkerStartFailed
+from .._pickling import decode_outcome, describe_failure, pickle_group, pickle_task
 from .._stats import Stats, TaskCounters
 from .._tasks import Outcome, Task
 from ._feed import Call, Job, Worker, launch
@@ -79,6 +79,7 @@ __all__ = ["Pool", "Worker"]
 logger = logging.getLogger("starlette_concurrency")
 
 _MAX_CHUNK = 128
+_MIN_GROUP, _MAX_GROUP = 4, 32  # tasks pickled in one dump (see _pickle)
 _WINDOW = 2  # frames in flight per worker
 
 
@@ -131,16 +132,7 @@ class Pool(Lifecycle):
     # Calls ---------------------------------------------------------------------------------------
 
     async def execute(self, tasks: Sequence[Task], outcomes: list[Outcome | None], *, background: bool) -> None:
-        payloads: list[Payload] = []
-        for start in range(0, len(tasks), 256):  # all of it before anything is queued: nothing runs if one fails
-            if start:  # pickling 20,000 closures takes a while: let the server breathe
-                await anyio.lowlevel.checkpoint()
-            some = tasks[start : start + 256]
-            if len(some) < 4:  # entering a batch costs more than it saves on a few tasks
-                payloads.extend([pickle_task(task, self._closures) for task in some])
-                continue
-            with self._closures.batch():  # no await inside: see ClosureCache.batch
-                payloads.extend([pickle_task(task, self._closures) for task in some])
+        payloads = await self._pickle(tasks)  # all of it before anything is queued: nothing runs if one fails
         self.check_open()
         if not tasks:
             return
@@ -149,9 +141,10 @@ class Pool(Lifecycle):
             await self.start()
         call = Call(tasks, outcomes, background, len(tasks))
         queue = self._deferred if background else self._run
-        for index, payload in enumerate(payloads):
-            self._ids += 1
-            queue.append(Job(self._ids, call, index, payload))
+        ids = self._ids
+        for index, (payload, slot) in enumerate(payloads):
+            queue.append(Job(ids + index + 1, call, index, payload, slot))
+        self._ids = ids + len(payloads)
         self._calls.add(call)
         try:
             self._dispatch()
@@ -164,6 +157,35 @@ class Pool(Lifecycle):
             self._calls.discard(call)
         if call.error is not None:
             raise call.error
+
+    async def _pickle(self, tasks: Sequence[Task]) -> list[tuple[Payload, int]]:
+        """Pickle a call's tasks: (payload, slot) per task, a slot >= 0 for a task pickled in a group.
+
+        Tasks of a long call are pickled in groups, one dump each (see `pickle_group`): the dispatch
+        cuts chunks for the workers as it goes, so a group is small enough that it seldom straddles two.
+        """
+        group = min(_MAX_GROUP, len(tasks) // (8 * self.size))
+        step = 256 // group * group if group >= _MIN_GROUP else 256  # whole groups between two checkpoints
+        payloads: list[tuple[Payload, int]] = []
+        for start in range(0, len(tasks), step):
+            if start:  # pickling 20,000 closures takes a while: let the server breathe
+                await anyio.lowlevel.checkpoint()
+            some = tasks[start : start + step]
+            if len(some) < 4:  # entering a batch costs more than it saves on a few tasks
+                payloads.extend([(pickle_task(task, self._closures), -1) for task in some])
+                continue
+            with self._closures.batch():  # no await inside: see ClosureCache.batch
+                if group < _MIN_GROUP:
+                    payloads.extend([(pickle_task(task, self._closures), -1) for task in some])
+                    continue
+                for first in range(0, len(some), group):
+                    members = some[first : first + group]
+                    payload = pickle_group(members, self._closures)
+                    if payload is None:
+                        payloads.extend([(pickle_task(task, self._closures), -1) for task in members])
+                    else:
+                        payloads.extend([(payload, slot) for slot in range(len(members))])
+        return payloads
 
     async def _abandon(self, call: Call) -> None:
         """Stop exactly the call's unfinished tasks: drop the queued ones, kill the workers running one."""
@@ -329,19 +351,15 @@ class Pool(Lifecycle):
         if tag == _protocol.SLOW_IMPORT:
             self._warn_slow_import(worker, body)
             return None
+        if tag == _protocol.RESEND:
+            return self._resend(worker, body)
         if tag not in _protocol.ANSWERS:
             raise _protocol.ProtocolError(f"unknown tag {tag!r}")
         task_id = _protocol.answer_id(body)
         inflight = worker.inflight
         if not inflight or inflight[0].id != task_id:
             raise _protocol.ProtocolError(f"an answer for task id {task_id}, which is not the task in progress")
-        job = inflight.popleft()
-        if job.call.background:
-            worker.deferred -= 1
-        sizes = worker.frame_sizes
-        sizes[0] -= 1
-        if not sizes[0]:
-            sizes.popleft()
+        job = self._next_inflight(worker)
         worker.tasks_done += 1
         now = time.monotonic()
         outcome = decode_outcome(tag, memoryview(body)[_protocol.ID_SIZE :], job.task)  # no copy of the body
@@ -353,6 +371,46 @@ class Pool(Lifecycle):
         if not worker.inflight and (why := self._due_for_recycle(worker)) is not None:
             return why
         return None  # the reader calls _answered() once it has handled every frame it read
+
+    def _next_inflight(self, worker: Worker) -> Job:
+        """Take the first job a worker holds: it answered it (or gave it back)."""
+        job = worker.inflight.popleft()
+        if job.call.background:
+            worker.deferred -= 1
+        sizes = worker.frame_sizes
+        sizes[0] -= 1
+        if not sizes[0]:
+            sizes.popleft()
+        return job
+
+    def _resend(self, worker: Worker, body: bytes) -> str | None:
+        """A group's payload would not load in the worker: queue its tasks again, each pickled on its own.
+
+        None of them ran. One by one, only the task that will not load fails (LOAD_FAILED), the others
+        run. They are pickled again here, so they travel as they are now.
+        """
+        task_id, count = _protocol.split_resend(body)
+        inflight = worker.inflight
+        if count < 1 or len(inflight) < count or any(inflight[k].id != task_id + k for k in range(count)):
+            raise _protocol.ProtocolError(f"a resend of {count} tasks from id {task_id}, which are not in progress")
+        jobs = [self._next_inflight(worker) for _ in range(count)]
+        back: list[Job] = []
+        for job in jobs:
+            if job.call.abandoned:
+                continue
+            try:
+                job.payload, job.slot = pickle_task(job.task, self._closures), -1
+            except SerializationError as exc:
+                outcome = Outcome(error=exc)
+                self.counters.record(outcome)
+                job.call.settle(job.index, outcome)
+                continue
+            back.append(job)
+        for job in reversed(back):
+            (self._deferred if job.call.background else self._run).appendleft(job)
+        if worker.inflight and worker.inflight[0].call.abandoned:
+            return "timeout or cancellation"  # it started a task nobody waits for: stop it
+        return None
 
     def _answered(self) -> None:
         """After a reader handled the frames of one read: hand the queue to the workers they freed."""
@@ -420,12 +478,27 @@ class Pool(Lifecycle):
         worker.send(self._frame_for(worker, jobs))
 
     def _frame_for(self, worker: Worker, jobs: list[Job]) -> bytes:
-        """Compose the TASKS frame for one worker: the function skeletons it lacks, then the payloads.
+        """Compose the TASKS frame for one worker: the function skeletons it lacks, then the entries.
 
+        Consecutive jobs of one group make one entry (the group's payload and the range of it to run).
         Called only as the frame is sent: frames reach a worker in order, so its mirror is exact.
         """
-        definitions = worker.mirror.prepare([skeleton for job in jobs for skeleton in job.payload.skeletons])
-        return _protocol.tasks_frame(definitions, [(job.id, job.payload.data) for job in jobs])
+        entries: list[tuple[int, int, int, bytes]] = []
+        skeletons: list[Skeleton] = []
+        last: Job | None = None
+        for job in jobs:
+            payload = job.payload
+            if last is not None and job.slot >= 0 and last.payload is payload and job.slot == last.slot + 1:
+                first, count, start, data = entries[-1]
+                if job.id == first + count:
+                    entries[-1] = (first, count + 1, start, data)
+                    last = job
+                    continue
+            if last is None or last.payload is not payload:
+                skeletons.extend(payload.skeletons)
+            entries.append((job.id, 1, _protocol.SINGLE if job.slot < 0 else job.slot, payload.data))
+            last = job
+        return _protocol.tasks_frame(worker.mirror.prepare(skeletons), entries)
 
     # Lifecycle -----------------------------------------------------------------------------------
 
