@@ -39,6 +39,7 @@ only the standard library, so that the worker, started by path, loads it without
 from __future__ import annotations
 
 import contextlib
+import copyreg
 import io
 import itertools
 import pickle
@@ -225,6 +226,8 @@ class ClosureCache:
         # One pickler per thread, reused: making one costs as much as pickling a small task. A dump
         # nested in another (an object's __reduce__ calling dumps) gets a fresh one.
         current: _Pickler | None = getattr(self._local, "pickler", None)
+        if current is not None and current.table_size != len(copyreg.dispatch_table):
+            current = self._local.pickler = None  # a reducer was registered since (copyreg.pickle)
         if current is not None and not current.busy:
             pickler = current
         else:
@@ -305,6 +308,12 @@ class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
     """cloudpickle, with by-value functions reduced to (key, state) when the cache can vouch for them."""
 
     def __init__(self, file: io.BytesIO, cache: ClosureCache) -> None:
+        # A plain dict of cloudpickle's reducers and copyreg's, instead of cloudpickle's ChainMap of
+        # them: the C pickler looks every object's type up in it, which in a ChainMap is Python code
+        # raising KeyError (for a `partial`, say), in a dict a C lookup. Read once, here, by the C
+        # pickler; a reducer registered later makes `ClosureCache.dumps` build a new pickler.
+        self.table_size = len(copyreg.dispatch_table)
+        self.dispatch_table = dict(cloudpickle.Pickler.dispatch_table)  # the ChainMap's precedence
         super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
         self.file = file
         self.cache = cache

@@ -798,3 +798,27 @@ def test_a_batch_pickles_as_single_dumps_do_and_forgets_its_verdicts_when_it_end
         assert store.load(payload.data)() == 14  # the function it was given, not the one now named so
     finally:
         del sys.modules["batch_scratch"]
+
+
+class Registered:
+    """A class whose reducer is registered with copyreg after the cache's pickler was made."""
+
+    def __init__(self, value: int) -> None:
+        self.value = value
+
+
+def _rebuild_registered(value: int) -> Registered:
+    return Registered(value * 10)
+
+
+def test_a_reducer_registered_with_copyreg_later_is_used_by_the_next_dump() -> None:
+    import copyreg
+
+    cache = ClosureCache()
+    assert pickle.loads(cache.dumps(Registered(4)).data).value == 4  # the pickler exists now
+    copyreg.pickle(Registered, lambda obj: (_rebuild_registered, (obj.value,)))
+    try:
+        assert pickle.loads(cache.dumps(Registered(4)).data).value == 40
+    finally:
+        del copyreg.dispatch_table[Registered]
+    assert pickle.loads(cache.dumps(Registered(4)).data).value == 4
