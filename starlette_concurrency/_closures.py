@@ -343,7 +343,10 @@ class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
         known = self.by_reference
         if known is not None and known.get(id(obj)) is obj:
             return NotImplemented  # by reference, as found earlier in this batch
-        if type(obj) is not types.FunctionType or not SUPPORTED:
+        kind = type(obj)
+        if kind is not types.FunctionType and not issubclass(kind, type):
+            return NotImplemented  # what cloudpickle's reducer_override says of it (a partial, say), sooner
+        if kind is not types.FunctionType or not SUPPORTED:
             reduced = super().reducer_override(obj)
             if reduced is NotImplemented and known is not None and isinstance(obj, type):
                 known[id(obj)] = obj  # a class cloudpickle sends by name

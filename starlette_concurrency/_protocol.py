@@ -227,6 +227,9 @@ def _read_exactly(fd: int, size: int) -> bytes | None:
     return bytes(data) if len(data) == size else None
 
 
+_TAGS = [bytes((byte,)) for byte in range(256)]  # a frame's tag without slicing it out
+
+
 class FrameBuffer:
     """Bytes read from a pipe, cut into (tag, body) frames as they complete."""
 
@@ -257,8 +260,8 @@ class FrameBuffer:
                 del buffer[:start]
                 self._start = 0
             return None
-        tag = bytes(buffer[start + HEADER.size : start + HEADER.size + 1])
-        body = bytes(buffer[start + HEADER.size + 1 : end])
+        tag = _TAGS[buffer[start + HEADER.size]]
+        body = bytes(memoryview(buffer)[start + HEADER.size + 1 : end])  # one copy (a slice, then bytes(), is two)
         if end == len(buffer):
             buffer.clear()
             self._start = 0

@@ -56,6 +56,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import struct
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
@@ -80,6 +81,7 @@ logger = logging.getLogger("starlette_concurrency")
 
 _MAX_CHUNK = 128
 _MIN_GROUP, _MAX_GROUP = 4, 32  # tasks pickled in one dump (see _pickle)
+_ANSWERS, _ID, _ID_SIZE = _protocol.ANSWERS, struct.Struct("!Q"), _protocol.ID_SIZE
 _WINDOW = 2  # frames in flight per worker
 
 
@@ -285,7 +287,7 @@ class Pool(Lifecycle):
         if sniffio.current_async_library() == "asyncio":
             import asyncio
 
-            worker.attach(asyncio.get_running_loop(), self._handle, self._gone, self._answered)
+            worker.attach(asyncio.get_running_loop(), self._frames, self._gone, self._answered)
         else:
             launch(self._tasks, self._serve, worker)
 
@@ -307,7 +309,7 @@ class Pool(Lifecycle):
             async with anyio.create_task_group() as tg:
                 tg.start_soon(worker.write_loop)
                 tg.start_soon(self._watch_exit, worker, tg.cancel_scope)
-                reason = await worker.read_loop(self._handle, self._answered)
+                reason = await worker.read_loop(self._frames, self._answered)
                 tg.cancel_scope.cancel()
         if worker.retired or worker.scope is not scope:
             return  # retired by the pool, or its loop moved on: not a death
@@ -335,6 +337,50 @@ class Pool(Lifecycle):
     async def _watch_exit(self, worker: Worker, scope: anyio.CancelScope) -> None:
         await worker.wait_exit()
         scope.cancel()
+
+    def _frames(self, worker: Worker) -> str | None:
+        """Handle every complete frame a read brought; return why the worker must go, or None.
+
+        The answer for the task in progress, nearly every frame, takes the short way; `_handle` takes
+        every other frame (and says what is wrong with it).
+        """
+        next_frame = worker.frames.next
+        inflight = worker.inflight
+        counters = self.counters
+        while (message := next_frame()) is not None:
+            tag, body = message
+            if not (
+                tag in _ANSWERS
+                and worker.ready
+                and inflight
+                and len(body) >= _ID_SIZE
+                and inflight[0].id == _ID.unpack_from(body)[0]
+            ):
+                reason = self._handle(worker, tag, body)
+                if reason is not None:
+                    return reason
+                continue
+            job = inflight.popleft()
+            call = job.call
+            if call.background:
+                worker.deferred -= 1
+            sizes = worker.frame_sizes
+            sizes[0] -= 1
+            if not sizes[0]:
+                sizes.popleft()
+            worker.tasks_done += 1
+            now = time.monotonic()
+            outcome = decode_outcome(tag, memoryview(body)[_ID_SIZE:], job.task)  # no copy of the body
+            last = worker.last_answer
+            counters.record(outcome, now - (job.sent_at if job.sent_at > last else last))
+            worker.last_answer = now
+            call.settle(job.index, outcome)
+            if inflight:
+                if inflight[0].call.abandoned:
+                    return "timeout or cancellation"  # it started a task nobody waits for: stop it
+            elif (why := self._due_for_recycle(worker)) is not None:
+                return why
+        return None  # the reader calls _answered() once it has handled every frame it read
 
     def _handle(self, worker: Worker, tag: bytes, body: bytes) -> str | None:
         if not worker.ready:
