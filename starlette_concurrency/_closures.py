@@ -74,6 +74,7 @@ SUPPORTED = all(hasattr(_cp, name) for name in _HELPERS)
 # Bounds: skeletons are a code object and a few names (a lambda's is ~300 bytes).
 MAX_SKELETON_BYTES = 1 << 20  # larger ones are not cached: such a function takes cloudpickle's path
 PARENT_ENTRIES, PARENT_BYTES = 4096, 64 << 20
+NAMED_ENTRIES = 4096  # functions and classes remembered to pickle by name
 
 
 class Payload:
@@ -178,6 +179,22 @@ def _reference_check(value: Any) -> Callable[[], bool] | None:
     return lambda: _cp._should_pickle_by_reference(value)  # a nested name: the full test
 
 
+def _name_check(obj: Any) -> Callable[[], bool] | None:
+    """For a top-level function or class found to pickle by name: a test that it still would, else None.
+
+    Still the same object under the same name in the same module, that module still the one imported
+    under its name, and not registered to go by value since.
+    """
+    found = _cp._lookup_module_and_qualname(obj)
+    if found is None:
+        return None
+    module, qualname = found
+    if "." in qualname:
+        return None  # a nested name: cloudpickle's full test every time
+    name, namespace = module.__name__, module.__dict__
+    return lambda: namespace.get(qualname) is obj and sys.modules.get(name) is module and not _by_value(module)
+
+
 def _by_value(module: types.ModuleType) -> bool:
     """Whether `module` was registered with `cloudpickle.register_pickle_by_value` (cheap when none is)."""
     return bool(_cp._PICKLE_BY_VALUE_MODULES) and bool(_cp._is_registered_pickle_by_value(module))
@@ -205,6 +222,9 @@ class ClosureCache:
         self._keys = itertools.count()
         self._lock = threading.Lock()
         self._local = threading.local()
+        # id → (function or class, test): found to pickle by name (cloudpickle asks its module, which costs
+        # as much as the rest of a small task's dump); the test says cheaply that it still does.
+        self.named: dict[int, tuple[Any, Callable[[], bool]]] = {}
 
     def __len__(self) -> int:
         return len(self._records)
@@ -262,6 +282,15 @@ class ClosureCache:
             yield
         finally:
             current.by_reference = None
+
+    def remember_name(self, obj: Any) -> None:
+        """Remember that a module-level function or class pickles by name, with a cheap test that it still does."""
+        check = _name_check(obj)
+        if check is None:
+            return
+        if len(self.named) >= NAMED_ENTRIES:
+            self.named.clear()  # a server pickles the same few: an overflow means churn, start afresh
+        self.named[id(obj)] = (obj, check)  # held, so that its id is not reused
 
     def mirror(self, *, max_entries: int = WORKER_ENTRIES, max_bytes: int = WORKER_BYTES) -> WorkerMirror:
         """Make the parent's record of what one new worker holds (it holds nothing yet)."""
@@ -346,15 +375,23 @@ class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
         kind = type(obj)
         if kind is not types.FunctionType and not issubclass(kind, type):
             return NotImplemented  # what cloudpickle's reducer_override says of it (a partial, say), sooner
+        named = self.cache.named.get(id(obj))
+        if named is not None and named[0] is obj and named[1]():
+            if known is not None:
+                known[id(obj)] = obj
+            return NotImplemented  # still importable by the name it was found under in an earlier dump
         if kind is not types.FunctionType or not SUPPORTED:
             reduced = super().reducer_override(obj)
-            if reduced is NotImplemented and known is not None and isinstance(obj, type):
-                known[id(obj)] = obj  # a class cloudpickle sends by name
+            if reduced is NotImplemented and isinstance(obj, type):  # a class cloudpickle sends by name
+                self.cache.remember_name(obj)
+                if known is not None:
+                    known[id(obj)] = obj
             return reduced
         if obj is _rebuild_function:
             return NotImplemented  # the stand-in, by reference (once per payload, then pickle's memo)
         # A "<locals>" name is never a module attribute (pickle's own lookup refuses it): skip the test.
         if "<locals>" not in obj.__qualname__ and _cp._should_pickle_by_reference(obj):
+            self.cache.remember_name(obj)
             if known is not None:
                 known[id(obj)] = obj
             return NotImplemented  # as cloudpickle does: pickle's own reference to module.qualname
