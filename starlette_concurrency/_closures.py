@@ -188,7 +188,8 @@ def _name_check(obj: Any) -> Callable[[], bool] | None:
     found = _cp._lookup_module_and_qualname(obj)
     if found is None:
         return None
-    module, qualname = found
+    module: types.ModuleType = found[0]
+    qualname: str = found[1]
     if "." in qualname:
         return None  # a nested name: cloudpickle's full test every time
     name, namespace = module.__name__, module.__dict__
