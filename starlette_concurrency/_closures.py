@@ -370,31 +370,16 @@ class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
         self.busy = False
 
     def reducer_override(self, obj: Any) -> Any:
-        known = self.by_reference
-        if known is not None and known.get(id(obj)) is obj:
-            return NotImplemented  # by reference, as found earlier in this batch
         kind = type(obj)
-        if kind is not types.FunctionType and not issubclass(kind, type):
-            return NotImplemented  # what cloudpickle's reducer_override says of it (a partial, say), sooner
-        named = self.cache.named.get(id(obj))
-        if named is not None and named[0] is obj and named[1]():
-            if known is not None:
-                known[id(obj)] = obj
-            return NotImplemented  # still importable by the name it was found under in an earlier dump
-        if kind is not types.FunctionType or not SUPPORTED:
-            reduced = super().reducer_override(obj)
-            if reduced is NotImplemented and isinstance(obj, type):  # a class cloudpickle sends by name
-                self.cache.remember_name(obj)
-                if known is not None:
-                    known[id(obj)] = obj
-            return reduced
-        if obj is _rebuild_function:
-            return NotImplemented  # the stand-in, by reference (once per payload, then pickle's memo)
-        # A "<locals>" name is never a module attribute (pickle's own lookup refuses it): skip the test.
-        if "<locals>" not in obj.__qualname__ and _cp._should_pickle_by_reference(obj):
-            self.cache.remember_name(obj)
-            if known is not None:
-                known[id(obj)] = obj
+        if kind is not types.FunctionType:
+            if not issubclass(kind, type):
+                return NotImplemented  # what cloudpickle's reducer_override says of it (a partial, say), sooner
+            return self._class(obj)
+        if not SUPPORTED:
+            return super().reducer_override(obj)
+        # A name with "<" in it (<lambda>, <locals>, <listcomp>) is not a module attribute (pickle's own
+        # lookup refuses "<locals>"; the others only setattr() could make): no need to ask.
+        if "<" not in obj.__qualname__ and self._by_name(obj):
             return NotImplemented  # as cloudpickle does: pickle's own reference to module.qualname
         ident = (id(obj.__code__), id(obj.__globals__))
         record = self.checked.get(ident)
@@ -410,6 +395,40 @@ class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
         group = self.groups.setdefault(id(obj.__globals__), len(self.groups))
         # The state is applied by pickle's BUILD, after the memo knows the function (see WorkerStore).
         return (_rebuild_function, (skeleton.key, group), _state(obj, record))
+
+    def _known(self, obj: Any) -> bool:
+        """Whether `obj` was found to pickle by name in this batch, or (still true) in an earlier dump."""
+        known = self.by_reference
+        if known is not None and known.get(id(obj)) is obj:
+            return True
+        named = self.cache.named.get(id(obj))
+        if named is not None and named[0] is obj and named[1]():
+            if known is not None:
+                known[id(obj)] = obj
+            return True
+        return False
+
+    def _found_by_name(self, obj: Any) -> None:
+        self.cache.remember_name(obj)
+        if self.by_reference is not None:
+            self.by_reference[id(obj)] = obj
+
+    def _by_name(self, obj: types.FunctionType) -> bool:
+        """Whether a function pickles by name (a module function), as cloudpickle would find."""
+        if self._known(obj) or obj is _rebuild_function:  # the stand-in: once per payload, then pickle's memo
+            return True
+        if _cp._should_pickle_by_reference(obj):
+            self._found_by_name(obj)
+            return True
+        return False
+
+    def _class(self, obj: type) -> Any:
+        if self._known(obj):
+            return NotImplemented
+        reduced = super().reducer_override(obj)
+        if reduced is NotImplemented:  # a class cloudpickle sends by name
+            self._found_by_name(obj)
+        return reduced
 
 
 def _state(func: types.FunctionType, record: _Record) -> tuple[Any, ...]:
