@@ -3,11 +3,12 @@
 ```
  execute(tasks)          pool                                     readers (one per worker)   workers
  ──────────────          ────                                     ────────────────────────   ───────
- pickle each task  ──▶  queue: run() tasks ┐ FIFO,
- (pickle_task; nothing   deferred tasks    ┘ run() first
- runs if one fails)       dispatch: idle worker ← a chunk    ── TASKS [(id, payload)…] ──▶  run in order
- await the call's event         busy worker ← one more chunk
-                                (long queue only: window 2)  ◀── answer (id, result) ──────  one per task
+ pickle the tasks  ──▶  queue: run() tasks ┐ FIFO,
+ (long call: groups,     deferred tasks    ┘ run() first
+ one dump each;           dispatch: idle worker ← a chunk    ── TASKS [entries…] ──────▶  run in order
+ nothing runs if one            busy worker ← one more chunk    (a task, or a range
+ fails)                         (long queue only: window 2)      of a group)
+ await the call's event                                      ◀── answer (id, result) ──────  one per task
                                                               id == first in flight? else protocol error
  outcomes[i] ◀─────────────────────────────────────────────── settle its call; dispatch once per read
 ```
@@ -40,15 +41,21 @@ cancelled call (a timeout, a client gone) drops its queued tasks and kills the w
 of its tasks (their process groups), giving every other task they held back to the queue; a task of
 it queued behind another call's task on a worker is stopped when its turn comes.
 
-**Modules.** This one: calls, the queue, dispatch, answers. `_feed.py`: calls, jobs and the
-`Worker` with its pipes' read and write loops. `_lifecycle.py`: burying, retiring and replacing
-workers. `_child.py`: the process handle shared with the fork driver. `_protocol.py`: the frames.
+**Modules.** This one: calls, the queue, dispatch. `_answers.py`: the answers (and every other
+frame a worker writes). `_feed.py`: calls, jobs and the `Worker` with its pipes' read and write
+loops. `_lifecycle.py`: burying, retiring and replacing workers. `_child.py`: the process handle
+shared with the fork driver. `_protocol.py`: the frames.
 
-**Function cache** (`_closures.py`). Each payload is pickled once at call time by
-`_pickling.pickle_task`: a lambda or closure travels as a skeleton key and its current state.
-`_frame_for(worker, jobs)` composes every TASKS frame for one worker: the skeletons that worker has
-not been sent yet (its `WorkerMirror` knows, and evicts with its bound), then the (id, payload)
-entries. A new worker has a new, empty mirror.
+**Pickling** (`_pickling.py`, `_closures.py`). At call time, before anything is queued: a call of at
+least ``32 * workers`` tasks in groups of ``len(tasks) / (8 * workers)`` (at most 32), each group one
+dump (`pickle_group`: what its tasks share is pickled once; a dump that fails is done again task by
+task, to name the task), a shorter call task by task (`pickle_task`). A job is a task with its
+payload and, for a group, its slot in it; `_frame_for` makes consecutive jobs of one group one entry
+(the group's payload, the range to run). A group the worker cannot load comes back as RESEND: its
+tasks go back to the front of the queue, each pickled again on its own, so that only the one that
+will not load fails. Lambdas and closures travel as a skeleton key and their current state:
+`_frame_for` also sends the skeletons the worker lacks (its `WorkerMirror` knows, and evicts with its
+bound). A new worker has a new, empty mirror.
 """
 
 from __future__ import annotations
@@ -56,7 +63,6 @@ from __future__ import annotations
 import logging
 import os
 import secrets
-import struct
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
@@ -68,12 +74,12 @@ import sniffio
 
 from .. import _protocol
 from .._closures import ClosureCache, Payload, Skeleton
-from .._exceptions import ConcurrencyClosed, SerializationError, WorkerStartFailed
-from .._pickling import decode_outcome, describe_failure, pickle_group, pickle_task
+from .._exceptions import ConcurrencyClosed, WorkerStartFailed
+from .._pickling import pickle_group, pickle_task
 from .._stats import Stats, TaskCounters
 from .._tasks import Outcome, Task
+from ._answers import Answers
 from ._feed import Call, Job, Worker, launch
-from ._lifecycle import Lifecycle
 
 __all__ = ["Pool", "Worker"]
 
@@ -81,7 +87,6 @@ logger = logging.getLogger("starlette_concurrency")
 
 _MAX_CHUNK = 128
 _MIN_GROUP, _MAX_GROUP = 4, 32  # tasks pickled in one dump (see _pickle)
-_ANSWERS, _ID, _ID_SIZE = _protocol.ANSWERS, struct.Struct("!Q"), _protocol.ID_SIZE
 _WINDOW = 2  # frames in flight per worker
 
 
@@ -97,7 +102,7 @@ def _running(token: Any) -> bool:
     return True
 
 
-class Pool(Lifecycle):
+class Pool(Answers):
     """The queue, the workers and the readers; `ProcessDriver` is its public face."""
 
     def __init__(
@@ -317,159 +322,14 @@ class Pool(Lifecycle):
         with anyio.CancelScope(shield=True):
             await self._bury(worker, reason)
 
-    def _warn_slow_import(self, worker: Worker, body: bytes) -> None:
-        """Warn once per pool that a worker's first task spent long importing (every fresh worker pays it)."""
-        if self.warned_slow_import:
-            return
-        self.warned_slow_import = True
-        seconds, _, modules = body.decode("ascii", "replace").partition(" ")
-        logger.warning(
-            "a %s worker (pid %d) spent %s s importing before its first task could run (modules: %s); every "
-            "fresh worker pays this: preload them (preload=[...]) so that workers import them at start-up, or "
-            "keep task functions in a module that imports little",
-            self.name,
-            worker.pid,
-            seconds,
-            modules or "?",
-            extra={"driver": self.name, "worker_pid": worker.pid},
-        )
-
     async def _watch_exit(self, worker: Worker, scope: anyio.CancelScope) -> None:
         await worker.wait_exit()
         scope.cancel()
-
-    def _frames(self, worker: Worker) -> str | None:
-        """Handle every complete frame a read brought; return why the worker must go, or None.
-
-        The answer for the task in progress, nearly every frame, takes the short way; `_handle` takes
-        every other frame (and says what is wrong with it).
-        """
-        next_frame = worker.frames.next
-        inflight = worker.inflight
-        counters = self.counters
-        while (message := next_frame()) is not None:
-            tag, body = message
-            if not (
-                tag in _ANSWERS
-                and worker.ready
-                and inflight
-                and len(body) >= _ID_SIZE
-                and inflight[0].id == _ID.unpack_from(body)[0]
-            ):
-                reason = self._handle(worker, tag, body)
-                if reason is not None:
-                    return reason
-                continue
-            job = inflight.popleft()
-            call = job.call
-            if call.background:
-                worker.deferred -= 1
-            sizes = worker.frame_sizes
-            sizes[0] -= 1
-            if not sizes[0]:
-                sizes.popleft()
-            worker.tasks_done += 1
-            now = time.monotonic()
-            outcome = decode_outcome(tag, memoryview(body)[_ID_SIZE:], job.task)  # no copy of the body
-            last = worker.last_answer
-            counters.record(outcome, now - (job.sent_at if job.sent_at > last else last))
-            worker.last_answer = now
-            call.settle(job.index, outcome)
-            if inflight:
-                if inflight[0].call.abandoned:
-                    return "timeout or cancellation"  # it started a task nobody waits for: stop it
-            elif (why := self._due_for_recycle(worker)) is not None:
-                return why
-        return None  # the reader calls _answered() once it has handled every frame it read
-
-    def _handle(self, worker: Worker, tag: bytes, body: bytes) -> str | None:
-        if not worker.ready:
-            if tag == _protocol.READY:
-                worker.ready = True
-                self._dispatch()
-                return None
-            if tag == _protocol.START_FAILED:
-                self._start_failed(worker, describe_failure(body, f"a worker (pid {worker.pid}) failed to start"))
-                return "start failed"
-            raise _protocol.ProtocolError(f"{tag!r} before READY")
-        if tag == _protocol.IDLE_EXIT:
-            return "idle"
-        if tag == _protocol.SLOW_IMPORT:
-            self._warn_slow_import(worker, body)
-            return None
-        if tag == _protocol.RESEND:
-            return self._resend(worker, body)
-        if tag not in _protocol.ANSWERS:
-            raise _protocol.ProtocolError(f"unknown tag {tag!r}")
-        task_id = _protocol.answer_id(body)
-        inflight = worker.inflight
-        if not inflight or inflight[0].id != task_id:
-            raise _protocol.ProtocolError(f"an answer for task id {task_id}, which is not the task in progress")
-        job = self._next_inflight(worker)
-        worker.tasks_done += 1
-        now = time.monotonic()
-        outcome = decode_outcome(tag, memoryview(body)[_protocol.ID_SIZE :], job.task)  # no copy of the body
-        self.counters.record(outcome, now - max(job.sent_at, worker.last_answer))
-        worker.last_answer = now
-        job.call.settle(job.index, outcome)
-        if worker.inflight and worker.inflight[0].call.abandoned:
-            return "timeout or cancellation"  # it started a task nobody waits for: stop it
-        if not worker.inflight and (why := self._due_for_recycle(worker)) is not None:
-            return why
-        return None  # the reader calls _answered() once it has handled every frame it read
-
-    def _next_inflight(self, worker: Worker) -> Job:
-        """Take the first job a worker holds: it answered it (or gave it back)."""
-        job = worker.inflight.popleft()
-        if job.call.background:
-            worker.deferred -= 1
-        sizes = worker.frame_sizes
-        sizes[0] -= 1
-        if not sizes[0]:
-            sizes.popleft()
-        return job
-
-    def _resend(self, worker: Worker, body: bytes) -> str | None:
-        """A group's payload would not load in the worker: queue its tasks again, each pickled on its own.
-
-        None of them ran. One by one, only the task that will not load fails (LOAD_FAILED), the others
-        run. They are pickled again here, so they travel as they are now.
-        """
-        task_id, count = _protocol.split_resend(body)
-        inflight = worker.inflight
-        if count < 1 or len(inflight) < count or any(inflight[k].id != task_id + k for k in range(count)):
-            raise _protocol.ProtocolError(f"a resend of {count} tasks from id {task_id}, which are not in progress")
-        jobs = [self._next_inflight(worker) for _ in range(count)]
-        back: list[Job] = []
-        for job in jobs:
-            if job.call.abandoned:
-                continue
-            try:
-                job.payload, job.slot = pickle_task(job.task, self._closures), -1
-            except SerializationError as exc:
-                outcome = Outcome(error=exc)
-                self.counters.record(outcome)
-                job.call.settle(job.index, outcome)
-                continue
-            back.append(job)
-        for job in reversed(back):
-            (self._deferred if job.call.background else self._run).appendleft(job)
-        if worker.inflight and worker.inflight[0].call.abandoned:
-            return "timeout or cancellation"  # it started a task nobody waits for: stop it
-        return None
 
     def _answered(self) -> None:
         """After a reader handled the frames of one read: hand the queue to the workers they freed."""
         if self._run or self._deferred:
             self._dispatch()
-
-    def _due_for_recycle(self, worker: Worker) -> str | None:
-        """Say why the worker is due for replacement between tasks ("recycle: ..."), or None."""
-        if self.max_tasks_per_worker is not None and worker.tasks_done >= self.max_tasks_per_worker:
-            return f"recycle: ran max_tasks_per_worker={self.max_tasks_per_worker} tasks"
-        if self._over_memory is not None and worker.tasks_done > 0 and self._over_memory(worker):
-            return "recycle: over max_worker_memory"
-        return None
 
     def _budget(self, worker: Worker) -> int:
         if self._over_memory is not None and worker.tasks_done and self._over_memory(worker):
