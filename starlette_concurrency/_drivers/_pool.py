@@ -60,6 +60,7 @@ bound). A new worker has a new, empty mirror.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import secrets
@@ -132,6 +133,7 @@ class Pool(Answers):
         self._start_error: WorkerStartFailed | None = None  # for start() to raise
         self._last_start_error: WorkerStartFailed | None = None
         self._loop: object = None
+        self._asyncio_loop: asyncio.AbstractEventLoop | None = None  # the native loop of _loop, on asyncio
         self.pid = os.getpid()  # the process the pool belongs to: a forked child must make its own
         self._tasks: set[Any] = set()  # asyncio readers: a strong reference while they run
         self.closed = False
@@ -270,6 +272,8 @@ class Pool(Answers):
         """Start readers in this event loop for the workers whose reader ran in another (now ended) one."""
         if os.getpid() != self.pid:
             raise RuntimeError("a process pool cannot be used in a process forked from the one that started it")
+        if self._asyncio_loop is not None and asyncio._get_running_loop() is self._asyncio_loop:
+            return  # the asyncio loop it is bound to (asking anyio for a token costs as much as the rest)
         token = anyio.lowlevel.current_token()
         if token == self._loop:
             return
@@ -280,6 +284,8 @@ class Pool(Answers):
                 "one event loop at a time (one loop after another is fine)"
             )
         self._loop = token
+        native = token.native_token
+        self._asyncio_loop = native if isinstance(native, asyncio.AbstractEventLoop) else None
         self._tasks.clear()
         for worker in self.workers:
             worker.detach()
@@ -290,8 +296,6 @@ class Pool(Answers):
     def _serve_soon(self, worker: Worker) -> None:
         worker.loop = self._loop
         if sniffio.current_async_library() == "asyncio":
-            import asyncio
-
             worker.attach(asyncio.get_running_loop(), self._frames, self._gone, self._answered)
         else:
             launch(self._tasks, self._serve, worker)
