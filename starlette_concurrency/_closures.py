@@ -351,6 +351,9 @@ class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
         self.used: dict[int, Skeleton] = {}
         self.groups: dict[int, int] = {}  # id(__globals__) → index: functions sharing globals share them there too
         self.checked: dict[tuple[int, int], _Record] = {}  # checked once per payload
+        # The last function reduced by its skeleton: code, globals, record, (key, group). Held (code and
+        # globals), so that a later function with the same two is the same function's kin.
+        self.last: tuple[types.CodeType, dict[str, Any], _Record, tuple[int, int]] | None = None
         # Within ClosureCache.batch(): id → the function or class found to go by reference (held, so
         # that its id is not reused meanwhile).
         self.by_reference: dict[int, Any] | None = None
@@ -367,6 +370,7 @@ class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
             self.groups.clear()
         if self.checked:
             self.checked.clear()
+        self.last = None
         self.busy = False
 
     def reducer_override(self, obj: Any) -> Any:
@@ -381,20 +385,25 @@ class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
         # lookup refuses "<locals>"; the others only setattr() could make): no need to ask.
         if "<" not in obj.__qualname__ and self._by_name(obj):
             return NotImplemented  # as cloudpickle does: pickle's own reference to module.qualname
-        ident = (id(obj.__code__), id(obj.__globals__))
-        record = self.checked.get(ident)
-        if record is None or record.code is not obj.__code__:
-            try:
-                record = self.checked[ident] = self.cache._record(ident, obj)
-            except Exception:
-                return super().reducer_override(obj)  # cloudpickle's path raises the real error, if any
-        skeleton = record.skeleton
-        if skeleton is None:
-            return super().reducer_override(obj)
-        self.used[skeleton.key] = skeleton
-        group = self.groups.setdefault(id(obj.__globals__), len(self.groups))
+        last = self.last
+        if last is not None and last[0] is obj.__code__ and last[1] is obj.__globals__:
+            record, args = last[2], last[3]  # the same function as the one before (a group of lambdas)
+        else:
+            ident = (id(obj.__code__), id(obj.__globals__))
+            record = self.checked.get(ident)
+            if record is None or record.code is not obj.__code__:
+                try:
+                    record = self.checked[ident] = self.cache._record(ident, obj)
+                except Exception:
+                    return super().reducer_override(obj)  # cloudpickle's path raises the real error, if any
+            skeleton = record.skeleton
+            if skeleton is None:
+                return super().reducer_override(obj)
+            self.used[skeleton.key] = skeleton
+            args = (skeleton.key, self.groups.setdefault(id(obj.__globals__), len(self.groups)))
+            self.last = (obj.__code__, obj.__globals__, record, args)
         # The state is applied by pickle's BUILD, after the memo knows the function (see WorkerStore).
-        return (_rebuild_function, (skeleton.key, group), _state(obj, record))
+        return (_rebuild_function, args, _state(obj, record))
 
     def _known(self, obj: Any) -> bool:
         """Whether `obj` was found to pickle by name in this batch, or (still true) in an earlier dump."""
