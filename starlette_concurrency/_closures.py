@@ -390,8 +390,10 @@ class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
             record, args = last[2], last[3]  # the same function as the one before (a group of lambdas)
         else:
             ident = (id(obj.__code__), id(obj.__globals__))
-            record = self.checked.get(ident)
-            if record is None or record.code is not obj.__code__:
+            checked = self.checked.get(ident)
+            if checked is not None and checked.code is obj.__code__:
+                record = checked
+            else:
                 try:
                     record = self.checked[ident] = self.cache._record(ident, obj)
                 except Exception:
