@@ -32,6 +32,11 @@ by-value path. Recursion (a function in its own cells, a method of a class defin
 goes through pickle's memo exactly as in cloudpickle: the function is rebuilt with empty cells, then
 its state fills them.
 
+Functions and classes that cloudpickle sends by name (a module's functions, `functools.partial`)
+are remembered as such across dumps, each with a cheap test that it still would (same object under
+the same name, its module still the one imported under its name, not registered to go by value), so
+that cloudpickle's lookup runs once per function, not once per task.
+
 This module is the parent's side. The mirror and the store live in `_closure_store.py`, which imports
 only the standard library, so that the worker, started by path, loads it without the package.
 """

@@ -7,14 +7,20 @@
           INIT frame ──────────────────────────────────▶ sys.path, initializer, preload, limits
                                   ◀───────── READY ────  import cloudpickle, run initializer
    TASKS frame: definitions,      ── pipe R ───────────▶ load_definitions(blob); for each entry:
-     (id, payload) …                                       fn = load_task(payload); call it, await if needed
+     entries (first id, count,                             one task: fn = load_task(payload), or a group:
+     start, payload) …                                     fns = load_task(payload), run fns[start:start+count]
+                                                           each called, awaited if needed
                                   ◀──────── pipe W ────  one answer per task, in order, naming its id
+                                  ◀─ RESEND id, count ─  a group that would not load: none of it ran
    close pipe R (or die)          ─────── EOF/HUP ─────▶ exit
 ```
 
 Framing and tags live in `_protocol.py`. Because a worker answers the tasks of a TASKS frame strictly
 in order and writes each answer before starting the next task, the parent knows exactly which task a
-worker was running when it died; the id in each answer lets it check that, frame by frame.
+worker was running when it died; the id in each answer lets it check that, frame by frame. A group
+(several tasks pickled in one dump by the parent) is loaded once for the range of it an entry runs;
+if it will not load, the worker says RESEND and the parent sends those tasks again one by one, so
+that only the one that cannot load fails.
 `load_definitions` and `load_task` are the two places where what the parent pickled is loaded.
 Results never travel on stdout or stderr, so a task may print freely; the worker flushes both after
 every task, so that what a task printed shows in the server's output even if the worker is killed later.
