@@ -110,6 +110,9 @@ def main(argv: list[str]) -> int:
 
     _write(writer, _protocol.frame(_protocol.READY, str(os.getpid()).encode()))
     first_task = True
+    # The last group this worker loaded, by the id its slot 0 has: a group whose tasks come in several
+    # frames (the pool cuts chunks as the queue shortens) is loaded once here. At most one is held.
+    held_base, held_fns = -1, None
     while True:
         if idle_timeout is not None and not _readable_within(reader, idle_timeout):
             _write(writer, _protocol.frame(_protocol.IDLE_EXIT, b""))
@@ -134,13 +137,18 @@ def main(argv: list[str]) -> int:
         while entries:
             first, count, start, payload = entries.pop()
             if start != _protocol.SINGLE:  # a group pickled in one dump: one load for its tasks
-                try:
-                    fns: list[Any] = _load(payload, writer, first_task)
-                except BaseException:  # none of them ran: the parent sends them one by one, so only the culprit fails
-                    _write(writer, _protocol.frame(_protocol.RESEND, _protocol.resend_body(first, count)))
-                    continue
-                finally:
-                    first_task = False
+                if first - start == held_base and held_fns is not None:
+                    fns: list[Any] = held_fns
+                else:
+                    held_base, held_fns = -1, None
+                    try:
+                        fns = _load(payload, writer, first_task)
+                    except BaseException:  # none ran: the parent sends them one by one, so only the culprit fails
+                        _write(writer, _protocol.frame(_protocol.RESEND, _protocol.resend_body(first, count)))
+                        continue
+                    finally:
+                        first_task = False
+                    held_base, held_fns = first - start, fns
                 del payload
                 for offset in range(count):
                     fn = fns[start + offset]

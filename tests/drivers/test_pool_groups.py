@@ -129,3 +129,36 @@ def test_a_resend_names_its_tasks() -> None:
     assert split_resend(resend_body(2**40, 18)) == (2**40, 18)
     with pytest.raises(ProtocolError, match="malformed RESEND"):
         split_resend(resend_body(1, 2)[:-1])
+
+
+_LOADS: dict[int, int] = {}  # in a worker: how many times each Marker was unpickled there
+
+
+def _loaded(value: int) -> int:
+    _LOADS[value] = _LOADS.get(value, 0) + 1
+    return value
+
+
+class Marker:
+    """Counts, in the worker, how many times it was unpickled."""
+
+    def __init__(self, value: int) -> None:
+        self.value = value
+
+    def __reduce__(self) -> tuple[object, tuple[int]]:
+        return _loaded, (self.value,)
+
+
+def loads_of(value: int) -> int:
+    return _LOADS[value]
+
+
+async def test_a_group_sent_in_several_frames_is_loaded_once_by_a_worker(
+    pool: tuple[Concurrency, ProcessDriver],
+) -> None:
+    # The queue's tail goes out a task or two per frame, so the last groups reach each worker in
+    # pieces: each piece must not unpickle the whole group again.
+    concurrency, _ = pool
+    tasks: list[Callable[[], object]] = [functools.partial(loads_of, Marker(i)) for i in range(300)]  # type: ignore[arg-type]  # a Marker loads as an int
+    results = await concurrency.run(tasks)
+    assert results == [1] * 300
