@@ -12,7 +12,9 @@ import anyio
 import pytest
 
 from starlette_concurrency import Concurrency, SerializationError, WorkerCrashed
+from starlette_concurrency._closures import ClosureCache, Payload
 from starlette_concurrency._drivers.process import ProcessDriver
+from starlette_concurrency._pickling import pickle_group
 from starlette_concurrency._protocol import (
     SINGLE,
     TASKS,
@@ -162,3 +164,58 @@ async def test_a_group_sent_in_several_frames_is_loaded_once_by_a_worker(
     tasks: list[Callable[[], object]] = [functools.partial(loads_of, Marker(i)) for i in range(300)]  # type: ignore[arg-type]  # a Marker loads as an int
     results = await concurrency.run(tasks)
     assert results == [1] * 300
+
+
+class PicklesOnce:
+    """A task that pickles the first time only (its state changes after the call started, say)."""
+
+    def __init__(self) -> None:
+        self.pickled = 0
+
+    def __call__(self) -> str:
+        return "ran"
+
+    def __reduce__(self) -> tuple[object, tuple[()]]:
+        self.pickled += 1
+        if self.pickled > 1:
+            raise TypeError("not any more")
+        return PicklesOnce, ()
+
+
+async def test_a_task_of_a_group_sent_back_that_no_longer_pickles_fails_alone(
+    pool: tuple[Concurrency, ProcessDriver], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    concurrency, _ = pool
+    (tmp_path / "sc_group_only_here_2.py").write_text("def where():\n    return 'here'\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import sc_group_only_here_2  # type: ignore[import-not-found]
+
+    try:
+        tasks: list[Callable[[], object]] = [functools.partial(helpers.identity, i) for i in range(300)]
+        tasks[150] = sc_group_only_here_2.where  # the group will not load in the worker: it is sent back
+        tasks[151] = PicklesOnce()  # and pickled again, task by task
+        results = await concurrency.run(tasks, return_exceptions=True)
+    finally:
+        del sys.modules["sc_group_only_here_2"]
+    assert isinstance(results[150], SerializationError)
+    assert isinstance(results[151], SerializationError)
+    assert "task 151 (PicklesOnce) cannot be pickled" in str(results[151])
+    assert results[:150] + results[152:] == [i for i in range(300) if i not in (150, 151)]
+
+
+class ListRefusingCache(ClosureCache):
+    """A cache that will not pickle a list as a whole (as a dump too deep for the whole group would)."""
+
+    def dumps(self, obj: object) -> Payload:
+        if isinstance(obj, list):
+            raise RecursionError("too deep as a whole")
+        return super().dumps(obj)
+
+
+def test_a_group_that_will_not_pickle_as_a_whole_falls_back_to_one_dump_per_task() -> None:
+    tasks = [Task(i, functools.partial(helpers.identity, i)) for i in range(8)]
+    assert pickle_group(tasks, ListRefusingCache()) is None
+    lock = threading.Lock()
+    tasks[6] = Task(6, lambda: lock)
+    with pytest.raises(SerializationError, match=r"task 6 \(<lambda>\) cannot be pickled"):
+        pickle_group(tasks, ListRefusingCache())
