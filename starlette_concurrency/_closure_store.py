@@ -146,6 +146,8 @@ class WorkerStore:
         # Pickle writes a function's state right after the function, so the functions its state
         # holds are rebuilt and restored in between: a stack.
         self._building: list[tuple[_Loaded, types.FunctionType]] = []
+        self._last_merged: tuple[int, int] | None = None  # the last of _merged: a group of lambdas repeats it
+        self._restore_state = self._restore  # bound once, not once per function
         rebuild, find_class = self._rebuild, pickle.Unpickler.find_class
 
         class Unpickler(pickle.Unpickler):
@@ -206,6 +208,7 @@ class WorkerStore:
                 self._groups.clear()
                 self._merged.clear()
                 self._building.clear()
+            self._last_merged = None
 
     def _rebuild(self, key: int, group: int) -> types.FunctionType:
         skeleton = self._skeletons.get(key)
@@ -218,16 +221,18 @@ class WorkerStore:
             # Fresh globals for every payload, shared by its functions that shared them in the parent,
             # as cloudpickle makes them: what a task writes to its globals does not reach the next one.
             g = self._groups[group] = {"__builtins__": builtins.__dict__}
-        if (group, key) not in self._merged:  # nothing runs while loading: once per payload is enough
-            self._merged.add((group, key))
+        merged = (group, key)
+        if merged != self._last_merged and merged not in self._merged:  # once per payload is enough
+            self._merged.add(merged)
             g.update(skeleton.globals)
+        self._last_merged = merged
         # Cells start empty and are filled by restore, once pickle's memo knows the function: a
         # function in its own cells (recursion) finds itself there.
         closure = tuple(types.CellType() for _ in range(skeleton.nfree)) if skeleton.nfree else None
         func = types.FunctionType(skeleton.code, g, skeleton.names[0], None, closure)
         # Pickle's BUILD calls the object's __setstate__, found in the function's own __dict__: one
         # global fewer to look up per payload than a state setter of its own. Restore removes it.
-        func.__dict__["__setstate__"] = self._restore
+        func.__dict__["__setstate__"] = self._restore_state
         self._building.append((skeleton, func))
         return func
 

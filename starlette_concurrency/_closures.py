@@ -32,6 +32,11 @@ by-value path. Recursion (a function in its own cells, a method of a class defin
 goes through pickle's memo exactly as in cloudpickle: the function is rebuilt with empty cells, then
 its state fills them.
 
+Functions and classes that cloudpickle sends by name (a module's functions, `functools.partial`)
+are remembered as such across dumps, each with a cheap test that it still would (same object under
+the same name, its module still the one imported under its name, not registered to go by value), so
+that cloudpickle's lookup runs once per function, not once per task.
+
 This module is the parent's side. The mirror and the store live in `_closure_store.py`, which imports
 only the standard library, so that the worker, started by path, loads it without the package.
 """
@@ -39,6 +44,7 @@ only the standard library, so that the worker, started by path, loads it without
 from __future__ import annotations
 
 import contextlib
+import copyreg
 import io
 import itertools
 import pickle
@@ -73,6 +79,7 @@ SUPPORTED = all(hasattr(_cp, name) for name in _HELPERS)
 # Bounds: skeletons are a code object and a few names (a lambda's is ~300 bytes).
 MAX_SKELETON_BYTES = 1 << 20  # larger ones are not cached: such a function takes cloudpickle's path
 PARENT_ENTRIES, PARENT_BYTES = 4096, 64 << 20
+NAMED_ENTRIES = 4096  # functions and classes remembered to pickle by name
 
 
 class Payload:
@@ -177,6 +184,23 @@ def _reference_check(value: Any) -> Callable[[], bool] | None:
     return lambda: _cp._should_pickle_by_reference(value)  # a nested name: the full test
 
 
+def _name_check(obj: Any) -> Callable[[], bool] | None:
+    """For a top-level function or class found to pickle by name: a test that it still would, else None.
+
+    Still the same object under the same name in the same module, that module still the one imported
+    under its name, and not registered to go by value since.
+    """
+    found = _cp._lookup_module_and_qualname(obj)
+    if found is None:
+        return None
+    module: types.ModuleType = found[0]
+    qualname: str = found[1]
+    if "." in qualname:
+        return None  # a nested name: cloudpickle's full test every time
+    name, namespace = module.__name__, module.__dict__
+    return lambda: namespace.get(qualname) is obj and sys.modules.get(name) is module and not _by_value(module)
+
+
 def _by_value(module: types.ModuleType) -> bool:
     """Whether `module` was registered with `cloudpickle.register_pickle_by_value` (cheap when none is)."""
     return bool(_cp._PICKLE_BY_VALUE_MODULES) and bool(_cp._is_registered_pickle_by_value(module))
@@ -204,6 +228,9 @@ class ClosureCache:
         self._keys = itertools.count()
         self._lock = threading.Lock()
         self._local = threading.local()
+        # id → (function or class, test): found to pickle by name (cloudpickle asks its module, which costs
+        # as much as the rest of a small task's dump); the test says cheaply that it still does.
+        self.named: dict[int, tuple[Any, Callable[[], bool]]] = {}
 
     def __len__(self) -> int:
         return len(self._records)
@@ -225,6 +252,8 @@ class ClosureCache:
         # One pickler per thread, reused: making one costs as much as pickling a small task. A dump
         # nested in another (an object's __reduce__ calling dumps) gets a fresh one.
         current: _Pickler | None = getattr(self._local, "pickler", None)
+        if current is not None and current.table_size != len(copyreg.dispatch_table):
+            current = self._local.pickler = None  # a reducer was registered since (copyreg.pickle)
         if current is not None and not current.busy:
             pickler = current
         else:
@@ -259,6 +288,15 @@ class ClosureCache:
             yield
         finally:
             current.by_reference = None
+
+    def remember_name(self, obj: Any) -> None:
+        """Remember that a module-level function or class pickles by name, with a cheap test that it still does."""
+        check = _name_check(obj)
+        if check is None:
+            return
+        if len(self.named) >= NAMED_ENTRIES:
+            self.named.clear()  # a server pickles the same few: an overflow means churn, start afresh
+        self.named[id(obj)] = (obj, check)  # held, so that its id is not reused
 
     def mirror(self, *, max_entries: int = WORKER_ENTRIES, max_bytes: int = WORKER_BYTES) -> WorkerMirror:
         """Make the parent's record of what one new worker holds (it holds nothing yet)."""
@@ -305,6 +343,12 @@ class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
     """cloudpickle, with by-value functions reduced to (key, state) when the cache can vouch for them."""
 
     def __init__(self, file: io.BytesIO, cache: ClosureCache) -> None:
+        # A plain dict of cloudpickle's reducers and copyreg's, instead of cloudpickle's ChainMap of
+        # them: the C pickler looks every object's type up in it, which in a ChainMap is Python code
+        # raising KeyError (for a `partial`, say), in a dict a C lookup. Read once, here, by the C
+        # pickler; a reducer registered later makes `ClosureCache.dumps` build a new pickler.
+        self.table_size = len(copyreg.dispatch_table)
+        self.dispatch_table = dict(cloudpickle.Pickler.dispatch_table)  # the ChainMap's precedence
         super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
         self.file = file
         self.cache = cache
@@ -312,6 +356,9 @@ class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
         self.used: dict[int, Skeleton] = {}
         self.groups: dict[int, int] = {}  # id(__globals__) → index: functions sharing globals share them there too
         self.checked: dict[tuple[int, int], _Record] = {}  # checked once per payload
+        # The last function reduced by its skeleton: code, globals, record, (key, group). Held (code and
+        # globals), so that a later function with the same two is the same function's kin.
+        self.last: tuple[types.CodeType, dict[str, Any], _Record, tuple[int, int]] | None = None
         # Within ClosureCache.batch(): id → the function or class found to go by reference (held, so
         # that its id is not reused meanwhile).
         self.by_reference: dict[int, Any] | None = None
@@ -328,38 +375,76 @@ class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
             self.groups.clear()
         if self.checked:
             self.checked.clear()
+        self.last = None
         self.busy = False
 
     def reducer_override(self, obj: Any) -> Any:
+        kind = type(obj)
+        if kind is not types.FunctionType:
+            if not issubclass(kind, type):
+                return NotImplemented  # what cloudpickle's reducer_override says of it (a partial, say), sooner
+            return self._class(obj)
+        if not SUPPORTED:
+            return super().reducer_override(obj)
+        # A name with "<" in it (<lambda>, <locals>, <listcomp>) is not a module attribute (pickle's own
+        # lookup refuses "<locals>"; the others only setattr() could make): no need to ask.
+        if "<" not in obj.__qualname__ and self._by_name(obj):
+            return NotImplemented  # as cloudpickle does: pickle's own reference to module.qualname
+        last = self.last
+        if last is not None and last[0] is obj.__code__ and last[1] is obj.__globals__:
+            record, args = last[2], last[3]  # the same function as the one before (a group of lambdas)
+        else:
+            ident = (id(obj.__code__), id(obj.__globals__))
+            checked = self.checked.get(ident)
+            if checked is not None and checked.code is obj.__code__:
+                record = checked
+            else:
+                try:
+                    record = self.checked[ident] = self.cache._record(ident, obj)
+                except Exception:
+                    return super().reducer_override(obj)  # cloudpickle's path raises the real error, if any
+            skeleton = record.skeleton
+            if skeleton is None:
+                return super().reducer_override(obj)
+            self.used[skeleton.key] = skeleton
+            args = (skeleton.key, self.groups.setdefault(id(obj.__globals__), len(self.groups)))
+            self.last = (obj.__code__, obj.__globals__, record, args)
+        # The state is applied by pickle's BUILD, after the memo knows the function (see WorkerStore).
+        return (_rebuild_function, args, _state(obj, record))
+
+    def _known(self, obj: Any) -> bool:
+        """Whether `obj` was found to pickle by name in this batch, or (still true) in an earlier dump."""
         known = self.by_reference
         if known is not None and known.get(id(obj)) is obj:
-            return NotImplemented  # by reference, as found earlier in this batch
-        if type(obj) is not types.FunctionType or not SUPPORTED:
-            reduced = super().reducer_override(obj)
-            if reduced is NotImplemented and known is not None and isinstance(obj, type):
-                known[id(obj)] = obj  # a class cloudpickle sends by name
-            return reduced
-        if obj is _rebuild_function:
-            return NotImplemented  # the stand-in, by reference (once per payload, then pickle's memo)
-        # A "<locals>" name is never a module attribute (pickle's own lookup refuses it): skip the test.
-        if "<locals>" not in obj.__qualname__ and _cp._should_pickle_by_reference(obj):
+            return True
+        named = self.cache.named.get(id(obj))
+        if named is not None and named[0] is obj and named[1]():
             if known is not None:
                 known[id(obj)] = obj
-            return NotImplemented  # as cloudpickle does: pickle's own reference to module.qualname
-        ident = (id(obj.__code__), id(obj.__globals__))
-        record = self.checked.get(ident)
-        if record is None or record.code is not obj.__code__:
-            try:
-                record = self.checked[ident] = self.cache._record(ident, obj)
-            except Exception:
-                return super().reducer_override(obj)  # cloudpickle's path raises the real error, if any
-        skeleton = record.skeleton
-        if skeleton is None:
-            return super().reducer_override(obj)
-        self.used[skeleton.key] = skeleton
-        group = self.groups.setdefault(id(obj.__globals__), len(self.groups))
-        # The state is applied by pickle's BUILD, after the memo knows the function (see WorkerStore).
-        return (_rebuild_function, (skeleton.key, group), _state(obj, record))
+            return True
+        return False
+
+    def _found_by_name(self, obj: Any) -> None:
+        self.cache.remember_name(obj)
+        if self.by_reference is not None:
+            self.by_reference[id(obj)] = obj
+
+    def _by_name(self, obj: types.FunctionType) -> bool:
+        """Whether a function pickles by name (a module function), as cloudpickle would find."""
+        if self._known(obj) or obj is _rebuild_function:  # the stand-in: once per payload, then pickle's memo
+            return True
+        if _cp._should_pickle_by_reference(obj):
+            self._found_by_name(obj)
+            return True
+        return False
+
+    def _class(self, obj: type) -> Any:
+        if self._known(obj):
+            return NotImplemented
+        reduced = super().reducer_override(obj)
+        if reduced is NotImplemented:  # a class cloudpickle sends by name
+            self._found_by_name(obj)
+        return reduced
 
 
 def _state(func: types.FunctionType, record: _Record) -> tuple[Any, ...]:

@@ -9,11 +9,13 @@ of a length that waits forever.
 
 ```
  parent → worker   INIT   pickled configuration (sys.path, initializer, preload, idle timeout)
-                   TASKS  definitions blob, then (task id, payload) entries   — see tasks_frame()
+                   TASKS  definitions blob, then entries (first task id, count, start, payload) — see tasks_frame()
  worker → parent   READY  its pid                     START_FAILED  why it could not start
                    IDLE_EXIT  leaving on its idle timeout (nothing of a later frame ran)
                    OK / ERROR / REMOTE / UNPICKLABLE / LOAD_FAILED   one answer per task:
                           task id (8 bytes) | pickled result, exception or description
+                   RESEND  a group payload would not load: task id (8 bytes) | count (4 bytes);
+                           none of those tasks ran, the parent sends them again one by one
 ```
 
 Every answer names its task: the parent checks the id against the task it expects next from that
@@ -36,6 +38,8 @@ __all__ = [
     "OK",
     "READY",
     "REMOTE",
+    "RESEND",
+    "SINGLE",
     "SLOW_IMPORT",
     "START_FAILED",
     "TASKS",
@@ -50,7 +54,9 @@ __all__ = [
     "grow_pipe",
     "parse_tasks",
     "read_frame",
+    "resend_body",
     "split_answer",
+    "split_resend",
     "tasks_frame",
 ]
 
@@ -58,7 +64,8 @@ MAGIC = b"\xc7\x0c"
 HEADER = struct.Struct("!2sI")  # magic, length of tag + body
 _ID = struct.Struct("!Q")
 _COUNT = struct.Struct("!I")
-_ENTRY = struct.Struct("!QI")  # task id, payload length
+_ENTRY = struct.Struct("!QIII")  # first task id, count, start in the payload's list (or SINGLE), payload length
+SINGLE = 0xFFFFFFFF  # an entry's start when its payload is one callable, not a list of them
 
 # Parent → worker.
 INIT = b"C"  # body: pickled configuration
@@ -73,6 +80,7 @@ ERROR = b"E"  # the task raised; body: pickled (exception, formatted traceback)
 REMOTE = b"X"  # the task raised something that would not round-trip; body: pickled (type name, str, traceback)
 UNPICKLABLE = b"S"  # the task returned something that would not pickle; body: pickled (type name, str, traceback)
 LOAD_FAILED = b"L"  # the task itself would not unpickle here; body: pickled (type name, str, traceback)
+RESEND = b"P"  # a group payload would not load; body: first task id (8 bytes), count (4 bytes); none of them ran
 SLOW_IMPORT = b"W"  # before the first answer: loading the first task took long; body: "<seconds> <module>,<module>…"
 ANSWERS = frozenset((OK, ERROR, REMOTE, UNPICKLABLE, LOAD_FAILED))
 
@@ -117,21 +125,24 @@ def split_answer(body: bytes) -> tuple[int, bytes]:
     return _ID.unpack_from(body)[0], body[_ID.size :]
 
 
-def tasks_frame(definitions: bytes, entries: list[tuple[int, bytes]]) -> bytes:
-    """Frame tasks for a worker: an opaque definitions blob, then each task's id and pickled callable.
+def tasks_frame(definitions: bytes, entries: list[tuple[int, int, int, bytes]]) -> bytes:
+    """Frame tasks for a worker: an opaque definitions blob, then its entries.
 
-    The definitions blob is what the worker must load before the payloads (empty today; the seam for
-    sending what payloads share, such as a function's code, once per worker).
+    The definitions blob is what the worker must load before the payloads (the function skeletons
+    it lacks, see `_closures.py`). Each entry is (first task id, count, start, payload): with start
+    `SINGLE`, the payload is one pickled callable and count is 1; otherwise it is a pickled list of
+    callables (a group, pickled in one dump), of which the entry's tasks are ``[start:start + count]``,
+    with the ids ``first, first + 1, ...``.
     """
     parts = [_COUNT.pack(len(definitions)), definitions, _COUNT.pack(len(entries))]
-    for task_id, payload in entries:
-        parts.append(_ENTRY.pack(task_id, len(payload)))
+    for task_id, count, start, payload in entries:
+        parts.append(_ENTRY.pack(task_id, count, start, len(payload)))
         parts.append(payload)
     return frame(TASKS, b"".join(parts))
 
 
-def parse_tasks(body: bytes) -> tuple[bytes, list[tuple[int, bytes]]]:
-    """Invert `tasks_frame`: return the definitions blob and the (task id, payload) entries.
+def parse_tasks(body: bytes) -> tuple[bytes, list[tuple[int, int, int, bytes]]]:
+    """Invert `tasks_frame`: return the definitions blob and the (first id, count, start, payload) entries.
 
     Raises:
         ProtocolError: the body is not a TASKS body.
@@ -145,15 +156,33 @@ def parse_tasks(body: bytes) -> tuple[bytes, list[tuple[int, bytes]]]:
         offset += _COUNT.size
         entries = []
         for _ in range(count):
-            task_id, size = _ENTRY.unpack_from(view, offset)
+            task_id, tasks, start, size = _ENTRY.unpack_from(view, offset)
             offset += _ENTRY.size
-            entries.append((task_id, bytes(view[offset : offset + size])))
+            if tasks < 1 or (start == SINGLE and tasks != 1):
+                raise ProtocolError(f"a malformed TASKS frame: an entry of {tasks} tasks from {start}")
+            entries.append((task_id, tasks, start, bytes(view[offset : offset + size])))
             offset += size
     except struct.error as exc:
         raise ProtocolError(f"a malformed TASKS frame: {exc}") from None
     if offset != len(body):
         raise ProtocolError("a malformed TASKS frame: trailing bytes")
     return definitions, entries
+
+
+def resend_body(task_id: int, count: int) -> bytes:
+    """The body of a RESEND frame: the first task id and how many tasks of the group to send again."""
+    return _ID.pack(task_id) + _COUNT.pack(count)
+
+
+def split_resend(body: bytes) -> tuple[int, int]:
+    """Return (first task id, count) of a RESEND body.
+
+    Raises:
+        ProtocolError: the body is not a RESEND body.
+    """
+    if len(body) != _ID.size + _COUNT.size:
+        raise ProtocolError("a malformed RESEND frame")
+    return _ID.unpack_from(body)[0], _COUNT.unpack_from(body, _ID.size)[0]
 
 
 def grow_pipe(fd: int) -> None:
@@ -198,6 +227,9 @@ def _read_exactly(fd: int, size: int) -> bytes | None:
     return bytes(data) if len(data) == size else None
 
 
+_TAGS = [bytes((byte,)) for byte in range(256)]  # a frame's tag without slicing it out
+
+
 class FrameBuffer:
     """Bytes read from a pipe, cut into (tag, body) frames as they complete."""
 
@@ -228,8 +260,8 @@ class FrameBuffer:
                 del buffer[:start]
                 self._start = 0
             return None
-        tag = bytes(buffer[start + HEADER.size : start + HEADER.size + 1])
-        body = bytes(buffer[start + HEADER.size + 1 : end])
+        tag = _TAGS[buffer[start + HEADER.size]]
+        body = bytes(memoryview(buffer)[start + HEADER.size + 1 : end])  # one copy (a slice, then bytes(), is two)
         if end == len(buffer):
             buffer.clear()
             self._start = 0

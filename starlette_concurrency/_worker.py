@@ -7,14 +7,20 @@
           INIT frame ──────────────────────────────────▶ sys.path, initializer, preload, limits
                                   ◀───────── READY ────  import cloudpickle, run initializer
    TASKS frame: definitions,      ── pipe R ───────────▶ load_definitions(blob); for each entry:
-     (id, payload) …                                       fn = load_task(payload); call it, await if needed
+     entries (first id, count,                             one task: fn = load_task(payload), or a group:
+     start, payload) …                                     fns = load_task(payload), run fns[start:start+count]
+                                                           each called, awaited if needed
                                   ◀──────── pipe W ────  one answer per task, in order, naming its id
+                                  ◀─ RESEND id, count ─  a group that would not load: none of it ran
    close pipe R (or die)          ─────── EOF/HUP ─────▶ exit
 ```
 
 Framing and tags live in `_protocol.py`. Because a worker answers the tasks of a TASKS frame strictly
 in order and writes each answer before starting the next task, the parent knows exactly which task a
-worker was running when it died; the id in each answer lets it check that, frame by frame.
+worker was running when it died; the id in each answer lets it check that, frame by frame. A group
+(several tasks pickled in one dump by the parent) is loaded once for the range of it an entry runs;
+if it will not load, the worker says RESEND and the parent sends those tasks again one by one, so
+that only the one that cannot load fails.
 `load_definitions` and `load_task` are the two places where what the parent pickled is loaded.
 Results never travel on stdout or stderr, so a task may print freely; the worker flushes both after
 every task, so that what a task printed shows in the server's output even if the worker is killed later.
@@ -67,10 +73,9 @@ def load_definitions(blob: bytes) -> None:
     _STORE.load_definitions(blob)
 
 
-def load_task(payload: bytes) -> Callable[[], Any]:
-    """Unpickle one task's callable (pickled by `_pickling.pickle_task` in the parent)."""
-    fn: Callable[[], Any] = _STORE.load(payload)
-    return fn
+def load_task(payload: bytes) -> Any:
+    """Unpickle one task's callable, or a group's list of them (pickled by `_pickling` in the parent)."""
+    return _STORE.load(payload)
 
 
 def main(argv: list[str]) -> int:
@@ -105,6 +110,9 @@ def main(argv: list[str]) -> int:
 
     _write(writer, _protocol.frame(_protocol.READY, str(os.getpid()).encode()))
     first_task = True
+    # The last group this worker loaded, by the id its slot 0 has: a group whose tasks come in several
+    # frames (the pool cuts chunks as the queue shortens) is loaded once here. At most one is held.
+    held_base, held_fns = -1, None
     while True:
         if idle_timeout is not None and not _readable_within(reader, idle_timeout):
             _write(writer, _protocol.frame(_protocol.IDLE_EXIT, b""))
@@ -121,30 +129,60 @@ def main(argv: list[str]) -> int:
             load_definitions(definitions)
         except BaseException as exc:  # none of the frame can run; each task says so by name
             failure = _describe(exc)
-            for task_id, _ in entries:
-                _write(writer, _protocol.answer(_protocol.LOAD_FAILED, task_id, failure))
+            for first, count, _, _ in entries:
+                for task_id in range(first, first + count):
+                    _write(writer, _protocol.answer(_protocol.LOAD_FAILED, task_id, failure))
             continue
+        entries.reverse()  # popped from the end: each payload is let go of once its tasks ran
         while entries:
-            task_id, payload = entries.pop(0)
-            try:
-                if first_task:  # what its imports cost, told to the parent (see SLOW_IMPORT)
-                    first_task = False
-                    fn = _load_timed(payload, writer)
+            first, count, start, payload = entries.pop()
+            if start != _protocol.SINGLE:  # a group pickled in one dump: one load for its tasks
+                if first - start == held_base and held_fns is not None:
+                    fns: list[Any] = held_fns
                 else:
-                    fn = load_task(payload)
+                    held_base, held_fns = -1, None
+                    try:
+                        fns = _load(payload, writer, first_task)
+                    except BaseException:  # none ran: the parent sends them one by one, so only the culprit fails
+                        _write(writer, _protocol.frame(_protocol.RESEND, _protocol.resend_body(first, count)))
+                        continue
+                    finally:
+                        first_task = False
+                    held_base, held_fns = first - start, fns
+                del payload
+                for offset in range(count):
+                    fn = fns[start + offset]
+                    fns[start + offset] = None  # let it go once it ran
+                    _answer(writer, first + offset, outcome(fn, cloudpickle.dumps))
+                    del fn
+                del fns
+                continue
+            try:
+                fn = _load(payload, writer, first_task)
             except BaseException as exc:
-                tag, body = _protocol.LOAD_FAILED, _describe(exc)
+                _answer(writer, first, (_protocol.LOAD_FAILED, _describe(exc)))
             else:
-                tag, body = outcome(fn, cloudpickle.dumps)
+                _answer(writer, first, outcome(fn, cloudpickle.dumps))
                 del fn
-            _flush_stdio()  # before the answer, so that the output shows before run() returns
-            _write(writer, _protocol.answer(tag, task_id, body))
+            finally:
+                first_task = False
+            del payload
+
+
+def _answer(writer: BinaryIO, task_id: int, how: tuple[bytes, bytes]) -> None:
+    _flush_stdio()  # before the answer, so that the output shows before run() returns
+    _write(writer, _protocol.answer(how[0], task_id, how[1]))
+
+
+def _load(payload: bytes, writer: BinaryIO, first: bool) -> Any:
+    # What a worker's first load imports is timed and told to the parent (see SLOW_IMPORT).
+    return _load_timed(payload, writer) if first else load_task(payload)
 
 
 SLOW_IMPORT_SECONDS = 1.0  # a first task that takes longer than this to load is worth a warning
 
 
-def _load_timed(payload: bytes, writer: BinaryIO) -> Callable[[], Any]:
+def _load_timed(payload: bytes, writer: BinaryIO) -> Any:
     """Load a worker's first task, and tell the parent when its imports took more than a second.
 
     Loading a task imports the module its function lives in, with everything that module imports

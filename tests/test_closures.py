@@ -798,3 +798,55 @@ def test_a_batch_pickles_as_single_dumps_do_and_forgets_its_verdicts_when_it_end
         assert store.load(payload.data)() == 14  # the function it was given, not the one now named so
     finally:
         del sys.modules["batch_scratch"]
+
+
+class Registered:
+    """A class whose reducer is registered with copyreg after the cache's pickler was made."""
+
+    def __init__(self, value: int) -> None:
+        self.value = value
+
+
+def _rebuild_registered(value: int) -> Registered:
+    return Registered(value * 10)
+
+
+def test_a_reducer_registered_with_copyreg_later_is_used_by_the_next_dump() -> None:
+    import copyreg
+
+    cache = ClosureCache()
+    assert pickle.loads(cache.dumps(Registered(4)).data).value == 4  # the pickler exists now
+    copyreg.pickle(Registered, lambda obj: (_rebuild_registered, (obj.value,)))
+    try:
+        assert pickle.loads(cache.dumps(Registered(4)).data).value == 40
+    finally:
+        del copyreg.dispatch_table[Registered]
+    assert pickle.loads(cache.dumps(Registered(4)).data).value == 4
+
+
+def test_a_function_remembered_to_pickle_by_name_is_sent_by_value_once_its_name_means_another(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "sc_renamed.py").write_text("def where():\n    return 'old'\n\nclass Kind:\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import sc_renamed  # type: ignore[import-not-found]
+
+    try:
+        cache, store = ClosureCache(), WorkerStore()
+        mirror = cache.mirror()
+        old, kind = sc_renamed.where, sc_renamed.Kind
+        for _ in range(2):  # the second dump takes the remembered way
+            payload = cache.dumps(old)
+            assert b"sc_renamed" in payload.data
+            assert not payload.skeletons
+        assert id(old) in cache.named
+        sc_renamed.where = lambda: "new"  # the name now means another function
+        payload = cache.dumps(old)
+        store.load_definitions(mirror.prepare(payload.skeletons))
+        assert store.load(payload.data)() == "old"  # by value: not the function the name means now
+        cache.dumps(kind)
+        assert id(kind) in cache.named
+        del sys.modules["sc_renamed"]  # no longer importable by that name: cloudpickle sends the class by value
+        assert b"_make_skeleton_class" in cache.dumps(kind).data
+    finally:
+        sys.modules.pop("sc_renamed", None)

@@ -88,7 +88,8 @@ class Job:
     id: int
     call: Call
     index: int
-    payload: Payload
+    payload: Payload  # its callable, or (slot >= 0) a group's list of callables, shared by the group's jobs
+    slot: int = -1  # where its callable is in the group's list
     sent_at: float = 0.0
 
     @property
@@ -107,7 +108,7 @@ class Worker(Child):
         self.deferred = 0  # how many of the jobs in flight are deferred work
         # asyncio: the loop whose selector calls this worker's callbacks (see attach)
         self.selector_loop: asyncio.AbstractEventLoop | None = None
-        self._on_frame: Callable[[Worker, bytes, bytes], str | None] | None = None
+        self._on_frames: Callable[[Worker], str | None] | None = None
         self._on_gone: Callable[[Worker, str], None] | None = None
         self._on_batch: Callable[[], None] | None = None
         self.frame_sizes: deque[int] = deque()  # tasks per frame in flight
@@ -148,13 +149,13 @@ class Worker(Child):
     def attach(
         self,
         loop: asyncio.AbstractEventLoop,
-        on_frame: Callable[[Worker, bytes, bytes], str | None],
+        on_frames: Callable[[Worker], str | None],
         on_gone: Callable[[Worker, str], None],
         on_batch: Callable[[], None],
     ) -> None:
-        """Have `loop` call `on_frame` for each frame, `on_batch` after the frames of each read, then
-        `on_gone` once with why the worker is gone."""
-        self.selector_loop, self._on_frame, self._on_gone, self._on_batch = loop, on_frame, on_gone, on_batch
+        """Have `loop` call `on_frames` after each read (it takes the complete frames from `frames`),
+        `on_batch` after that, then `on_gone` once with why the worker is gone."""
+        self.selector_loop, self._on_frames, self._on_gone, self._on_batch = loop, on_frames, on_gone, on_batch
         loop.add_reader(self.from_child, self._readable)
         if self.pidfd is not None:
             loop.add_reader(self.pidfd, self._exited)
@@ -175,11 +176,9 @@ class Worker(Child):
                 loop.remove_writer(self.to_child)
 
     def _readable(self) -> None:
-        assert self._on_frame is not None
+        assert self._on_frames is not None
         try:
-            reason = None if self.read_available() else "exit"
-            while reason is None and (message := self.frames.next()) is not None:
-                reason = self._on_frame(self, *message)
+            reason = self._on_frames(self) if self.read_available() else "exit"
             if reason is None and self._on_batch is not None:
                 self._on_batch()  # once per read, not per answer: the answers of a chunk cost one dispatch
         except _protocol.ProtocolError as exc:
@@ -228,19 +227,14 @@ class Worker(Child):
                 return  # it died: the reader sees it
             del self.outbox[:written]
 
-    async def read_loop(
-        self, handle: Callable[[Worker, bytes, bytes], str | None], on_batch: Callable[[], None]
-    ) -> str:
-        """Hand each frame to `handle` until it returns a reason to stop; return why ("exit": EOF).
-
-        `on_batch` is called after the frames of each read.
-        """
+    async def read_loop(self, handle: Callable[[Worker], str | None], on_batch: Callable[[], None]) -> str:
+        """After each read, have `handle` take the complete frames, until it returns a reason to stop;
+        return why ("exit": EOF). `on_batch` is called after `handle`, each time."""
         try:
             while True:
-                while (message := self.frames.next()) is not None:
-                    reason = handle(self, *message)
-                    if reason is not None:
-                        return reason
+                reason = handle(self)
+                if reason is not None:
+                    return reason
                 on_batch()
                 try:
                     await anyio.wait_readable(self.from_child)

@@ -3,11 +3,12 @@
 ```
  execute(tasks)          pool                                     readers (one per worker)   workers
  ──────────────          ────                                     ────────────────────────   ───────
- pickle each task  ──▶  queue: run() tasks ┐ FIFO,
- (pickle_task; nothing   deferred tasks    ┘ run() first
- runs if one fails)       dispatch: idle worker ← a chunk    ── TASKS [(id, payload)…] ──▶  run in order
- await the call's event         busy worker ← one more chunk
-                                (long queue only: window 2)  ◀── answer (id, result) ──────  one per task
+ pickle the tasks  ──▶  queue: run() tasks ┐ FIFO,
+ (long call: groups,     deferred tasks    ┘ run() first
+ one dump each;           dispatch: idle worker ← a chunk    ── TASKS [entries…] ──────▶  run in order
+ nothing runs if one            busy worker ← one more chunk    (a task, or a range
+ fails)                         (long queue only: window 2)      of a group)
+ await the call's event                                      ◀── answer (id, result) ──────  one per task
                                                               id == first in flight? else protocol error
  outcomes[i] ◀─────────────────────────────────────────────── settle its call; dispatch once per read
 ```
@@ -40,19 +41,26 @@ cancelled call (a timeout, a client gone) drops its queued tasks and kills the w
 of its tasks (their process groups), giving every other task they held back to the queue; a task of
 it queued behind another call's task on a worker is stopped when its turn comes.
 
-**Modules.** This one: calls, the queue, dispatch, answers. `_feed.py`: calls, jobs and the
-`Worker` with its pipes' read and write loops. `_lifecycle.py`: burying, retiring and replacing
-workers. `_child.py`: the process handle shared with the fork driver. `_protocol.py`: the frames.
+**Modules.** This one: calls, the queue, dispatch. `_answers.py`: the answers (and every other
+frame a worker writes). `_feed.py`: calls, jobs and the `Worker` with its pipes' read and write
+loops. `_lifecycle.py`: burying, retiring and replacing workers. `_child.py`: the process handle
+shared with the fork driver. `_protocol.py`: the frames.
 
-**Function cache** (`_closures.py`). Each payload is pickled once at call time by
-`_pickling.pickle_task`: a lambda or closure travels as a skeleton key and its current state.
-`_frame_for(worker, jobs)` composes every TASKS frame for one worker: the skeletons that worker has
-not been sent yet (its `WorkerMirror` knows, and evicts with its bound), then the (id, payload)
-entries. A new worker has a new, empty mirror.
+**Pickling** (`_pickling.py`, `_closures.py`). At call time, before anything is queued: a call of at
+least ``32 * workers`` tasks in groups of ``len(tasks) / (8 * workers)`` (at most 32), each group one
+dump (`pickle_group`: what its tasks share is pickled once; a dump that fails is done again task by
+task, to name the task), a shorter call task by task (`pickle_task`). A job is a task with its
+payload and, for a group, its slot in it; `_frame_for` makes consecutive jobs of one group one entry
+(the group's payload, the range to run). A group the worker cannot load comes back as RESEND: its
+tasks go back to the front of the queue, each pickled again on its own, so that only the one that
+will not load fails. Lambdas and closures travel as a skeleton key and their current state:
+`_frame_for` also sends the skeletons the worker lacks (its `WorkerMirror` knows, and evicts with its
+bound). A new worker has a new, empty mirror.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import secrets
@@ -66,19 +74,20 @@ import anyio.lowlevel
 import sniffio
 
 from .. import _protocol
-from .._closures import ClosureCache, Payload
+from .._closures import ClosureCache, Payload, Skeleton
 from .._exceptions import ConcurrencyClosed, WorkerStartFailed
-from .._pickling import decode_outcome, describe_failure, pickle_task
+from .._pickling import pickle_group, pickle_task
 from .._stats import Stats, TaskCounters
 from .._tasks import Outcome, Task
+from ._answers import Answers
 from ._feed import Call, Job, Worker, launch
-from ._lifecycle import Lifecycle
 
 __all__ = ["Pool", "Worker"]
 
 logger = logging.getLogger("starlette_concurrency")
 
 _MAX_CHUNK = 128
+_MIN_GROUP, _MAX_GROUP = 4, 32  # tasks pickled in one dump (see _pickle)
 _WINDOW = 2  # frames in flight per worker
 
 
@@ -94,7 +103,7 @@ def _running(token: Any) -> bool:
     return True
 
 
-class Pool(Lifecycle):
+class Pool(Answers):
     """The queue, the workers and the readers; `ProcessDriver` is its public face."""
 
     def __init__(
@@ -124,6 +133,7 @@ class Pool(Lifecycle):
         self._start_error: WorkerStartFailed | None = None  # for start() to raise
         self._last_start_error: WorkerStartFailed | None = None
         self._loop: object = None
+        self._asyncio_loop: asyncio.AbstractEventLoop | None = None  # the native loop of _loop, on asyncio
         self.pid = os.getpid()  # the process the pool belongs to: a forked child must make its own
         self._tasks: set[Any] = set()  # asyncio readers: a strong reference while they run
         self.closed = False
@@ -131,16 +141,7 @@ class Pool(Lifecycle):
     # Calls ---------------------------------------------------------------------------------------
 
     async def execute(self, tasks: Sequence[Task], outcomes: list[Outcome | None], *, background: bool) -> None:
-        payloads: list[Payload] = []
-        for start in range(0, len(tasks), 256):  # all of it before anything is queued: nothing runs if one fails
-            if start:  # pickling 20,000 closures takes a while: let the server breathe
-                await anyio.lowlevel.checkpoint()
-            some = tasks[start : start + 256]
-            if len(some) < 4:  # entering a batch costs more than it saves on a few tasks
-                payloads.extend([pickle_task(task, self._closures) for task in some])
-                continue
-            with self._closures.batch():  # no await inside: see ClosureCache.batch
-                payloads.extend([pickle_task(task, self._closures) for task in some])
+        payloads = await self._pickle(tasks)  # all of it before anything is queued: nothing runs if one fails
         self.check_open()
         if not tasks:
             return
@@ -149,9 +150,10 @@ class Pool(Lifecycle):
             await self.start()
         call = Call(tasks, outcomes, background, len(tasks))
         queue = self._deferred if background else self._run
-        for index, payload in enumerate(payloads):
-            self._ids += 1
-            queue.append(Job(self._ids, call, index, payload))
+        ids = self._ids
+        for index, (payload, slot) in enumerate(payloads):
+            queue.append(Job(ids + index + 1, call, index, payload, slot))
+        self._ids = ids + len(payloads)
         self._calls.add(call)
         try:
             self._dispatch()
@@ -164,6 +166,35 @@ class Pool(Lifecycle):
             self._calls.discard(call)
         if call.error is not None:
             raise call.error
+
+    async def _pickle(self, tasks: Sequence[Task]) -> list[tuple[Payload, int]]:
+        """Pickle a call's tasks: (payload, slot) per task, a slot >= 0 for a task pickled in a group.
+
+        Tasks of a long call are pickled in groups, one dump each (see `pickle_group`): the dispatch
+        cuts chunks for the workers as it goes, so a group is small enough that it seldom straddles two.
+        """
+        group = min(_MAX_GROUP, len(tasks) // (8 * self.size))
+        step = 256 // group * group if group >= _MIN_GROUP else 256  # whole groups between two checkpoints
+        payloads: list[tuple[Payload, int]] = []
+        for start in range(0, len(tasks), step):
+            if start:  # pickling 20,000 closures takes a while: let the server breathe
+                await anyio.lowlevel.checkpoint()
+            some = tasks[start : start + step]
+            if len(some) < 4:  # entering a batch costs more than it saves on a few tasks
+                payloads.extend([(pickle_task(task, self._closures), -1) for task in some])
+                continue
+            with self._closures.batch():  # no await inside: see ClosureCache.batch
+                if group < _MIN_GROUP:
+                    payloads.extend([(pickle_task(task, self._closures), -1) for task in some])
+                    continue
+                for first in range(0, len(some), group):
+                    members = some[first : first + group]
+                    payload = pickle_group(members, self._closures)
+                    if payload is None:
+                        payloads.extend([(pickle_task(task, self._closures), -1) for task in members])
+                    else:
+                        payloads.extend([(payload, slot) for slot in range(len(members))])
+        return payloads
 
     async def _abandon(self, call: Call) -> None:
         """Stop exactly the call's unfinished tasks: drop the queued ones, kill the workers running one."""
@@ -241,6 +272,8 @@ class Pool(Lifecycle):
         """Start readers in this event loop for the workers whose reader ran in another (now ended) one."""
         if os.getpid() != self.pid:
             raise RuntimeError("a process pool cannot be used in a process forked from the one that started it")
+        if self._asyncio_loop is not None and asyncio._get_running_loop() is self._asyncio_loop:
+            return  # the asyncio loop it is bound to (asking anyio for a token costs as much as the rest)
         token = anyio.lowlevel.current_token()
         if token == self._loop:
             return
@@ -251,6 +284,8 @@ class Pool(Lifecycle):
                 "one event loop at a time (one loop after another is fine)"
             )
         self._loop = token
+        native = token.native_token
+        self._asyncio_loop = native if isinstance(native, asyncio.AbstractEventLoop) else None
         self._tasks.clear()
         for worker in self.workers:
             worker.detach()
@@ -261,9 +296,7 @@ class Pool(Lifecycle):
     def _serve_soon(self, worker: Worker) -> None:
         worker.loop = self._loop
         if sniffio.current_async_library() == "asyncio":
-            import asyncio
-
-            worker.attach(asyncio.get_running_loop(), self._handle, self._gone, self._answered)
+            worker.attach(asyncio.get_running_loop(), self._frames, self._gone, self._answered)
         else:
             launch(self._tasks, self._serve, worker)
 
@@ -285,7 +318,7 @@ class Pool(Lifecycle):
             async with anyio.create_task_group() as tg:
                 tg.start_soon(worker.write_loop)
                 tg.start_soon(self._watch_exit, worker, tg.cancel_scope)
-                reason = await worker.read_loop(self._handle, self._answered)
+                reason = await worker.read_loop(self._frames, self._answered)
                 tg.cancel_scope.cancel()
         if worker.retired or worker.scope is not scope:
             return  # retired by the pool, or its loop moved on: not a death
@@ -293,79 +326,14 @@ class Pool(Lifecycle):
         with anyio.CancelScope(shield=True):
             await self._bury(worker, reason)
 
-    def _warn_slow_import(self, worker: Worker, body: bytes) -> None:
-        """Warn once per pool that a worker's first task spent long importing (every fresh worker pays it)."""
-        if self.warned_slow_import:
-            return
-        self.warned_slow_import = True
-        seconds, _, modules = body.decode("ascii", "replace").partition(" ")
-        logger.warning(
-            "a %s worker (pid %d) spent %s s importing before its first task could run (modules: %s); every "
-            "fresh worker pays this: preload them (preload=[...]) so that workers import them at start-up, or "
-            "keep task functions in a module that imports little",
-            self.name,
-            worker.pid,
-            seconds,
-            modules or "?",
-            extra={"driver": self.name, "worker_pid": worker.pid},
-        )
-
     async def _watch_exit(self, worker: Worker, scope: anyio.CancelScope) -> None:
         await worker.wait_exit()
         scope.cancel()
-
-    def _handle(self, worker: Worker, tag: bytes, body: bytes) -> str | None:
-        if not worker.ready:
-            if tag == _protocol.READY:
-                worker.ready = True
-                self._dispatch()
-                return None
-            if tag == _protocol.START_FAILED:
-                self._start_failed(worker, describe_failure(body, f"a worker (pid {worker.pid}) failed to start"))
-                return "start failed"
-            raise _protocol.ProtocolError(f"{tag!r} before READY")
-        if tag == _protocol.IDLE_EXIT:
-            return "idle"
-        if tag == _protocol.SLOW_IMPORT:
-            self._warn_slow_import(worker, body)
-            return None
-        if tag not in _protocol.ANSWERS:
-            raise _protocol.ProtocolError(f"unknown tag {tag!r}")
-        task_id = _protocol.answer_id(body)
-        inflight = worker.inflight
-        if not inflight or inflight[0].id != task_id:
-            raise _protocol.ProtocolError(f"an answer for task id {task_id}, which is not the task in progress")
-        job = inflight.popleft()
-        if job.call.background:
-            worker.deferred -= 1
-        sizes = worker.frame_sizes
-        sizes[0] -= 1
-        if not sizes[0]:
-            sizes.popleft()
-        worker.tasks_done += 1
-        now = time.monotonic()
-        outcome = decode_outcome(tag, memoryview(body)[_protocol.ID_SIZE :], job.task)  # no copy of the body
-        self.counters.record(outcome, now - max(job.sent_at, worker.last_answer))
-        worker.last_answer = now
-        job.call.settle(job.index, outcome)
-        if worker.inflight and worker.inflight[0].call.abandoned:
-            return "timeout or cancellation"  # it started a task nobody waits for: stop it
-        if not worker.inflight and (why := self._due_for_recycle(worker)) is not None:
-            return why
-        return None  # the reader calls _answered() once it has handled every frame it read
 
     def _answered(self) -> None:
         """After a reader handled the frames of one read: hand the queue to the workers they freed."""
         if self._run or self._deferred:
             self._dispatch()
-
-    def _due_for_recycle(self, worker: Worker) -> str | None:
-        """Say why the worker is due for replacement between tasks ("recycle: ..."), or None."""
-        if self.max_tasks_per_worker is not None and worker.tasks_done >= self.max_tasks_per_worker:
-            return f"recycle: ran max_tasks_per_worker={self.max_tasks_per_worker} tasks"
-        if self._over_memory is not None and worker.tasks_done > 0 and self._over_memory(worker):
-            return "recycle: over max_worker_memory"
-        return None
 
     def _budget(self, worker: Worker) -> int:
         if self._over_memory is not None and worker.tasks_done and self._over_memory(worker):
@@ -420,12 +388,27 @@ class Pool(Lifecycle):
         worker.send(self._frame_for(worker, jobs))
 
     def _frame_for(self, worker: Worker, jobs: list[Job]) -> bytes:
-        """Compose the TASKS frame for one worker: the function skeletons it lacks, then the payloads.
+        """Compose the TASKS frame for one worker: the function skeletons it lacks, then the entries.
 
+        Consecutive jobs of one group make one entry (the group's payload and the range of it to run).
         Called only as the frame is sent: frames reach a worker in order, so its mirror is exact.
         """
-        definitions = worker.mirror.prepare([skeleton for job in jobs for skeleton in job.payload.skeletons])
-        return _protocol.tasks_frame(definitions, [(job.id, job.payload.data) for job in jobs])
+        entries: list[tuple[int, int, int, bytes]] = []
+        skeletons: list[Skeleton] = []
+        last: Job | None = None
+        for job in jobs:
+            payload = job.payload
+            if last is not None and job.slot >= 0 and last.payload is payload and job.slot == last.slot + 1:
+                first, count, start, data = entries[-1]
+                if job.id == first + count:
+                    entries[-1] = (first, count + 1, start, data)
+                    last = job
+                    continue
+            if last is None or last.payload is not payload:
+                skeletons.extend(payload.skeletons)
+            entries.append((job.id, 1, _protocol.SINGLE if job.slot < 0 else job.slot, payload.data))
+            last = job
+        return _protocol.tasks_frame(worker.mirror.prepare(skeletons), entries)
 
     # Lifecycle -----------------------------------------------------------------------------------
 

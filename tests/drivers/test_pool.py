@@ -16,7 +16,17 @@ import pytest
 
 from starlette_concurrency import Concurrency, ProcessOptions, TaskTimeout, WorkerCrashed
 from starlette_concurrency._drivers.process import ProcessDriver
-from starlette_concurrency._protocol import HEADER, ID_SIZE, OK, ProtocolError, answer, answer_id
+from starlette_concurrency._protocol import (
+    HEADER,
+    ID_SIZE,
+    OK,
+    RESEND,
+    ProtocolError,
+    answer,
+    answer_id,
+    frame,
+    resend_body,
+)
 from starlette_concurrency._tasks import Outcome, Task
 
 from .. import helpers
@@ -96,8 +106,12 @@ def _result_pipe_in_worker(driver: ProcessDriver, pid: int) -> str:
 
 @pytest.mark.parametrize(
     "stray",
-    [answer(OK, 12345, pickle.dumps("a wrong answer")), b"\x00\x00\x00\x10garbage bytes!!!"],
-    ids=["frame-naming-another-task", "garbage"],
+    [
+        answer(OK, 12345, pickle.dumps("a wrong answer")),
+        b"\x00\x00\x00\x10garbage bytes!!!",
+        frame(RESEND, resend_body(12345, 1)),
+    ],
+    ids=["frame-naming-another-task", "garbage", "resend-naming-another-task"],
 )
 async def test_a_stray_frame_in_a_workers_pipe_never_produces_a_wrong_answer(
     pool: tuple[Concurrency, ProcessDriver], tmp_path: Path, stray: bytes
