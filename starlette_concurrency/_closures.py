@@ -37,8 +37,10 @@ are remembered as such across dumps, each with a cheap test that it still would 
 the same name, its module still the one imported under its name, not registered to go by value), so
 that cloudpickle's lookup runs once per function, not once per task.
 
-This module is the parent's side. The mirror and the store live in `_closure_store.py`, which imports
-only the standard library, so that the worker, started by path, loads it without the package.
+This module is the parent's side: the cache and its pickler. What it knows of one function (its
+record, its per-call state, the by-name tests) is `_closure_records.py`. The mirror and the store
+live in `_closure_store.py`, which imports only the standard library, so that the worker, started by
+path, loads it without the package.
 """
 
 from __future__ import annotations
@@ -48,7 +50,6 @@ import copyreg
 import io
 import itertools
 import pickle
-import sys
 import threading
 import types
 from collections import OrderedDict
@@ -58,23 +59,10 @@ from typing import Any
 import cloudpickle  # type: ignore[import-untyped]
 from cloudpickle import cloudpickle as _cp
 
+from ._closure_records import SUPPORTED, Record, function_state, name_check, split_globals
 from ._closure_store import WORKER_BYTES, WORKER_ENTRIES, Skeleton, WorkerMirror, WorkerStore, check_bounds
 
 __all__ = ["ClosureCache", "Payload", "Skeleton", "WorkerMirror", "WorkerStore"]
-
-_META = ("__package__", "__name__", "__path__", "__file__")  # what cloudpickle keeps of a function's module
-_ABSENT = object()
-# cloudpickle's own tests of what it sends by reference (private, so checked): where one is missing,
-# every function takes cloudpickle's path.
-_HELPERS = (
-    "_PICKLE_BY_VALUE_MODULES",
-    "_extract_code_globals",
-    "_find_imported_submodules",
-    "_is_registered_pickle_by_value",
-    "_lookup_module_and_qualname",
-    "_should_pickle_by_reference",
-)
-SUPPORTED = all(hasattr(_cp, name) for name in _HELPERS)
 
 # Bounds: skeletons are a code object and a few names (a lambda's is ~300 bytes).
 MAX_SKELETON_BYTES = 1 << 20  # larger ones are not cached: such a function takes cloudpickle's path
@@ -97,115 +85,6 @@ class Payload:
         return tuple(skeleton.key for skeleton in self.skeletons)
 
 
-class _Record:
-    """Parent side: a function's skeleton and what must still hold for it to be reused."""
-
-    __slots__ = ("absent", "code", "data_names", "meta", "modules_len", "names", "refs", "skeleton", "submodules")
-
-    def __init__(self, func: types.FunctionType, skeleton: Skeleton | None, split: _Split) -> None:
-        self.code = func.__code__  # held, so that the id in the record's dict key is not reused
-        self.names = (func.__name__, func.__qualname__, func.__module__, func.__doc__)
-        self.skeleton = skeleton  # None: too large to cache; cloudpickle's path
-        self.meta, self.refs, self.absent, self.data_names, self.submodules, self.modules_len = split
-
-    def matches(self, func: types.FunctionType) -> bool:
-        """Whether `func` still has this record's skeleton (its code is this one: the record's key says so)."""
-        g = func.__globals__
-        for name, value in self.meta:
-            if g.get(name, _ABSENT) is not value:
-                return False
-        for name, value, check in self.refs:
-            if g.get(name, _ABSENT) is not value or not check():
-                return False
-        for name in self.absent:
-            if name in g:
-                return False
-        for name in self.data_names:
-            if name not in g:
-                return False
-        if self.modules_len is not None and len(sys.modules) != self.modules_len:
-            # A submodule of a package the function uses may have been imported since.
-            modules = [value for _, value, _ in self.refs if isinstance(value, types.ModuleType)]
-            if tuple(_cp._find_imported_submodules(self.code, modules)) != self.submodules:
-                return False
-            self.modules_len = len(sys.modules)
-        return True
-
-
-_Split = tuple[
-    tuple[tuple[str, Any], ...],
-    tuple[tuple[str, Any, Callable[[], bool]], ...],
-    tuple[str, ...],
-    tuple[str, ...],
-    tuple[types.ModuleType, ...],
-    "int | None",
-]
-
-
-def _split_globals(func: types.FunctionType) -> _Split:
-    """Sort the globals `func` reads: module identity, by-reference, absent, data."""
-    g = func.__globals__
-    meta = tuple((name, g[name]) for name in _META if name in g)
-    refs: list[tuple[str, Any, Callable[[], bool]]] = []
-    absent: list[str] = []
-    data: list[str] = []
-    for name in _cp._extract_code_globals(func.__code__):
-        value = g.get(name, _ABSENT)
-        if value is _ABSENT:
-            absent.append(name)
-            continue
-        check = _reference_check(value)
-        if check is None:
-            data.append(name)
-        else:
-            refs.append((name, value, check))
-    modules = [value for _, value, _ in refs if isinstance(value, types.ModuleType)]
-    submodules = tuple(_cp._find_imported_submodules(func.__code__, modules))
-    packages = any(getattr(module, "__package__", None) for module in modules)
-    return meta, tuple(refs), tuple(absent), tuple(data), submodules, len(sys.modules) if packages else None
-
-
-def _reference_check(value: Any) -> Callable[[], bool] | None:
-    """For a value cloudpickle sends by reference, a cheap test that it still would; else None."""
-    if isinstance(value, types.ModuleType):
-        if not _cp._should_pickle_by_reference(value):
-            return None
-        name = value.__name__
-        return lambda: sys.modules.get(name) is value and not _by_value(value)
-    if not isinstance(value, types.FunctionType | type):
-        return None
-    found = _cp._lookup_module_and_qualname(value)
-    if found is None or _cp._is_registered_pickle_by_value(found[0]):
-        return None
-    module, qualname = found
-    if "." not in qualname:
-        namespace = module.__dict__
-        return lambda: namespace.get(qualname) is value and not _by_value(module)
-    return lambda: _cp._should_pickle_by_reference(value)  # a nested name: the full test
-
-
-def _name_check(obj: Any) -> Callable[[], bool] | None:
-    """For a top-level function or class found to pickle by name: a test that it still would, else None.
-
-    Still the same object under the same name in the same module, that module still the one imported
-    under its name, and not registered to go by value since.
-    """
-    found = _cp._lookup_module_and_qualname(obj)
-    if found is None:
-        return None
-    module: types.ModuleType = found[0]
-    qualname: str = found[1]
-    if "." in qualname:
-        return None  # a nested name: cloudpickle's full test every time
-    name, namespace = module.__name__, module.__dict__
-    return lambda: namespace.get(qualname) is obj and sys.modules.get(name) is module and not _by_value(module)
-
-
-def _by_value(module: types.ModuleType) -> bool:
-    """Whether `module` was registered with `cloudpickle.register_pickle_by_value` (cheap when none is)."""
-    return bool(_cp._PICKLE_BY_VALUE_MODULES) and bool(_cp._is_registered_pickle_by_value(module))
-
-
 class ClosureCache:
     """Pickle objects so that the functions cloudpickle sends by value travel as skeleton + state.
 
@@ -223,7 +102,7 @@ class ClosureCache:
         check_bounds(max_entries, max_bytes)
         self.max_entries = max_entries
         self.max_bytes = max_bytes
-        self._records: OrderedDict[tuple[int, int], _Record] = OrderedDict()
+        self._records: OrderedDict[tuple[int, int], Record] = OrderedDict()
         self._bytes = 0
         self._keys = itertools.count()
         self._lock = threading.Lock()
@@ -291,7 +170,7 @@ class ClosureCache:
 
     def remember_name(self, obj: Any) -> None:
         """Remember that a module-level function or class pickles by name, with a cheap test that it still does."""
-        check = _name_check(obj)
+        check = name_check(obj)
         if check is None:
             return
         if len(self.named) >= NAMED_ENTRIES:
@@ -302,13 +181,13 @@ class ClosureCache:
         """Make the parent's record of what one new worker holds (it holds nothing yet)."""
         return WorkerMirror(max_entries=max_entries, max_bytes=max_bytes)
 
-    def _record(self, ident: tuple[int, int], func: types.FunctionType) -> _Record:
+    def _record(self, ident: tuple[int, int], func: types.FunctionType) -> Record:
         record = self._records.get(ident)
         if record is not None and record.matches(func):
             with contextlib.suppress(KeyError):  # evicted by another thread meanwhile: still valid here
                 self._records.move_to_end(ident)
             return record
-        record = _Record(func, None, _split_globals(func))
+        record = Record(func, None, split_globals(func))
         skeleton_data = _dump_skeleton(func, record)
         if len(skeleton_data) <= MAX_SKELETON_BYTES:
             record.skeleton = Skeleton(next(self._keys), skeleton_data)
@@ -326,7 +205,7 @@ class ClosureCache:
         return record
 
 
-def _dump_skeleton(func: types.FunctionType, record: _Record) -> bytes:
+def _dump_skeleton(func: types.FunctionType, record: Record) -> bytes:
     skeleton = (
         func.__code__,
         dict(record.meta),
@@ -355,10 +234,10 @@ class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
         self.busy = False
         self.used: dict[int, Skeleton] = {}
         self.groups: dict[int, int] = {}  # id(__globals__) → index: functions sharing globals share them there too
-        self.checked: dict[tuple[int, int], _Record] = {}  # checked once per payload
+        self.checked: dict[tuple[int, int], Record] = {}  # checked once per payload
         # The last function reduced by its skeleton: code, globals, record, (key, group). Held (code and
         # globals), so that a later function with the same two is the same function's kin.
-        self.last: tuple[types.CodeType, dict[str, Any], _Record, tuple[int, int]] | None = None
+        self.last: tuple[types.CodeType, dict[str, Any], Record, tuple[int, int]] | None = None
         # Within ClosureCache.batch(): id → the function or class found to go by reference (held, so
         # that its id is not reused meanwhile).
         self.by_reference: dict[int, Any] | None = None
@@ -410,7 +289,7 @@ class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
             args = (skeleton.key, self.groups.setdefault(id(obj.__globals__), len(self.groups)))
             self.last = (obj.__code__, obj.__globals__, record, args)
         # The state is applied by pickle's BUILD, after the memo knows the function (see WorkerStore).
-        return (_rebuild_function, args, _state(obj, record))
+        return (_rebuild_function, args, function_state(obj, record))
 
     def _known(self, obj: Any) -> bool:
         """Whether `obj` was found to pickle by name in this batch, or (still true) in an earlier dump."""
@@ -445,44 +324,6 @@ class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
         if reduced is NotImplemented:  # a class cloudpickle sends by name
             self._found_by_name(obj)
         return reduced
-
-
-def _state(func: types.FunctionType, record: _Record) -> tuple[Any, ...]:
-    names = (func.__name__, func.__qualname__, func.__module__, func.__doc__)
-    g = func.__globals__
-    values = tuple([g[name] for name in record.data_names]) if record.data_names else ()
-    cells: tuple[Any, ...] | None = None
-    empty: list[int] = []
-    closure = func.__closure__
-    if closure is not None:
-        try:
-            cells = tuple([cell.cell_contents for cell in closure])
-        except ValueError:  # a variable not bound yet (called before the enclosing `def` ran, say)
-            cells = tuple(_cell_contents(cell, index, empty) for index, cell in enumerate(closure))
-    submodules: Any = ()
-    if values or cells:
-        loose = [value for value in itertools.chain(values, cells or ()) if isinstance(value, types.ModuleType)]
-        if loose:  # modules passed as data: cloudpickle imports the submodules the code reaches through them
-            submodules = _cp._find_imported_submodules(func.__code__, loose)
-    return (
-        None if names == record.names else names,
-        func.__defaults__,
-        func.__kwdefaults__,
-        func.__dict__ or None,
-        func.__annotations__ or None,
-        cells,
-        tuple(empty) or None,
-        values,
-        submodules,
-    )
-
-
-def _cell_contents(cell: types.CellType, index: int, empty: list[int]) -> Any:
-    try:
-        return cell.cell_contents
-    except ValueError:  # a variable not bound yet (the function is called before its closure's `def` ran)
-        empty.append(index)
-        return None
 
 
 def _rebuild_function(key: int, group: int) -> Any:

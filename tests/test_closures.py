@@ -23,7 +23,14 @@ from typing import Any
 import cloudpickle  # type: ignore[import-untyped]
 import pytest
 
-from starlette_concurrency import Concurrency, ProcessOptions, SerializationError, _closure_store, _closures
+from starlette_concurrency import (
+    Concurrency,
+    ProcessOptions,
+    SerializationError,
+    _closure_records,
+    _closure_store,
+    _closures,
+)
 from starlette_concurrency._closures import ClosureCache, Payload, WorkerMirror, WorkerStore
 from starlette_concurrency._drivers.process import ProcessDriver
 
@@ -429,7 +436,7 @@ def test_a_module_registered_by_value_is_sent_by_value() -> None:
 def test_the_cache_is_what_the_worker_reads_back() -> None:
     """The stand-in the payloads name is the one the worker's store answers."""
     assert (_closures._rebuild_function.__module__, _closures._rebuild_function.__name__) == _closure_store.REBUILD
-    assert _closures.SUPPORTED, f"cloudpickle {cloudpickle.__version__} lacks a helper the cache relies on"
+    assert _closure_records.SUPPORTED, f"cloudpickle {cloudpickle.__version__} lacks a helper the cache relies on"
 
 
 def test_ten_thousand_calls_of_one_lambda_keep_one_entry() -> None:
