@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import importlib
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import anyio
@@ -29,6 +31,23 @@ from starlette_concurrency._tasks import Task
 from .. import helpers
 
 pytestmark = pytest.mark.anyio
+
+
+@contextlib.contextmanager
+def server_only_function(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[], str]]:
+    """Yield a function of a module the server imports but the workers, started earlier, cannot.
+
+    The workers got the server's sys.path as it was when they started, so a function of this module
+    (pickled by name) does not load in them.
+    """
+    name = f"sc_server_only_{tmp_path.name.replace('-', '_')}"
+    (tmp_path / f"{name}.py").write_text("def where():\n    return 'here'\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    module = importlib.import_module(name)
+    try:
+        yield module.where
+    finally:
+        del sys.modules[name]
 
 
 def touch(path: Path) -> None:
@@ -64,19 +83,12 @@ async def test_in_a_group_that_will_not_load_only_the_task_that_cannot_be_unpick
     pool: tuple[Concurrency, ProcessDriver], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     concurrency, _ = pool
-    # A module the server can import but the workers (started earlier, with the sys.path of then) cannot:
-    # the group's payload does not load, so its tasks are sent again one by one.
-    (tmp_path / "sc_group_only_here.py").write_text("def where():\n    return 'here'\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    import sc_group_only_here  # type: ignore[import-not-found]
-
-    try:
+    # The group's payload does not load, so its tasks are sent again one by one.
+    with server_only_function(tmp_path, monkeypatch) as where:
         tasks: list[Callable[[], object]] = [functools.partial(helpers.identity, i) for i in range(400)]
-        tasks[150] = sc_group_only_here.where
+        tasks[150] = where
         tasks[151] = lambda: "a lambda beside it"
         results = await concurrency.run(tasks, return_exceptions=True)
-    finally:
-        del sys.modules["sc_group_only_here"]
     assert isinstance(results[150], SerializationError)
     assert "task 150 (where) could not be unpickled in the worker" in str(results[150])
     assert results[151] == "a lambda beside it"
@@ -186,17 +198,11 @@ async def test_a_task_of_a_group_sent_back_that_no_longer_pickles_fails_alone(
     pool: tuple[Concurrency, ProcessDriver], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     concurrency, _ = pool
-    (tmp_path / "sc_group_only_here_2.py").write_text("def where():\n    return 'here'\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    import sc_group_only_here_2  # type: ignore[import-not-found]
-
-    try:
+    with server_only_function(tmp_path, monkeypatch) as where:
         tasks: list[Callable[[], object]] = [functools.partial(helpers.identity, i) for i in range(300)]
-        tasks[150] = sc_group_only_here_2.where  # the group will not load in the worker: it is sent back
+        tasks[150] = where  # the group will not load in the worker: it is sent back
         tasks[151] = PicklesOnce()  # and pickled again, task by task
         results = await concurrency.run(tasks, return_exceptions=True)
-    finally:
-        del sys.modules["sc_group_only_here_2"]
     assert isinstance(results[150], SerializationError)
     assert isinstance(results[151], SerializationError)
     assert "task 151 (PicklesOnce) cannot be pickled" in str(results[151])
