@@ -40,8 +40,8 @@ class Answers(Lifecycle):
     def _frames(self, worker: Worker) -> str | None:
         """Handle every complete frame a read brought; return why the worker must go, or None.
 
-        The answer for the task in progress, nearly every frame, takes the short way; `_handle` takes
-        every other frame (and says what is wrong with it).
+        The answer for the task in progress (nearly every frame) is settled here; `_handle` takes every
+        other frame, and says what is wrong with one that is not a worker's to write.
         """
         next_frame = worker.frames.next
         inflight = worker.inflight
@@ -59,21 +59,14 @@ class Answers(Lifecycle):
                 if reason is not None:
                     return reason
                 continue
-            job = inflight.popleft()
-            call = job.call
-            if call.background:
-                worker.deferred -= 1
-            sizes = worker.frame_sizes
-            sizes[0] -= 1
-            if not sizes[0]:
-                sizes.popleft()
+            job = self._next_inflight(worker)
             worker.tasks_done += 1
             now = time.monotonic()
             outcome = decode_outcome(tag, memoryview(body)[_ID_SIZE:], job.task)  # no copy of the body
             last = worker.last_answer
             counters.record(outcome, now - (job.sent_at if job.sent_at > last else last))
             worker.last_answer = now
-            call.settle(job.index, outcome)
+            job.call.settle(job.index, outcome)
             if inflight:
                 if inflight[0].call.abandoned:
                     return "timeout or cancellation"  # it started a task nobody waits for: stop it
@@ -100,22 +93,9 @@ class Answers(Lifecycle):
             return self._resend(worker, body)
         if tag not in _protocol.ANSWERS:
             raise _protocol.ProtocolError(f"unknown tag {tag!r}")
-        task_id = _protocol.answer_id(body)
-        inflight = worker.inflight
-        if not inflight or inflight[0].id != task_id:
-            raise _protocol.ProtocolError(f"an answer for task id {task_id}, which is not the task in progress")
-        job = self._next_inflight(worker)
-        worker.tasks_done += 1
-        now = time.monotonic()
-        outcome = decode_outcome(tag, memoryview(body)[_protocol.ID_SIZE :], job.task)  # no copy of the body
-        self.counters.record(outcome, now - max(job.sent_at, worker.last_answer))
-        worker.last_answer = now
-        job.call.settle(job.index, outcome)
-        if worker.inflight and worker.inflight[0].call.abandoned:
-            return "timeout or cancellation"  # it started a task nobody waits for: stop it
-        if not worker.inflight and (why := self._due_for_recycle(worker)) is not None:
-            return why
-        return None  # the reader calls _answered() once it has handled every frame it read
+        # An answer `_frames` did not take: it does not name the task in progress.
+        task_id = _protocol.answer_id(body)  # raises for a body too short to name one
+        raise _protocol.ProtocolError(f"an answer for task id {task_id}, which is not the task in progress")
 
     def _next_inflight(self, worker: Worker) -> Job:
         """Take the first job a worker holds: it answered it (or gave it back)."""

@@ -46,7 +46,7 @@ class Lifecycle:
     _start_error: WorkerStartFailed | None
     _last_start_error: WorkerStartFailed | None
 
-    def _handle(self, worker: Worker, tag: bytes, body: bytes) -> str | None:
+    def _frames(self, worker: Worker) -> str | None:
         raise NotImplementedError
 
     def _dispatch(self) -> None:
@@ -69,12 +69,9 @@ class Lifecycle:
         if reason == "exit":
             try:  # answers written before it died count
                 worker.read_available()
-                while (message := worker.frames.next()) is not None:
-                    handled = self._handle(worker, *message)
-                    if handled is not None:
-                        if handled in ("idle", "start failed"):
-                            reason = handled
-                        break
+                handled = self._frames(worker)
+                if handled in ("idle", "start failed"):
+                    reason = handled
             except _protocol.ProtocolError as exc:
                 reason = f"protocol error: {exc}"
             self._dispatch()  # the answers it wrote freed other calls' turns
