@@ -55,7 +55,6 @@ __all__ = [
     "parse_tasks",
     "read_frame",
     "resend_body",
-    "split_answer",
     "split_resend",
     "tasks_frame",
 ]
@@ -112,17 +111,6 @@ def answer_id(body: bytes) -> int:
         raise ProtocolError("an answer too short to name its task")
     task_id: int = _ID.unpack_from(body)[0]
     return task_id
-
-
-def split_answer(body: bytes) -> tuple[int, bytes]:
-    """Return (task id, payload) of an answer's body.
-
-    Raises:
-        ProtocolError: the body is too short to name a task.
-    """
-    if len(body) < _ID.size:
-        raise ProtocolError("an answer too short to name its task")
-    return _ID.unpack_from(body)[0], body[_ID.size :]
 
 
 def tasks_frame(definitions: bytes, entries: list[tuple[int, int, int, bytes]]) -> bytes:

@@ -270,7 +270,7 @@ def _encode_error(exc: BaseException, dumps: Callable[[Any], bytes]) -> tuple[by
             except BaseException:
                 continue
             return _protocol.ERROR, body
-    return _protocol.REMOTE, pickle.dumps((_protocol.exception_type_name(exc), _protocol.exception_str(exc), text))
+    return _protocol.REMOTE, _describe(exc, text)
 
 
 _BUILTIN_REDUCE = (BaseException.__reduce__, OSError.__reduce__)
@@ -291,8 +291,10 @@ class _ByState:
         return copyreg._reconstructor, (type(exc), base, None), state  # type: ignore[attr-defined]
 
 
-def _describe(exc: BaseException) -> bytes:
-    text = "".join(traceback.format_exception(exc))
+def _describe(exc: BaseException, text: str | None = None) -> bytes:
+    """Pickle what a `RemoteError` is made of: the type's name, the message, the traceback's text."""
+    if text is None:
+        text = "".join(traceback.format_exception(exc))
     return pickle.dumps((_protocol.exception_type_name(exc), _protocol.exception_str(exc), text))
 
 
