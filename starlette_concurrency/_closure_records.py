@@ -3,8 +3,8 @@
 A function's `Record` says what must still hold for its skeleton (code and names, sent to a worker
 once) to be reused: the module metadata and by-reference globals it was made with, still the same
 objects, still going by reference. `function_state` is what is sent every time (cells, defaults, data
-globals). `name_check` is the cheap test that a module-level function or class still pickles by name.
-`_closures.py` explains the cache as a whole.
+globals). `reference_check` is the cheap test that a module, function or class still pickles by
+reference. `_closures.py` explains the cache as a whole.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from cloudpickle import cloudpickle as _cp  # type: ignore[import-untyped]
 
 from ._closure_store import Skeleton
 
-__all__ = ["SUPPORTED", "Record", "by_value", "function_state", "name_check", "split_globals"]
+__all__ = ["SUPPORTED", "Record", "by_value", "function_state", "reference_check", "split_globals"]
 
 META = ("__package__", "__name__", "__path__", "__file__")  # what cloudpickle keeps of a function's module
 ABSENT = object()
@@ -105,7 +105,13 @@ def split_globals(func: types.FunctionType) -> Split:
 
 
 def reference_check(value: Any) -> Callable[[], bool] | None:
-    """For a value cloudpickle sends by reference, a cheap test that it still would; else None."""
+    """For a value cloudpickle sends by reference, a cheap test that it still would; else None.
+
+    A module: still the one imported under its name. A module-level function or class: still the same
+    object under the same name in that module, the module still the one imported under its name (what
+    cloudpickle's own lookup asks). Neither registered to go by value since. A nested name gets
+    cloudpickle's full test.
+    """
     if isinstance(value, types.ModuleType):
         if not _cp._should_pickle_by_reference(value):
             return None
@@ -116,28 +122,12 @@ def reference_check(value: Any) -> Callable[[], bool] | None:
     found = _cp._lookup_module_and_qualname(value)
     if found is None or _cp._is_registered_pickle_by_value(found[0]):
         return None
-    module, qualname = found
-    if "." not in qualname:
-        namespace = module.__dict__
-        return lambda: namespace.get(qualname) is value and not by_value(module)
-    return lambda: _cp._should_pickle_by_reference(value)  # a nested name: the full test
-
-
-def name_check(obj: Any) -> Callable[[], bool] | None:
-    """For a top-level function or class found to pickle by name: a test that it still would, else None.
-
-    Still the same object under the same name in the same module, that module still the one imported
-    under its name, and not registered to go by value since.
-    """
-    found = _cp._lookup_module_and_qualname(obj)
-    if found is None:
-        return None
     module: types.ModuleType = found[0]
     qualname: str = found[1]
     if "." in qualname:
-        return None  # a nested name: cloudpickle's full test every time
+        return lambda: _cp._should_pickle_by_reference(value)  # a nested name: the full test
     name, namespace = module.__name__, module.__dict__
-    return lambda: namespace.get(qualname) is obj and sys.modules.get(name) is module and not by_value(module)
+    return lambda: namespace.get(qualname) is value and sys.modules.get(name) is module and not by_value(module)
 
 
 def by_value(module: types.ModuleType) -> bool:

@@ -59,7 +59,7 @@ from typing import Any
 import cloudpickle  # type: ignore[import-untyped]
 from cloudpickle import cloudpickle as _cp
 
-from ._closure_records import SUPPORTED, Record, function_state, name_check, split_globals
+from ._closure_records import SUPPORTED, Record, function_state, reference_check, split_globals
 from ._closure_store import WORKER_BYTES, WORKER_ENTRIES, Skeleton, WorkerMirror, WorkerStore, check_bounds
 
 __all__ = ["ClosureCache", "Payload", "Skeleton", "WorkerMirror", "WorkerStore"]
@@ -170,7 +170,7 @@ class ClosureCache:
 
     def remember_name(self, obj: Any) -> None:
         """Remember that a module-level function or class pickles by name, with a cheap test that it still does."""
-        check = name_check(obj)
+        check = reference_check(obj)
         if check is None:
             return
         if len(self.named) >= NAMED_ENTRIES:
