@@ -154,7 +154,7 @@ def stranger_home() -> Iterator[Path]:
 
 
 async def _servers(client: Any) -> tuple[str, list[str]]:
-    identity = await client.scheduler.identity(n_workers=-1)
+    identity = await client.scheduler.identity()  # every worker: n_workers=-1, the default, is not in 2024.8
     workers = identity["workers"]
     servers = [*workers, *(info["nanny"] for info in workers.values() if info.get("nanny"))]
     return str(identity["address"]), servers
