@@ -5,6 +5,7 @@ from __future__ import annotations
 import email
 import email.policy
 import importlib.metadata
+import re
 import subprocess
 import sys
 import tarfile
@@ -94,6 +95,14 @@ def test_the_installed_dependencies_are_within_the_declared_ranges() -> None:
     assert not outside, f"installed outside pyproject.toml's ranges: {outside}"
     cloudpickle = next(r for r in requirements if r.name == "cloudpickle")
     assert any(spec.operator == "<" for spec in cloudpickle.specifier), "cloudpickle needs an upper bound"
+
+
+def test_scripts_example_installs_the_extras_the_example_links_to() -> None:
+    # The example's page links to /prometheus, which it serves only with prometheus_client installed.
+    installs = re.findall(r"pip install .* -e '\.\[([\w,]+)\]'", (ROOT / "scripts/example").read_text())
+    assert installs, "scripts/example installs no extras"
+    assert {"examples", "prometheus"} <= set(installs[0].split(","))
+    assert 'href="/prometheus"' in (ROOT / "examples/app.py").read_text()
 
 
 def test_scripts_example_refuses_a_port_that_is_not_a_number() -> None:
