@@ -52,7 +52,7 @@ class Concurrency(Lifecycle):
             (worker recycling, idle timeout, memory ceiling, initializer, preload), `DaskOptions` (the
             scheduler address and TLS), or a custom driver's `DriverOptions`. Each is checked when it
             is made; the facade hands them to the drivers' factories in `Settings.options`.
-            (Release 1's keywords, ``max_tasks_per_worker=`` ... ``dask_address=``, still work, with
+            (The deprecated keywords, ``max_tasks_per_worker=`` ... ``dask_address=``, still work, with
             a `DeprecationWarning`.)
         env_file: a `.env` file to read ``CONCURRENCY_*`` settings from (real environment variables
             take precedence). A missing default ``.env`` is ignored; a missing file given explicitly

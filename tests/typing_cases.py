@@ -67,6 +67,6 @@ def option_shapes(settings: Settings) -> None:
     assert_type(settings.options_for(DaskOptions).address, str | None)
     Concurrency(options=ProcessOptions(max_tasks_per_worker=100))
     Concurrency(options=[ProcessOptions(preload=["json"]), DaskOptions(address="tcp://h:8786")])
-    Concurrency(max_tasks_per_worker=100)  # release 1's keyword: typed, and deprecated at run time
+    Concurrency(max_tasks_per_worker=100)  # a deprecated keyword: typed, and warned of at run time
     Concurrency(wokers=2)  # type: ignore[call-arg]  # pyright: ignore
     Concurrency(options={"max_tasks_per_worker": 100})  # type: ignore[dict-item]  # pyright: ignore
