@@ -19,6 +19,7 @@ from typing import Any
 
 from . import _protocol
 from ._closures import ClosureCache, Payload
+from ._culprits import find_culprit
 from ._exceptions import RemoteError, RemoteTraceback, SerializationError, WorkerStartFailed
 from ._locations import dumps as located_dumps, located_pickler
 from ._tasks import Outcome, Task
@@ -98,8 +99,10 @@ def pickle_group(tasks: Sequence[Task], cache: ClosureCache) -> Payload | None:
 
 
 def _unpicklable(task: Task, exc: Exception) -> SerializationError:
+    culprit = find_culprit(task.fn)  # which captured variable, global, default or attribute
+    reason = f"{culprit} cannot be pickled ({exc!r})" if culprit else repr(exc)
     return SerializationError(
-        f"{task.label} cannot be pickled, so it cannot be sent to a worker process: {exc!r}. "
+        f"{task.label} cannot be pickled, so it cannot be sent to a worker process: {reason}. "
         "Capture plain data instead, or use the 'fork' or 'sync' driver."
     )
 
