@@ -29,6 +29,7 @@ from starlette_concurrency import Concurrency
 THREAD_FIRST_ID = 1_000_000  # ids of the background thread's tasks start here; requests' ids are below
 THREAD_PAUSE = 0.01  # seconds between two deferrals of the background thread
 RETRY_PAUSE = 0.001  # seconds before it tries again after a refusal (shutdown has begun): it watches the door
+LATE_SECONDS = 1.0  # how long its tasks take once it has been refused
 
 
 def _directory() -> Path:
@@ -94,8 +95,11 @@ class Deferrer:
     def _loop(self) -> None:
         # Each process its own range of ids (gunicorn may run several workers).
         task_id = THREAD_FIRST_ID + (os.getpid() % 1000) * 100_000
+        refused_once = False
         while True:  # a refusal (shutdown has begun) does not stop it, as it would not stop a scheduler
-            accepted = defer_one(self.concurrency, task_id, 0.01)
+            # Once shutdown has begun its tasks take a second: one accepted then must be kept for that long.
+            accepted = defer_one(self.concurrency, task_id, LATE_SECONDS if refused_once else 0.01)
+            refused_once = refused_once or not accepted
             task_id += 1
             time.sleep(THREAD_PAUSE if accepted else RETRY_PAUSE)
 

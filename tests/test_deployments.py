@@ -144,11 +144,16 @@ class Shutdown:
     survivors: list[int] = field(default_factory=list)
 
     def figures(self) -> str:
+        late = self.late()
+        before = set(self.accepted) - late
+        ran, logged = set(self.ran), set(self.logged)
         return (
-            f"{self.name}: exit {self.returncode}; {len(self.accepted)} accepted "
-            f"({sum(task < THREAD_FIRST_ID for task in self.accepted)} from requests), {len(self.refused)} refused, "
-            f"{len(self.ran)} ran, {len(self.logged)} logged; a new connection {PROBE_AFTER} s after SIGTERM: "
-            f"{self.new_client}"
+            f"{self.name}: exit {self.returncode}; accepted before shutdown {len(before)} "
+            f"({sum(task < THREAD_FIRST_ID for task in before)} from requests): {len(before & ran)} ran, "
+            f"{len(before & logged)} logged, {len(self.unaccounted(before))} lost, {len(ran & logged)} both; "
+            f"refused {len(self.refused)}; accepted after a refusal {len(late)}: {len(late & ran)} ran, "
+            f"{len(late & logged)} logged, {len(self.unaccounted(late))} lost; "
+            f"a new connection {PROBE_AFTER} s after SIGTERM: {self.new_client}"
         )
 
     def late(self) -> set[int]:
