@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 from starlette.config import Config
 
-from ._checks import check_dask_address, positive
+from ._checks import check_dask_address, positive, quote
 from ._exceptions import ConfigurationError
 from ._options import DaskOptions, DriverOptions
 
@@ -137,7 +137,9 @@ def check_workers(name: str, value: Any) -> int | None:
         return workers
     limit = WORKERS_PER_CPU * default_workers()
     if workers > limit:
-        raise ConfigurationError(f"{name} must be at most {limit} ({WORKERS_PER_CPU} per usable CPU), got {workers}")
+        raise ConfigurationError(
+            f"{name} must be at most {limit} ({WORKERS_PER_CPU} per usable CPU), got {quote(workers)}"
+        )
     return workers
 
 
@@ -328,7 +330,7 @@ def _parse(kind: type[T]) -> Callable[[str, str], T]:
             value = kind(raw.strip())
         except ValueError:
             raise ConfigurationError(
-                f"{variable} must be a positive {'integer' if kind is int else 'number'}, got {raw!r}"
+                f"{variable} must be a positive {'integer' if kind is int else 'number'}, got {quote(raw)}"
             ) from None
         checked: T = positive(variable, value, kind)
         return checked

@@ -322,3 +322,80 @@ async def test_an_external_tls_cluster_refuses_other_certificates(
         with pytest.raises(ConcurrencyError, match="cannot reach the dask scheduler"):
             await concurrency.run(lambda: "should not run")
         await concurrency.aclose()
+
+
+# The scratch directory: distributed's default is a fixed path in the shared temp dir, reused if it exists and put
+# first on sys.path of every process of the cluster. Another local user who makes it first can plant modules there.
+
+PLANTED = "planted_by_a_stranger"
+STRANGER_PLANTS = r"""
+import os, sys
+
+scratch = os.path.join(sys.argv[1], "dask-scratch-space")
+os.makedirs(scratch, exist_ok=True)
+os.chmod(scratch, 0o777)
+with open(os.path.join(scratch, sys.argv[2] + ".py"), "w") as module:
+    module.write("open(%r, 'w').close()\n" % os.path.join(sys.argv[1], "planted-module-ran"))
+os.chmod(module.name, 0o666)
+"""
+
+
+@pytest.fixture
+def shared_tmp(stranger_home: Path) -> Iterator[Path]:
+    """A world-writable sticky directory standing for /tmp, as Dask's temporary-directory; uid 65534 plants first."""
+    stranger_home.chmod(0o1777)
+    result = subprocess.run(
+        ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+         sys.executable, "-c", STRANGER_PLANTS, str(stranger_home), PLANTED],
+        capture_output=True, cwd="/", check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr.decode(errors="replace")
+    planted = stranger_home / "dask-scratch-space" / f"{PLANTED}.py"
+    assert planted.stat().st_uid == NOBODY
+    with dask.config.set({"temporary-directory": str(stranger_home)}):
+        yield stranger_home
+
+
+def _sees_the_planted_module() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(PLANTED) is not None
+
+
+async def test_the_embedded_clusters_scratch_directory_is_its_own(shared_tmp: Path) -> None:
+    _needs_setpriv()
+    driver = DaskDriver(workers=1)
+    async with Concurrency(driver=driver, env_file=None) as concurrency:
+        scratch = driver.scratch_directory
+        assert scratch is not None
+        info = os.stat(scratch)
+        assert (info.st_uid, info.st_mode & 0o777) == (os.getuid(), 0o700)
+        assert Path(scratch).parent == shared_tmp  # under Dask's temporary-directory, as distributed's would be
+        assert not _sees_the_planted_module(), "the stranger's directory is on this process's sys.path"
+        in_worker = await concurrency.run(
+            lambda: __import__("importlib.util").util.find_spec("planted_by_a_stranger") is not None
+        )
+        assert not in_worker, "the stranger's directory is on the worker's sys.path"
+        assert not [entry for entry in sys.path if entry.startswith(str(shared_tmp / "dask-scratch-space"))]
+    assert not os.path.exists(scratch), "the scratch directory outlived the driver"
+    assert not (shared_tmp / "planted-module-ran").exists()
+
+
+async def test_distributeds_default_scratch_directory_would_serve_the_planted_module(shared_tmp: Path) -> None:
+    # The control: a LocalCluster left to its default directory (the driver before this fix) puts the
+    # stranger's directory first on this process's sys.path.
+    _needs_setpriv()
+    path = list(sys.path)
+    try:
+        async with distributed.LocalCluster(  # type: ignore[no-untyped-call]
+            n_workers=1,
+            threads_per_worker=1,
+            processes=True,
+            host="127.0.0.1",
+            scheduler_port=0,
+            dashboard_address="127.0.0.1:0",  # 8787 may be taken (another cluster, or one closing)
+            asynchronous=True,
+        ):
+            assert _sees_the_planted_module()
+    finally:
+        sys.path[:] = path
