@@ -350,3 +350,18 @@ def test_a_new_connection_during_the_drain_is_refused(name: str, tmp_path_factor
 def test_no_process_of_the_server_outlives_it(name: str, tmp_path_factory: pytest.TempPathFactory) -> None:
     result = shutdown(name, tmp_path_factory)
     assert not result.survivors, f"{result.figures()}: still running: {result.survivors}"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 21: a server graceful timeout below drain_timeout is not warned about at startup (the drain is "
+    "SIGKILLed, and nothing says so)",
+)
+def test_a_graceful_timeout_below_the_drain_is_warned_about(tmp_path_factory: pytest.TempPathFactory) -> None:
+    row = Row("gunicorn + UvicornWorker, --graceful-timeout 1", lambda port: python(
+        "gunicorn", ASGI, "-k", "uvicorn.workers.UvicornWorker", "-w", "1", "-b", f"127.0.0.1:{port}",
+        "--graceful-timeout", "1"))  # fmt: skip
+    result = _run(row, tmp_path_factory.mktemp("deploy"))
+    print(result.figures())
+    warnings = [line for line in result.log.splitlines() if " WARNING " in line and "graceful" in line]
+    assert warnings, f"nothing said that a 1 s graceful timeout cuts a {DRAIN_TIMEOUT} s drain\n{result.figures()}"
