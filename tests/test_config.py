@@ -86,6 +86,31 @@ def test_a_byte_order_mark_does_not_hide_the_first_setting(tmp_path: Path) -> No
     assert (settings.driver, settings.workers) == ("sync", 3)
 
 
+def test_export_lines_set_their_variable_as_python_dotenv_reads_them(tmp_path: Path) -> None:
+    # A `.env` that the shell can `source` (python-dotenv reads these lines the same way).
+    env_file = tmp_path / ".env"
+    env_file.write_text(
+        "export CONCURRENCY_WORKERS=3\n"
+        "export\tCONCURRENCY_TIMEOUT = '2.5'\n"
+        "# export CONCURRENCY_DRIVER=fork\n"
+        "exported_NAME=1\n"
+        "export CONCURRENCY_DRIVER=sync\n"
+    )
+    settings = Concurrency(env_file=env_file).settings
+    assert (settings.driver, settings.workers, settings.timeout) == ("sync", 3, 2.5)
+    assert settings.variables == {
+        "CONCURRENCY_WORKERS": "3",
+        "CONCURRENCY_TIMEOUT": "2.5",
+        "CONCURRENCY_DRIVER": "sync",
+    }
+
+
+def test_a_later_line_of_the_dotenv_file_wins(tmp_path: Path) -> None:
+    env_file = tmp_path / ".env"
+    env_file.write_text("CONCURRENCY_WORKERS=2\nexport CONCURRENCY_WORKERS=5\nCONCURRENCY_DRIVER=sync\n")
+    assert Concurrency(env_file=env_file).settings.workers == 5
+
+
 def test_a_misspelt_variable_warns_once_with_the_closest_name(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CONCURRENCY_WORKER", "3")
     expected = r"unknown setting CONCURRENCY_WORKER in the environment is ignored; did you mean CONCURRENCY_WORKERS\?"

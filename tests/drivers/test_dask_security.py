@@ -124,6 +124,24 @@ async def _stranger(plan: dict[str, Any], *, uid: int | None, home: Path) -> dic
 def _needs_setpriv() -> None:
     if os.geteuid() != 0 or shutil.which("setpriv") is None:
         pytest.skip("running a client as another uid needs root and setpriv")
+    # The stranger runs this very interpreter. One installed where uid 65534 cannot read it (pyenv's
+    # under root's home, mode 700) cannot run for it, or runs as another Python without our packages:
+    # checked, since a readable one must run the test.
+    probe = "import sys, distributed; print('%d.%d' % sys.version_info[:2])"
+    as_nobody = subprocess.run(
+        ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", sys.executable, "-c", probe],
+        capture_output=True,
+        text=True,
+        cwd="/",
+        timeout=60,
+    )
+    ours = f"{sys.version_info.major}.{sys.version_info.minor}"
+    if as_nobody.returncode != 0 or as_nobody.stdout.strip() != ours:
+        got = as_nobody.stdout.strip() or (as_nobody.stderr.strip().splitlines() or ["no output"])[-1]
+        pytest.skip(
+            f"uid {NOBODY} cannot run this Python {ours} with distributed ({sys.executable}: got {got!r}); "
+            "install it where every user can read it to run this test"
+        )
 
 
 @pytest.fixture
@@ -136,7 +154,7 @@ def stranger_home() -> Iterator[Path]:
 
 
 async def _servers(client: Any) -> tuple[str, list[str]]:
-    identity = await client.scheduler.identity(n_workers=-1)
+    identity = await client.scheduler.identity()  # every worker: n_workers=-1, the default, is not in 2024.8
     workers = identity["workers"]
     servers = [*workers, *(info["nanny"] for info in workers.values() if info.get("nanny"))]
     return str(identity["address"]), servers
