@@ -38,7 +38,7 @@ from .deployment_apps import THREAD_FIRST_ID
 
 DRAIN_TIMEOUT = 2.0  # seconds: the facade's, in every row (long enough to cover the probe below)
 GRACE = 15  # seconds: the servers' own graceful timeouts, well above the drain
-PROBE_AFTER = 0.5  # seconds after SIGTERM: when a new client tries to connect
+PROBE_AFTER = 1.0  # seconds after SIGTERM: when a new client tries to connect (the drain lasts 2)
 PROBE_TIMEOUT = 5.0  # seconds the new client waits for an answer before calling the server hung
 EXIT_WAIT = DRAIN_TIMEOUT + 30  # a bound against hangs, not a speed expectation
 READY_WAIT = 60.0
