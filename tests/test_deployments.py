@@ -81,6 +81,9 @@ ROWS = {
         Row("gunicorn + UvicornWorker", lambda port: python(
             "gunicorn", ASGI, "-k", "uvicorn.workers.UvicornWorker", "-w", "1", "-b", f"127.0.0.1:{port}",
             "--graceful-timeout", str(GRACE))),
+        Row("gunicorn + UvicornWorker -w 2 --preload", lambda port: python(
+            "gunicorn", ASGI, "-k", "uvicorn.workers.UvicornWorker", "-w", "2", "--preload", "-b", f"127.0.0.1:{port}",
+            "--graceful-timeout", str(GRACE))),
         Row("gunicorn gthread (Flask)", lambda port: python(
             "gunicorn", WSGI, "-k", "gthread", "--threads", "4", "-w", "1", "-b", f"127.0.0.1:{port}",
             "--graceful-timeout", str(GRACE))),
@@ -319,7 +322,8 @@ def test_no_task_both_ran_and_was_logged_as_not_run(name: str, tmp_path_factory:
 @pytest.mark.parametrize(
     "name",
     rows(dict.fromkeys(
-        ["uvicorn", "uvicorn --lifespan off", "gunicorn + UvicornWorker", "gunicorn gthread (Flask)",
+        ["uvicorn", "uvicorn --lifespan off", "gunicorn + UvicornWorker", "gunicorn + UvicornWorker -w 2 --preload",
+         "gunicorn gthread (Flask)",
          "hypercorn (asyncio)", "hypercorn (trio)", "hypercorn --workers 0 (asyncio)", "daphne"],
         ACCEPTED_AFTER_DRAIN,
     )),
