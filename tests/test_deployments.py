@@ -171,7 +171,7 @@ class Shutdown:
         return sorted(tasks - set(self.ran) - set(self.logged))
 
 
-_shutdowns: dict[str, Shutdown] = {}
+_shutdowns: dict[str, Shutdown | str] = {}  # a row's result, or why its server could not be run
 
 
 def probe(url: str) -> str:
@@ -189,9 +189,17 @@ def probe(url: str) -> str:
 def shutdown(name: str, tmp_path_factory: pytest.TempPathFactory) -> Shutdown:
     """Serve the row's app, defer, SIGTERM after the last response; once per row, whichever test asks first."""
     if name not in _shutdowns:
-        _shutdowns[name] = _run(ROWS[name], tmp_path_factory.mktemp("deploy"))
-        print(_shutdowns[name].figures())
-    return _shutdowns[name]
+        try:
+            run = _run(ROWS[name], tmp_path_factory.mktemp("deploy"))
+        except (AssertionError, pytest.fail.Exception) as exc:
+            _shutdowns[name] = str(exc)  # the row's other tests fail at once with the same reason
+            raise
+        _shutdowns[name] = run
+        print(run.figures())
+    result = _shutdowns[name]
+    if isinstance(result, str):
+        pytest.fail(f"{name} could not be run: {result}")
+    return result
 
 
 def _run(row: Row, directory: Path) -> Shutdown:
