@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from collections import deque
 
@@ -246,6 +247,7 @@ class _DisconnectWatch:
             scope.cancel()
             return
         self._watchers.add(scope)
+        mid_body = False
         try:
             # Cancelled as soon as the call ends: a server's receive() gives up a message it has not
             # returned, so nothing is lost, and the answer never waits for the rest of an upload.
@@ -253,13 +255,40 @@ class _DisconnectWatch:
                 async with self._reader():
                     if self._disconnected:
                         break
-                    message = await self._receive()
-                    if message["type"] != "http.disconnect":
-                        self._buffer.append(message)
-                        self._buffered += len(message.get("body", b""))
-                self._observe(message)
+                    message = await self._pull()
+                mid_body = message["type"] == "http.request" and bool(message.get("more_body", False))
         finally:
             self._watchers.discard(scope)
+            if mid_body:
+                await self._pull_ready_parts()
+
+    async def _pull(self) -> Message:
+        message = await self._receive()
+        if message["type"] != "http.disconnect":
+            self._buffer.append(message)
+            self._buffered += len(message.get("body", b""))
+        self._observe(message)
+        return message
+
+    async def _pull_ready_parts(self) -> None:
+        """Take the parts of a half-read body that are ready now, without ever waiting for one.
+
+        A body iterator the watch began is then left as the app would leave it (an in-process transport's
+        generator runs to its end), and the answer still never waits for the network.
+        """
+        reader = self._reader()
+        if reader.locked():
+            return
+        with anyio.CancelScope(shield=True) as scope:
+            scope.deadline = -math.inf  # cancelled at the first wait: only what is ready is taken
+            reader.acquire_nowait()
+            try:
+                more = True
+                while more and not self._disconnected and self._buffered <= _MAX_BUFFERED:
+                    message = await self._pull()
+                    more = message["type"] == "http.request" and bool(message.get("more_body", False))
+            finally:
+                reader.release()
 
 
 def _cannot_start(concurrency: Concurrency, exc: BaseException) -> str:
