@@ -59,7 +59,9 @@ class _Chained:
                 waiting -= 1
                 last = waiting == 0
             if last:  # only ever after this handler returned: hand over where handlers run, the main thread
-                signal.raise_signal(signum)
+                main = threading.main_thread().ident
+                if main is not None:
+                    signal.pthread_kill(main, signum)  # there, it also interrupts a blocking call
 
         for runtime in runtimes():
             with count:

@@ -242,11 +242,12 @@ class Runtime:
         finally:
             self._release()
 
-    def submit(self, fn: Submitted, failed: Failed) -> None:
+    def submit(self, fn: Submitted, failed: Failed, *, later: bool = False) -> None:
         """Start `fn` in the background on the host loop, from any thread, never waiting.
 
         Exactly one of two things happens: `fn` starts, or `failed` is called with the reason.
-        A host is started if there is none; while it starts, `fn` waits in a queue.
+        A host is started if there is none; while it starts, `fn` waits in a queue. `later`: see
+        `Host.submit`.
         """
         launch: HostKind | None = None
         error: BaseException | None = None
@@ -260,7 +261,7 @@ class Runtime:
                     if self.state is State.NOT_STARTED:
                         launch = self._begin(_kind_for_caller())
         if host is not None:
-            host.submit(fn, failed)
+            host.submit(fn, failed, later=later)
         elif launch is not None:
             self._launch(launch)
         elif error is not None:
@@ -605,18 +606,26 @@ class Runtime:
             self.exiting = True
             if self.drain_deadline is None:
                 self.drain_deadline = time.monotonic() + self.settings.drain_timeout
-            host = self.host if self.state in (State.SERVING, State.DRAINING) else None
-            if host is None or host.kind is HostKind.LIFESPAN:
+            if self.state is State.STARTING:
+                kind = self._attempt.kind if self._attempt is not None else None
+            elif self.state in (State.SERVING, State.DRAINING) and self.host is not None:
+                kind = self.host.kind
+            else:
+                return False
+            if kind is HostKind.LIFESPAN:
                 return False
 
         async def shut_down_then_hand_over() -> None:
             try:
-                host.stop.set()
-                await _wait_async(host.stopped)
+                host = self.host
+                if host is not None:
+                    host.stop.set()
+                    await _wait_async(host.stopped)
             finally:
                 then()
 
-        host.submit(shut_down_then_hand_over, lambda exc: then(), later=True)
+        # Queued for a host still starting; handed over through the loop's queue, this being a signal handler.
+        self.submit(shut_down_then_hand_over, lambda exc: then(), later=True)
         return True
 
     def has_work(self) -> bool:
@@ -628,11 +637,18 @@ class Runtime:
         """The interpreter is exiting: drain and stop the host, or log what can no longer run."""
         with self._lock:
             self.exiting = True
+            attempt = self._attempt if self.state is State.STARTING else None
+        if attempt is not None and attempt.kind is HostKind.OWN:
+            attempt.done.wait(10)  # a host starting on its own thread: let it come up, then stop it
+        with self._lock:
             host = self.host
+            queued, self._queue = (self._queue, []) if host is None else ([], self._queue)
+        for _, failed in queued:
+            failed(ConcurrencyClosed("the interpreter exited before a host could start"))
         if host is None:
             self.work.report_lost("the interpreter exited before it could start")
             return
-        if host.here() or host.kind is HostKind.LIFESPAN:
+        if host.here() or host.kind is not HostKind.OWN:
             # That loop has ended (or is stuck under this thread): nothing can run there any more.
             self.work.report_lost("its event loop had ended when the interpreter exited")
             return

@@ -43,7 +43,8 @@ class ConcurrencyWSGIMiddleware:
         if self.concurrency.shutting_down:
             start_response(
                 "503 Service Unavailable",
-                [("Content-Type", "text/plain; charset=utf-8"), ("Connection", "close"), ("Retry-After", "1")],
+                # No Connection header: hop-by-hop headers are the server's (PEP 3333).
+                [("Content-Type", "text/plain; charset=utf-8"), ("Retry-After", "1")],
             )
             return [b"Service Unavailable: shutting down"]
         batch = self.concurrency.request_batch(method=environ.get("REQUEST_METHOD"), path=environ.get("PATH_INFO"))
