@@ -332,6 +332,7 @@ class DeferredWork:
         when `force`; the drain calls it until it agrees. `deadline` (monotonic): an earlier end, when
         the drain's clock started before (at a signal).
         """
+        self._stopped = None
         draining, began = self.launched, time.monotonic()
         deadline = min(began + drain_timeout, deadline if deadline is not None else math.inf)
         if draining:
@@ -359,11 +360,15 @@ class DeferredWork:
                     task.label,
                     extra=_extra(task, None, batch),
                 )
-        # Let the stopped batches log their fates and count out before the drivers close under them.
-        with anyio.move_on_after(5):
-            while self.launched:  # noqa: ASYNC110
+        # Let the stopped batches log their fates and count out before the drivers close under them; a
+        # batch that does not come back in time is logged here (it is stopped with its driver just after).
+        with anyio.move_on_after(10):
+            while self._running:  # noqa: ASYNC110
                 await anyio.sleep(_POLL)
-        self._stopped = None
+        for running in list(self._running):
+            if self._claim(running):
+                running.abandoned_because = running.abandoned_because or reason
+                self._fates(running, under_way=True)
         if draining or late:
             logger.info(
                 "drain finished in %.2f s; %d deferred task(s) abandoned",
