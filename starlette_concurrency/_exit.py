@@ -107,24 +107,35 @@ def watch(runtime: Runtime) -> None:
 
 
 def graceful_timeout(handler: Handler) -> tuple[str, float] | None:
-    """Find the server's graceful timeout behind its SIGTERM handler, where the server exposes it.
+    """Find the server's graceful timeout behind its signal handlers, where the server exposes it.
+
+    gunicorn's workers handle signals with methods of the worker (its ``cfg`` has ``graceful_timeout``;
+    gunicorn's UvicornWorker keeps SIGUSR1 and SIGABRT while uvicorn takes SIGTERM); uvicorn's handler
+    is a method of its server (``config.timeout_graceful_shutdown``). hypercorn's and others' are not
+    reachable.
 
     Returns:
-        The setting's name and value, or ``None`` when the handler does not say.
+        The setting's name and value, or ``None`` when no handler says.
     """
     while isinstance(handler, _Chained):
         handler = handler.previous
-    owner = getattr(handler, "__self__", None)
-    found: list[tuple[str, object]] = [
-        ("gunicorn's graceful_timeout", getattr(getattr(owner, "cfg", None), "graceful_timeout", None)),
-        (
-            "uvicorn's timeout_graceful_shutdown",
-            getattr(getattr(owner, "config", None), "timeout_graceful_shutdown", None),
-        ),
-    ]
-    for name, value in found:
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return name, float(value)
+    handlers = [handler]
+    for name in ("SIGUSR1", "SIGABRT", "SIGQUIT"):
+        number = getattr(signal, name, None)
+        if number is not None:
+            handlers.append(signal.getsignal(number))
+    for candidate in handlers:
+        owner = getattr(candidate, "__self__", None)
+        found: list[tuple[str, object]] = [
+            ("gunicorn's graceful_timeout", getattr(getattr(owner, "cfg", None), "graceful_timeout", None)),
+            (
+                "uvicorn's timeout_graceful_shutdown",
+                getattr(getattr(owner, "config", None), "timeout_graceful_shutdown", None),
+            ),
+        ]
+        for setting, value in found:
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                return setting, float(value)
     return None
 
 

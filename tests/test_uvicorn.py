@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,7 +16,7 @@ import httpx
 import pytest
 
 from . import helpers
-from .asgi import Server, read_marker, uvicorn
+from .asgi import ROOT, Server, free_port, read_marker, uvicorn
 
 MARKERS_WAIT = 20.0  # seconds: a bound against hangs, not a speed expectation
 
@@ -223,3 +226,41 @@ def test_without_a_lifespan_a_new_connection_after_sigterm_gets_a_503(markers: P
         assert server.process.wait(60) in (0, -signal.SIGTERM)
     assert late.status_code == 503
     assert late.headers["connection"] == "close"
+
+
+def test_a_server_that_would_kill_before_the_drain_ends_is_named_at_startup(markers: Path, tmp_path: Path) -> None:
+    # gunicorn's graceful timeout (3 s) below the facade's drain_timeout (20 s): everything still deferred
+    # 3 s into a shutdown would be lost. Say so once, at startup, with the numbers.
+    log = tmp_path / "gunicorn.log"
+    port = free_port()
+    command = [
+        str(Path(sys.executable).parent / "gunicorn"),
+        "--bind",
+        f"127.0.0.1:{port}",
+        "--workers",
+        "1",
+        "--worker-class",
+        "uvicorn.workers.UvicornWorker",
+        "--graceful-timeout",
+        "3",
+        "tests.apps:app",
+    ]
+    env = {**os.environ, "TEST_MARKERS": str(markers)}
+    with log.open("wb") as output:
+        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=output, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + MARKERS_WAIT
+        while "Application startup complete" not in log.read_text():
+            assert process.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        assert httpx.get(f"http://127.0.0.1:{port}/run", timeout=MARKERS_WAIT).status_code == 200
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(60)
+    warnings = [line for line in log.read_text().splitlines() if "graceful timeout" in line]
+    assert warnings == [
+        "the server's graceful timeout (gunicorn's graceful_timeout = 3.0 s) is below drain_timeout (20.0 s): "
+        "deferred work still running when the server kills this process at shutdown is lost; raise the "
+        "server's timeout above drain_timeout, or lower drain_timeout"
+    ], log.read_text()
