@@ -32,6 +32,7 @@ from typing import Any, TypeVar
 import anyio
 
 from .._protocol import FrameBuffer, grow_pipe
+from ._descendants import stop_descendants
 
 __all__ = ["Child", "run_in_spawn_thread"]
 
@@ -149,6 +150,8 @@ class Child:
 
     def kill(self) -> None:
         """SIGKILL the child's whole process group (what its task started too), then the child itself."""
+        if not self.poll():  # not reaped: its pid is still its own. What left its group goes first
+            stop_descendants(self.pid)
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.pid, signal.SIGKILL)  # the group outlives its leader while a member lives
         if not self.poll():
