@@ -34,7 +34,7 @@ from ._exceptions import ConcurrencyClosed, DriverError, TaskTimeout
 from ._tasks import Batch, Outcome
 
 if TYPE_CHECKING:
-    from ._core import Core
+    from ._runtime import Runtime
 
 __all__ = ["AsCompleted"]
 
@@ -70,10 +70,12 @@ class AsCompleted(Generic[K, T]):
     ``async with`` (or call `aclose()`) to wait until they have stopped.
     """
 
-    def __init__(self, core: Core, driver: str, batch: Batch, timeout: float | None, return_exceptions: bool) -> None:
+    def __init__(
+        self, runtime: Runtime, driver: str, batch: Batch, timeout: float | None, return_exceptions: bool
+    ) -> None:
         # The call lives on the host loop and never refers back here, so that `break` (which drops this
         # object without closing it) reaches __del__, which stops the call.
-        self._call = _Call(core, driver, batch, timeout)
+        self._call = _Call(runtime, driver, batch, timeout)
         self._return_exceptions = return_exceptions
         self._finished = not batch.tasks  # nothing to run: nothing to stop either
 
@@ -135,8 +137,8 @@ class AsCompleted(Generic[K, T]):
 class _Call:
     """One `as_completed()` call on the host loop: the producer, its stream, and how to stop it."""
 
-    def __init__(self, core: Core, driver: str, batch: Batch, timeout: float | None) -> None:
-        self.core = core
+    def __init__(self, runtime: Runtime, driver: str, batch: Batch, timeout: float | None) -> None:
+        self.runtime = runtime
         self.driver = driver
         self.batch = batch
         self.timeout = timeout
@@ -147,21 +149,13 @@ class _Call:
 
     async def on_host(self, fn: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
         """Run `fn` on the host loop, from the caller's loop or thread (as `run()` reaches its driver)."""
-        core = self.core
-        host = core.live_host()
-        if host is None:
-            core.check_closed("as_completed()")
-            host = core.ensure_host()
-        if host.here():
-            return await fn()
-        return await host.portal.call_async(fn)
+        return await self.runtime.call(fn, "as_completed()")
 
     async def next(self) -> tuple[int, Outcome] | _End:
         """On the host loop: the next outcome, starting the call on the first."""
         if not self.started:
-            self.core.check_closed("as_completed()")
-            host = self.core.live_host()
-            assert host is not None  # on_host found one
+            host = self.runtime.host
+            assert host is not None  # on_host runs this on it
             send, self.receive = anyio.create_memory_object_stream[tuple[int, Outcome] | _End](math.inf)
             self.stopped = anyio.Event()
             self.started = True
@@ -180,7 +174,7 @@ class _Call:
         if not self.started:
             return
         with contextlib.suppress(Exception):  # the host loop stopped meanwhile: nothing runs any more
-            host = self.core.live_host()
+            host = self.runtime.host
             if host is not None:
                 if host.here():
                     self.close()
@@ -210,7 +204,7 @@ class _Call:
         try:
             with send, self.scope:
                 try:
-                    driver = await self.core.started_driver(self.driver)
+                    driver = await self.runtime.started_driver(self.driver)
                     if self.timeout is None:
                         await driver.execute(tasks, outcomes)
                     else:
