@@ -460,7 +460,8 @@ class Concurrency:
         ``async for key, result in concurrency.as_completed(tasks):`` — `key` is the task's index in a
         sequence (0 for a single callable) or its key in a mapping. The tasks run as in `run()`: the
         same drivers, pickling, timeout and cancellation; nothing starts until the first iteration.
-        Callable from any event loop or thread, like `run()`.
+        Callable from any event loop or thread, like `run()` (known gap: from a loop in another thread
+        while a trio loop hosts the pool, the iteration hung in tests).
 
         Leaving the loop early (``break``, an exception, a cancellation) stops the tasks that have not
         finished; ``async with concurrency.as_completed(tasks) as results:`` (or ``await
