@@ -140,7 +140,7 @@ updated <span id="updated">never</span> (poll <span id="polls">0</span>).</p>
 </div>
 <h3>Workers</h3>
 <table><thead><tr><th>pid</th><th>doing</th><th>for / took</th><th>tasks done</th></tr></thead>
-<tbody id="activity"><tr><td colspan="4">no task has run yet</td></tr></tbody></table>
+<tbody id="activity"><tr><td colspan="4">…</td></tr></tbody></table>
 <script>
 "use strict";
 const WINDOW = 300;  // seconds of history in the charts
@@ -195,7 +195,15 @@ function render(data) {
     text(tr, note.done);
     return tr;
   });
-  if (rows.length) { $("activity").replaceChildren(...rows); }
+  if (!rows.length) {
+    // Only the buttons' tasks say which worker runs them; the counters above count every task.
+    const finished = finishedOf(s), tr = document.createElement("tr"), td = document.createElement("td");
+    td.colSpan = 4;
+    td.textContent = finished === 0 && s.busy === 0 ? "no task has run yet"
+      : `${finished} task(s) finished, ${s.busy} running: none from the buttons below, which show per worker`;
+    tr.appendChild(td); rows.push(tr);
+  }
+  $("activity").replaceChildren(...rows);
   history.push({ t: data.time, finished: finishedOf(s), p50: s.task_time_p50, p99: s.task_time_p99 });
   while (history.length > WINDOW) history.shift();
   const rate = history.map((p, i) => {
