@@ -113,6 +113,7 @@ PAGE = """
 </style>
 <p>Driver <b id="driver">…</b>, health <b id="health">…</b> <span id="problems"></span>,
 updated <span id="updated">never</span> (poll <span id="polls">0</span>).</p>
+<p id="waiting"></p>
 <div class="cards">
   <div class="card">workers<b id="workers">…</b></div>
   <div class="card">busy<b id="busy">…</b></div>
@@ -182,6 +183,13 @@ function render(data) {
   $("health").textContent = data.healthy ? "ok" : "stuck";
   $("health").className = data.healthy ? "ok" : "bad";
   $("problems").textContent = data.problems.join("; ");
+  // Deferred work uses at most workers - 1 workers, so that a run() never waits behind it: say so
+  // when deferred tasks wait while a worker is idle.
+  const waiting = s.deferred_pending > 0 && s.queued > 0 && s.busy < s.workers;
+  $("waiting").textContent = waiting
+    ? `${s.queued} deferred task(s) waiting while a worker is idle: deferred work uses at most ` +
+      `${Math.max(1, s.workers - 1)} of the ${s.workers} workers, so that a run() call never waits behind it.`
+    : "";
   $("updated").textContent = new Date(data.time * 1000).toLocaleTimeString();
   $("polls").textContent = ++polls;
   const rows = data.activity.map((note) => {

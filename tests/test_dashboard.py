@@ -45,7 +45,7 @@ def example(tmp_path: Path) -> Iterator[Server]:
         yield server
 
 
-def test_the_dashboard_shows_the_pool_live_and_moves_when_work_starts(example: Server) -> None:
+def test_the_dashboard_shows_the_pool_live_and_moves_when_work_starts(example: Server, tmp_path: Path) -> None:
     from playwright.sync_api import sync_playwright
 
     executable = chromium()
@@ -79,6 +79,12 @@ def test_the_dashboard_shows_the_pool_live_and_moves_when_work_starts(example: S
             page.wait_for_function("Number(document.getElementById('deferred_pending').textContent) === 6")
             page.wait_for_function("document.getElementById('activity').textContent.includes('running task')")
             assert "(nap, deferred)" in (page.text_content("#activity") or "")
+            # Six deferred naps on two workers: one stays free for run(), and the page says why (issue 24).
+            page.wait_for_function(
+                "document.getElementById('waiting').textContent"
+                ".includes('deferred work uses at most 1 of the 2 workers')"
+            )
+            page.screenshot(path=str(tmp_path / "deferred-waiting.png"))  # (kept under the test's tmp_path)
             page.wait_for_function("document.getElementById('deferred_pending').textContent === '0'")
             page.wait_for_function("document.getElementById('activity').textContent.includes('idle (last: task')")
 
