@@ -18,7 +18,7 @@ from contextlib import asynccontextmanager
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Mount, Route
 
 from starlette_concurrency import Concurrency, ConcurrencyMiddleware
@@ -65,7 +65,8 @@ processes: {data["elapsed_seconds"]} s in all. Server pid {data["server_pid"]}.<
 <table border=1 cellpadding=4><tr><th>what</th><th>count</th><th>worker pid</th></tr>{rows}</table>
 <p>Two metrics are reported after this page was sent: see <a href="/metrics">/metrics</a>.
 Also: <a href="/api/dashboard">/api/dashboard</a> (JSON), <a href="/api/quick">/api/quick</a>,
-<a href="/workers">/workers</a>, <a href="/healthz">/healthz</a>, <a href="/prometheus">/prometheus</a>.</p>
+<a href="/workers">/workers</a>, <a href="/api/progress">/api/progress</a> (server-sent events),
+<a href="/healthz">/healthz</a>, <a href="/prometheus">/prometheus</a>.</p>
 {live.PAGE}"""
     )
 
@@ -85,6 +86,24 @@ async def workers(request: Request) -> Response:
     """Which worker process ran which of eight tasks."""
     pids = await concurrency.run([functools.partial(os.getpid) for _ in range(8)])
     return JSONResponse({"server_pid": os.getpid(), "task_pids": pids, "distinct_workers": sorted(set(pids))})
+
+
+async def progress(request: Request) -> Response:
+    """The dashboard's four counts as server-sent events, each as soon as it is ready (as_completed)."""
+    tasks = {
+        "users": functools.partial(count_rows, "users"),
+        "orders": functools.partial(count_rows, "orders"),
+        "invoices": functools.partial(count_rows, "invoices"),
+        "primes below 200k": functools.partial(count_primes, 200_000),
+    }
+
+    async def events() -> AsyncIterator[str]:
+        # A client that goes away cancels this generator: the counts still running are stopped.
+        async for name, result in concurrency.as_completed(tasks):
+            yield f"data: {json.dumps({'what': name, **result})}\n\n"
+        yield "event: done\ndata: {}\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream")
 
 
 async def metrics(request: Request) -> Response:
@@ -117,6 +136,7 @@ app = Starlette(
         Route("/api/dashboard", api_dashboard),
         Route("/api/quick", quick),
         Route("/workers", workers),
+        Route("/api/progress", progress),
         Route("/metrics", metrics),
         Route("/healthz", health_endpoint(concurrency)),
         *live.routes(concurrency),

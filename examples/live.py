@@ -113,6 +113,7 @@ PAGE = """
 </style>
 <p>Driver <b id="driver">…</b>, health <b id="health">…</b> <span id="problems"></span>,
 updated <span id="updated">never</span> (poll <span id="polls">0</span>).</p>
+<p id="waiting"></p>
 <div class="cards">
   <div class="card">workers<b id="workers">…</b></div>
   <div class="card">busy<b id="busy">…</b></div>
@@ -140,7 +141,7 @@ updated <span id="updated">never</span> (poll <span id="polls">0</span>).</p>
 </div>
 <h3>Workers</h3>
 <table><thead><tr><th>pid</th><th>doing</th><th>for / took</th><th>tasks done</th></tr></thead>
-<tbody id="activity"><tr><td colspan="4">no task has run yet</td></tr></tbody></table>
+<tbody id="activity"><tr><td colspan="4">…</td></tr></tbody></table>
 <script>
 "use strict";
 const WINDOW = 300;  // seconds of history in the charts
@@ -182,6 +183,13 @@ function render(data) {
   $("health").textContent = data.healthy ? "ok" : "stuck";
   $("health").className = data.healthy ? "ok" : "bad";
   $("problems").textContent = data.problems.join("; ");
+  // Deferred work uses at most workers - 1 workers, so that a run() never waits behind it: say so
+  // when deferred tasks wait while a worker is idle.
+  const waiting = s.deferred_pending > 0 && s.queued > 0 && s.busy < s.workers;
+  $("waiting").textContent = waiting
+    ? `${s.queued} deferred task(s) waiting while a worker is idle: deferred work uses at most ` +
+      `${Math.max(1, s.workers - 1)} of the ${s.workers} workers, so that a run() call never waits behind it.`
+    : "";
   $("updated").textContent = new Date(data.time * 1000).toLocaleTimeString();
   $("polls").textContent = ++polls;
   const rows = data.activity.map((note) => {
@@ -195,7 +203,15 @@ function render(data) {
     text(tr, note.done);
     return tr;
   });
-  if (rows.length) { $("activity").replaceChildren(...rows); }
+  if (!rows.length) {
+    // Only the buttons' tasks say which worker runs them; the counters above count every task.
+    const finished = finishedOf(s), tr = document.createElement("tr"), td = document.createElement("td");
+    td.colSpan = 4;
+    td.textContent = finished === 0 && s.busy === 0 ? "no task has run yet"
+      : `${finished} task(s) finished, ${s.busy} running: none from the buttons below, which show per worker`;
+    tr.appendChild(td); rows.push(tr);
+  }
+  $("activity").replaceChildren(...rows);
   history.push({ t: data.time, finished: finishedOf(s), p50: s.task_time_p50, p99: s.task_time_p99 });
   while (history.length > WINDOW) history.shift();
   const rate = history.map((p, i) => {

@@ -12,6 +12,7 @@ from typing import Any, Literal, Self, TypeVar, Unpack, overload
 
 import anyio
 
+from ._as_completed import AsCompleted
 from ._checks import positive
 from ._config import Settings, options_list
 from ._deferred import Deferred, RequestBatch
@@ -388,6 +389,104 @@ class Concurrency:
             return batch.results([], return_exceptions=return_exceptions)
         outcomes = self._runtime.call_blocking(functools.partial(self._execute, batch, timeout), "run_blocking()")
         return batch.results(outcomes, return_exceptions=return_exceptions)
+
+    # Typed as run(): by shape, with the key of a mapping, or int (an index) for a sequence or one callable.
+    @overload
+    def as_completed(  # type: ignore[overload-overlap]
+        self,
+        tasks: Mapping[K, Callable[[], Awaitable[T]]],
+        *,
+        timeout: float | None = ...,
+        return_exceptions: Literal[False] = ...,
+    ) -> AsCompleted[K, T]: ...
+    @overload
+    def as_completed(  # type: ignore[overload-overlap]
+        self,
+        tasks: Mapping[K, Callable[[], T]],
+        *,
+        timeout: float | None = ...,
+        return_exceptions: Literal[False] = ...,
+    ) -> AsCompleted[K, T]: ...
+    @overload
+    def as_completed(
+        self, tasks: Callable[[], Awaitable[T]], *, timeout: float | None = ..., return_exceptions: Literal[False] = ...
+    ) -> AsCompleted[int, T]: ...
+    @overload
+    def as_completed(
+        self, tasks: Callable[[], T], *, timeout: float | None = ..., return_exceptions: Literal[False] = ...
+    ) -> AsCompleted[int, T]: ...
+    @overload
+    def as_completed(
+        self,
+        tasks: Iterable[Callable[[], Awaitable[T]]],
+        *,
+        timeout: float | None = ...,
+        return_exceptions: Literal[False] = ...,
+    ) -> AsCompleted[int, T]: ...
+    @overload
+    def as_completed(
+        self, tasks: Iterable[Callable[[], T]], *, timeout: float | None = ..., return_exceptions: Literal[False] = ...
+    ) -> AsCompleted[int, T]: ...
+    @overload
+    def as_completed(  # type: ignore[overload-overlap]
+        self, tasks: Mapping[K, Callable[[], Awaitable[T]]], *, timeout: float | None = ..., return_exceptions: bool
+    ) -> AsCompleted[K, T | BaseException]: ...
+    @overload
+    def as_completed(  # type: ignore[overload-overlap]
+        self, tasks: Mapping[K, Callable[[], T]], *, timeout: float | None = ..., return_exceptions: bool
+    ) -> AsCompleted[K, T | BaseException]: ...
+    @overload
+    def as_completed(
+        self, tasks: Callable[[], Awaitable[T]], *, timeout: float | None = ..., return_exceptions: bool
+    ) -> AsCompleted[int, T | BaseException]: ...
+    @overload
+    def as_completed(
+        self, tasks: Callable[[], T], *, timeout: float | None = ..., return_exceptions: bool
+    ) -> AsCompleted[int, T | BaseException]: ...
+    @overload
+    def as_completed(
+        self, tasks: Iterable[Callable[[], Awaitable[T]]], *, timeout: float | None = ..., return_exceptions: bool
+    ) -> AsCompleted[int, T | BaseException]: ...
+    @overload
+    def as_completed(
+        self, tasks: Iterable[Callable[[], T]], *, timeout: float | None = ..., return_exceptions: bool
+    ) -> AsCompleted[int, T | BaseException]: ...
+
+    def as_completed(
+        self, tasks: object, *, timeout: float | None = None, return_exceptions: bool = False
+    ) -> AsCompleted[Any, Any]:
+        """Run the tasks at the same time and give each result as soon as its task finishes.
+
+        ``async for key, result in concurrency.as_completed(tasks):`` — `key` is the task's index in a
+        sequence (0 for a single callable) or its key in a mapping. The tasks run as in `run()`: the
+        same drivers, pickling, timeout and cancellation; nothing starts until the first iteration.
+        Callable from any event loop or thread, like `run()` (known gap: from a loop in another thread
+        while a trio loop hosts the pool, the iteration hung in tests).
+
+        Leaving the loop early (``break``, an exception, a cancellation) stops the tasks that have not
+        finished; ``async with concurrency.as_completed(tasks) as results:`` (or ``await
+        results.aclose()``) also waits until they have stopped.
+
+        Args:
+            tasks: a zero-argument callable, a sequence of them or a mapping of key → callable.
+            timeout: seconds for all the tasks, from the first iteration; default: the facade's timeout.
+                Results that came in time are given first, then `TaskTimeout` is raised.
+            return_exceptions: give a failed task's exception as its result instead of raising it.
+
+        Returns:
+            An async iterator of ``(key, result)`` pairs, in the order the tasks finish.
+
+        Raises:
+            TypeError: `tasks` is not a callable, a sequence or a mapping of callables (at the call).
+            ValueError: `timeout` is not a positive number (at the call).
+            TaskTimeout: the tasks did not all finish in time; the unfinished ones were stopped.
+            SerializationError: a task cannot be sent to a worker; nothing ran (first iteration).
+            ConcurrencyClosed: the facade was closed.
+            Exception: a task's exception, when the loop reaches it (its own type, the worker's
+                traceback as ``__cause__``, a note naming the task); the other tasks are stopped.
+        """
+        batch = Batch.of(tasks)
+        return AsCompleted(self._runtime, self._name, batch, self._timeout(timeout), return_exceptions)
 
     def defer(self, tasks: Tasks, *, always: bool = False) -> None:
         """Run the tasks after the response has been sent; return at once. Callable from any thread.

@@ -45,7 +45,7 @@ def example(tmp_path: Path) -> Iterator[Server]:
         yield server
 
 
-def test_the_dashboard_shows_the_pool_live_and_moves_when_work_starts(example: Server) -> None:
+def test_the_dashboard_shows_the_pool_live_and_moves_when_work_starts(example: Server, tmp_path: Path) -> None:
     from playwright.sync_api import sync_playwright
 
     executable = chromium()
@@ -68,12 +68,23 @@ def test_the_dashboard_shows_the_pool_live_and_moves_when_work_starts(example: S
             for field in ("workers", "busy", "queued", "tasks_completed", "worker_restarts"):
                 assert (page.text_content(f"#{field}") or "").isdigit(), field
             page.wait_for_function("document.getElementById('deferred_pending').textContent === '0'")
+            # The page itself ran four counts: the workers' table agrees with the counters (issue 24).
+            assert int(page.text_content("#tasks_completed") or "0") >= 4
+            activity = page.text_content("#activity") or ""
+            assert "no task has run yet" not in activity
+            assert "task(s) finished" in activity, activity
 
             # Deferred work: pending while it runs, each worker shown with the task it holds; then done.
             page.click("button[data-work=defer]")
             page.wait_for_function("Number(document.getElementById('deferred_pending').textContent) === 6")
             page.wait_for_function("document.getElementById('activity').textContent.includes('running task')")
             assert "(nap, deferred)" in (page.text_content("#activity") or "")
+            # Six deferred naps on two workers: one stays free for run(), and the page says why (issue 24).
+            page.wait_for_function(
+                "document.getElementById('waiting').textContent"
+                ".includes('deferred work uses at most 1 of the 2 workers')"
+            )
+            page.screenshot(path=str(tmp_path / "deferred-waiting.png"))  # (kept under the test's tmp_path)
             page.wait_for_function("document.getElementById('deferred_pending').textContent === '0'")
             page.wait_for_function("document.getElementById('activity').textContent.includes('idle (last: task')")
 
