@@ -228,7 +228,7 @@ async def test_driver_views_share_the_facade_and_are_cached() -> None:
     assert view.settings is concurrency.settings
     async with concurrency:
         assert await view.run(lambda: 1) == 1
-    assert concurrency._core.drivers == {}  # closing the facade closed the view's driver too
+    assert concurrency._runtime.drivers == {}  # closing the facade closed the view's driver too
 
 
 class Doubling(Driver):
@@ -272,8 +272,8 @@ async def test_entering_twice_is_counted() -> None:
         async with concurrency:
             assert await concurrency.run(lambda: 1) == 1
         assert await concurrency.run(lambda: 2) == 2
-        assert concurrency._core.host is not None
-    assert concurrency._core.host is None
+        assert concurrency._runtime.host is not None
+    assert concurrency._runtime.host is None
     assert await concurrency.run(lambda: 3) == 3  # lazily usable again
     await concurrency.aclose()
 
