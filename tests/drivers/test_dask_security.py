@@ -328,31 +328,30 @@ async def test_an_external_tls_cluster_refuses_other_certificates(
 # first on sys.path of every process of the cluster. Another local user who makes it first can plant modules there.
 
 PLANTED = "planted_by_a_stranger"
-STRANGER_PLANTS = r"""
-import os, sys
-
-scratch = os.path.join(sys.argv[1], "dask-scratch-space")
-os.makedirs(scratch, exist_ok=True)
-os.chmod(scratch, 0o777)
-with open(os.path.join(scratch, sys.argv[2] + ".py"), "w") as module:
-    module.write("open(%r, 'w').close()\n" % os.path.join(sys.argv[1], "planted-module-ran"))
-os.chmod(module.name, 0o666)
+# Run by /bin/sh as uid 65534 (any user can run it, whichever Python runs the tests): make distributed's
+# default scratch directory first, open to all, with a module in it that would leave a marker if imported.
+STRANGER_PLANTS = """
+scratch="$1/dask-scratch-space"
+mkdir -p "$scratch" && chmod 777 "$scratch"
+printf 'open(%s, "w").close()\\n' "'$1/planted-module-ran'" > "$scratch/$2.py" && chmod 666 "$scratch/$2.py"
 """
 
 
 @pytest.fixture
 def shared_tmp(stranger_home: Path) -> Iterator[Path]:
     """A world-writable sticky directory standing for /tmp, as Dask's temporary-directory; uid 65534 plants first."""
-    _needs_setpriv()  # uid 65534 runs this interpreter: skipped, saying why, where it cannot
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("acting as another uid needs root and setpriv")
     stranger_home.chmod(0o1777)
     result = subprocess.run(
         ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
-         sys.executable, "-c", STRANGER_PLANTS, str(stranger_home), PLANTED],
+         "/bin/sh", "-c", STRANGER_PLANTS, "plant", str(stranger_home), PLANTED],
         capture_output=True, cwd="/", check=False,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr.decode(errors="replace")
     planted = stranger_home / "dask-scratch-space" / f"{PLANTED}.py"
     assert planted.stat().st_uid == NOBODY
+    assert planted.read_text() == f"open('{stranger_home}/planted-module-ran', \"w\").close()\n"
     with dask.config.set({"temporary-directory": str(stranger_home)}):
         yield stranger_home
 
@@ -364,7 +363,6 @@ def _sees_the_planted_module() -> bool:
 
 
 async def test_the_embedded_clusters_scratch_directory_is_its_own(shared_tmp: Path) -> None:
-    _needs_setpriv()
     driver = DaskDriver(workers=1)
     async with Concurrency(driver=driver, env_file=None) as concurrency:
         scratch = driver.scratch_directory
@@ -385,7 +383,6 @@ async def test_the_embedded_clusters_scratch_directory_is_its_own(shared_tmp: Pa
 async def test_distributeds_default_scratch_directory_would_serve_the_planted_module(shared_tmp: Path) -> None:
     # The control: a LocalCluster left to its default directory (the driver before this fix) puts the
     # stranger's directory first on this process's sys.path.
-    _needs_setpriv()
     path = list(sys.path)
     try:
         async with distributed.LocalCluster(  # type: ignore[no-untyped-call]
