@@ -591,12 +591,14 @@ class Runtime:
 
     # The process's end (see `_exit`) ---------------------------------------------------------------
 
-    def begin_exit(self, then: Callable[[], None]) -> bool:
+    def begin_exit(self, then: Callable[[], None], *, server_stops_lifespan: bool = True) -> bool:
         """A termination signal arrived: shut down what no lifespan will, then call `then` (never blocks).
 
         A host nobody entered (adopted, own thread) drains (up to `drain_timeout`), logs what it had to
         stop and closes its drivers, on its own loop, while the server still runs; `then` hands the
-        signal on to the server afterwards. A lifespan's host is left to the lifespan's shutdown.
+        signal on to the server afterwards. A lifespan's host is left to the lifespan's shutdown, unless
+        the server has no SIGTERM handler that would end the lifespan (`server_stops_lifespan` false:
+        hypercorn's trio worker in one process, say): then it is shut down the same way first.
 
         Returns:
             Whether `then` will be called once the shutdown is over (``False``: nothing to do here,
@@ -612,13 +614,18 @@ class Runtime:
                 kind = self.host.kind
             else:
                 return False
-            if kind is HostKind.LIFESPAN:
+            if kind is HostKind.LIFESPAN and server_stops_lifespan:
                 return False
 
         async def shut_down_then_hand_over() -> None:
             try:
                 host = self.host
-                if host is not None:
+                if host is None:
+                    return
+                if host.kind is HostKind.LIFESPAN:
+                    with anyio.CancelScope(shield=True):
+                        await self._shutdown(host)
+                else:
                     host.stop.set()
                     await _wait_async(host.stopped)
             finally:
@@ -673,10 +680,13 @@ class Runtime:
 
 
 def _kind_for_caller() -> HostKind:
-    """Adopt the caller's loop if it runs on the main thread (it lives as long as the process, usually).
+    """Adopt the caller's loop if it runs on the main thread and ends by itself (it lives as long as the process).
 
     Elsewhere (a TestClient's portal, ``asyncio.run`` in a thread, a thread without a loop) the
     facade's own thread hosts: a loop that ends after each request would restart the pool each time.
+    So it does for an asyncio loop run forever by someone else (twisted's, under daphne): it has no
+    task whose end is the loop's end, which is when anyio stops the worker threads it started there,
+    and the process would wait for them at exit.
     """
     if threading.current_thread() is not threading.main_thread():
         return HostKind.OWN
@@ -684,11 +694,27 @@ def _kind_for_caller() -> HostKind:
         library = sniffio.current_async_library()
     except sniffio.AsyncLibraryNotFoundError:
         return HostKind.OWN
+    if library == "trio":
+        return HostKind.ADOPTED
     if library == "asyncio":
-        import asyncio
+        return HostKind.ADOPTED if _loop_ends_with_a_task() else HostKind.OWN
+    return HostKind.OWN
 
-        return HostKind.ADOPTED if asyncio.current_task() is not None else HostKind.OWN
-    return HostKind.ADOPTED if library == "trio" else HostKind.OWN
+
+def _loop_ends_with_a_task() -> bool:
+    """Tell whether the running asyncio loop runs until a task completes (``asyncio.run``, uvloop's run)."""
+    import asyncio
+    import asyncio.base_events
+
+    if asyncio.current_task() is None:
+        return False
+    for task in asyncio.all_tasks():
+        for callback, _ in getattr(task, "_callbacks", None) or ():
+            if callback is asyncio.base_events._run_until_complete_cb or (  # type: ignore[attr-defined]
+                getattr(callback, "__module__", None) == "uvloop.loop"
+            ):
+                return True
+    return False
 
 
 async def _wait_async(event: threading.Event) -> None:
