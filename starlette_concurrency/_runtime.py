@@ -449,6 +449,8 @@ class Runtime:
                 return  # already shut down (an explicit aclose() before the lifespan ended)
             self.state = State.DRAINING
             deadline = self.drain_deadline  # a signal started the clock: what is left of it
+            started = [self.drivers[name] for name in self._started if name in self.drivers]
+        _set_draining(started, True)  # no run() can come now: deferred work may use every worker
         await self.work.drain(self.settings.drain_timeout, self._stop_accepting, deadline)
         with self._lock:
             drivers = list(self.drivers.values())
@@ -459,6 +461,7 @@ class Runtime:
                 await driver.aclose()
             except Exception:
                 logger.exception("driver %r failed to close", driver.name, extra={"driver": driver.name})
+        _set_draining(drivers, False)  # an instance given to the facade is started again later
         with self._lock:
             self.host = None
             if host.kind is HostKind.OWN:
@@ -715,6 +718,19 @@ def _loop_ends_with_a_task() -> bool:
             ):
                 return True
     return False
+
+
+def _set_draining(drivers: list[Driver], draining: bool) -> None:
+    """Tell drivers that can use it that the drain has begun (or is over): `set_draining(bool)`."""
+    for driver in drivers:
+        hook = getattr(driver, "set_draining", None)
+        if callable(hook):
+            try:
+                hook(draining)
+            except Exception:
+                logger.exception(
+                    "driver %r failed to switch its drain mode", driver.name, extra={"driver": driver.name}
+                )
 
 
 async def _wait_async(event: threading.Event) -> None:
