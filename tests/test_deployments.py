@@ -100,24 +100,8 @@ ROWS = {
     ]
 }  # fmt: skip
 
-# Defects of issue 21 that the matrix shows today; each row's test flips to a pass when its fix lands.
-SIGTERM_KILLS = "issue 21: SIGTERM kills the process before anything drains (deferred work lost, nothing logged)"
-NO_HOOK = (
-    "issue 21: a facade first used from a thread other than the main one hooks no SIGTERM; uvicorn without "
-    "lifespan re-raises SIGTERM and the process dies with its deferred work, nothing logged"
-)
-TRIO_ONE_PROCESS = (
-    "issue 21: hypercorn's trio worker in one process handles no SIGTERM, and the facade (hosted by the lifespan) "
-    "hooks none: the process dies with its deferred work, nothing logged"
-)
-BLOCKED_LOOP = (
-    "issue 21: without a lifespan the drain runs inside the SIGTERM handler and blocks the server's loop "
-    "(a new connection hangs through the drain, then is reset)"
-)
-ACCEPTED_AFTER_DRAIN = (
-    "issue 21: after the drain the facade accepts defer() again, starts a new pool, and the process exit "
-    "loses that work without a log line"
-)
+# Defects the matrix shows today, each a strict xfail of its row until its fix lands (none left of issue 21's
+# facade side: the pool side's "ran and logged" race is a plain failure when it shows, see the README).
 
 
 def rows(xfail: dict[str, str], only: Callable[[Row], bool] = lambda row: True) -> list[object]:
@@ -279,12 +263,8 @@ def _tail(path: Path) -> str:
 
 @pytest.mark.parametrize(
     "name",
-    rows({
-        "uvicorn --lifespan off, a thread defers first": NO_HOOK,
-        "waitress (Flask)": SIGTERM_KILLS,
-        "hypercorn --workers 0 (trio)": TRIO_ONE_PROCESS,
-    }),
-)  # fmt: skip
+    rows({}),
+)
 def test_every_task_accepted_before_shutdown_ran_or_was_logged(
     name: str, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
@@ -302,12 +282,8 @@ def test_every_task_accepted_before_shutdown_ran_or_was_logged(
 
 @pytest.mark.parametrize(
     "name",
-    rows(dict.fromkeys(
-        ["uvicorn", "uvicorn --lifespan off", "gunicorn + UvicornWorker", "gunicorn gthread (Flask)",
-         "hypercorn (asyncio)", "hypercorn (trio)", "hypercorn --workers 0 (asyncio)", "daphne"],
-        ACCEPTED_AFTER_DRAIN,
-    )),
-)  # fmt: skip
+    rows({}),
+)
 def test_a_defer_after_shutdown_began_is_refused_or_kept(name: str, tmp_path_factory: pytest.TempPathFactory) -> None:
     result = shutdown(name, tmp_path_factory)
     late = result.late()
@@ -320,10 +296,7 @@ def test_a_defer_after_shutdown_began_is_refused_or_kept(name: str, tmp_path_fac
 
 @pytest.mark.parametrize(
     "name",
-    rows(
-        {"uvicorn --lifespan off": BLOCKED_LOOP, "daphne": BLOCKED_LOOP},
-        only=lambda row: row.refuses_new_connections,
-    ),
+    rows({}, only=lambda row: row.refuses_new_connections),
 )
 def test_a_new_connection_during_the_drain_is_refused(name: str, tmp_path_factory: pytest.TempPathFactory) -> None:
     result = shutdown(name, tmp_path_factory)
