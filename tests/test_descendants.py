@@ -100,6 +100,8 @@ def test_the_tree_walk_finds_and_stops_a_whole_tree(tmp_path: Path, leftovers: l
         started = pids_in(path)
         leftovers += started
         assert sorted(_descendants.descendants(worker.pid)) == sorted(started)
+        # The /proc/*/stat scan, for kernels without /proc/PID/task/TID/children, sees the same children.
+        assert sorted(_descendants._children_by_scan(worker.pid)) == sorted(_descendants._children(worker.pid))
         assert sorted(_descendants.stop_descendants(worker.pid)) == sorted(started)
         assert wait_gone(started) == []
         assert worker.poll() is None, "the root itself is the caller's to kill"

@@ -6,14 +6,17 @@ Such a process is still a descendant of the worker while the worker lives, so be
 killed the worker's whole tree is found through ``/proc`` and stopped:
 
 ```
- SIGSTOP the worker           it starts nothing more while its tree is read
- loop: read the tree          /proc/PID/task/*/children, recursively (a /proc/*/stat scan without it)
-       SIGSTOP each new pid   a stopped process forks no more; what it forked before shows next round
- until nothing new
- SIGKILL every pid found      all at once: none is orphaned before it is signalled
+ on the event loop:   SIGSTOP the worker           it starts nothing more, at once
+ on a thread of its own (reading /proc is file I/O, which has no place on an event loop):
+   loop: read the tree          /proc/PID/task/*/children, recursively (a /proc/*/stat scan without it)
+         SIGSTOP each new pid   a stopped process forks no more; what it forked before shows next round
+   until nothing new
+   SIGKILL every pid found      all at once: none is orphaned before it is signalled
+   SIGKILL the worker and its process group
 ```
 
-Then the caller kills the group and the worker. What this cannot reach: a process orphaned *before*
+A frozen worker cannot exit, so it cannot be reaped (and its pid reused) before that thread kills it.
+What this cannot reach: a process orphaned *before*
 the stop (a daemon that forked twice and whose middle process exited), which the kernel hands to
 init, and anything left when the worker itself is SIGKILLed from outside (the server killed with
 SIGKILL: the workers die at the kernel's word, their trees are not walked).
@@ -25,10 +28,31 @@ import contextlib
 import os
 import signal
 import sys
+import threading
 
-__all__ = ["descendants", "stop_descendants"]
+__all__ = ["descendants", "kill_tree", "stop_descendants"]
 
 MAX_ROUNDS = 100  # a tree that still grows after this many rounds of stopping is killed as far as seen
+
+
+def kill_tree(pid: int) -> None:
+    """Freeze `pid` now; then, on a thread, kill its descendants, its process group and `pid` itself.
+
+    Args:
+        pid: a child of the caller that the caller has not reaped (so that its pid is still its own).
+    """
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.kill(pid, signal.SIGSTOP)
+    threading.Thread(target=_kill_tree, args=(pid,), name=f"kill-tree-{pid}", daemon=True).start()
+
+
+def _kill_tree(pid: int) -> None:
+    try:
+        stop_descendants(pid, freeze_root=False)
+    finally:
+        for kill in (os.kill, os.killpg):  # the worker, then its group (which outlives it while a member lives)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                kill(pid, signal.SIGKILL)
 
 
 def stop_descendants(pid: int, *, freeze_root: bool = True) -> list[int]:
@@ -90,7 +114,7 @@ def _children(pid: int) -> list[int]:
     return children
 
 
-def _children_by_scan(pid: int) -> list[int]:  # pragma: no cover - see above
+def _children_by_scan(pid: int) -> list[int]:
     children = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
