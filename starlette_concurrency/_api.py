@@ -508,8 +508,9 @@ class Concurrency:
         """
         batch = Batch.of(tasks)
         runtime = self._runtime
+        request = runtime.work.current.get()
         with runtime.lock():
-            runtime.accepting("defer()")
+            runtime.accepting("defer()", in_request=request is not None)
         driver = runtime.driver(self._name)
         if not batch.tasks:
             return
@@ -518,13 +519,12 @@ class Concurrency:
             # (where it would be logged, and the client told all went well).
             for task in batch.tasks:
                 dumps_task(task)
-        request = runtime.work.current.get()
-        # Checked and counted in one step with the state: once the drain is over nothing joins it.
+        # Checked and counted in one step with the state: a drain that has stopped accepting is not fed.
         with runtime.lock():
-            runtime.accepting("defer()")
+            runtime.accepting("defer()", in_request=request is not None)
             runtime.work.reserve(len(batch.tasks))
             if request is None:
-                runtime.work.launch(self._name, batch.tasks, None)  # never waits: hands over, or logs
+                runtime.work.launch(self._name, batch.tasks, None, join=False)  # never waits: hands over, or logs
         if request is not None:
             request.add(Deferred(self._name, batch.tasks, always))
 

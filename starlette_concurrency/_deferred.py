@@ -25,16 +25,20 @@ from typing import Any, Protocol
 import anyio
 
 from ._drivers.base import Driver
-from ._exceptions import DeferralRejected
+from ._exceptions import ConcurrencyClosed, DeferralRejected
 from ._tasks import Outcome, Task
 
-__all__ = ["Deferred", "DeferredWork", "DisconnectWatch", "RequestBatch"]
+__all__ = ["Deferred", "DeferredWork", "DisconnectWatch", "HostStopping", "RequestBatch"]
 
 logger = logging.getLogger("starlette_concurrency")
 
 # How often a drain or `wait_deferred()` looks at the count: batches settle from any thread, and no
 # anyio primitive may be shared across the loops that call these.
 _POLL = 0.01
+
+
+class HostStopping(ConcurrencyClosed):
+    """Raised when work begins on a host whose drain is over (it is closing its drivers)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,7 +136,7 @@ class _Running:
     logged: set[int] = field(default_factory=set)  # tasks whose fate was logged already (timed out, could not run)
 
 
-Submit = Callable[[Callable[[], Coroutine[Any, Any, None]], Callable[[BaseException], None]], None]
+Submit = Callable[[Callable[[], Coroutine[Any, Any, None]], Callable[[BaseException], None], bool, int], None]
 
 
 class DeferredWork:
@@ -168,7 +172,7 @@ class DeferredWork:
         self._lock = threading.Lock()  # defer() is called from any thread
         self._open: set[RequestBatch] = set()
         self._running: set[_Running] = set()
-        self._stopped: str | None = None  # why batches that start from now on must not run (a forced drain)
+        self._stop_reason = ""  # why a batch that begins on a stopping host does not run (for its log line)
 
     def opened(self, batch: RequestBatch) -> None:
         with self._lock:
@@ -219,8 +223,12 @@ class DeferredWork:
         for driver, tasks in chosen.items():
             self.launch(driver, tasks, origin)
 
-    def launch(self, driver: str, tasks: list[Task], origin: RequestBatch | None) -> None:
-        """Hand accepted tasks to the host loop without waiting; if that is impossible, log each by name."""
+    def launch(self, driver: str, tasks: list[Task], origin: RequestBatch | None, *, join: bool = True) -> None:
+        """Hand accepted tasks to the host loop without waiting; if that is impossible, log each by name.
+
+        `join`: a host that drains takes them into its drain (a request's batch, accepted before the
+        drain); otherwise they wait for the next host.
+        """
         with self._lock:
             self.launched += len(tasks)
 
@@ -237,15 +245,11 @@ class DeferredWork:
                 )
             self._settle(len(tasks), launched=True)
 
-        self._submit(run, failed)
+        self._submit(run, failed, join, len(tasks))
 
     async def run_batch(self, driver_name: str, tasks: list[Task], origin: RequestBatch | None) -> None:
         """Run one deferred batch, log how it went, and never raise."""
         running = _Running(driver_name, tasks, origin, [None] * len(tasks))
-        if self._stopped is not None:
-            running.abandoned_because = self._stopped
-            self._fates(running, under_way=False)
-            return
         with self._lock:
             self._running.add(running)
         under_way = False
@@ -267,6 +271,8 @@ class DeferredWork:
                                 extra=self._extra(task, running),
                             )
                             running.logged.add(tasks.index(task))
+        except HostStopping:  # handed to a host whose drain was forced before the batch began
+            running.abandoned_because = self._stop_reason or "its host stopped before it began"
         except Exception as exc:  # the batch could not run at all: pickling, a pool that cannot start...
             for index, (task, outcome) in enumerate(zip(tasks, running.outcomes, strict=True)):
                 if outcome is None:
@@ -332,7 +338,6 @@ class DeferredWork:
         when `force`; the drain calls it until it agrees. `deadline` (monotonic): an earlier end, when
         the drain's clock started before (at a signal).
         """
-        self._stopped = None
         draining, began = self.launched, time.monotonic()
         deadline = min(began + drain_timeout, deadline if deadline is not None else math.inf)
         if draining:
@@ -342,13 +347,18 @@ class DeferredWork:
                 max(0.0, deadline - began),
                 extra={"pending": draining},
             )
-        while not stop_accepting(time.monotonic() >= deadline):  # noqa: ASYNC110 - counts settle from any thread
-            await anyio.sleep(_POLL)
+        while True:
+            forced = time.monotonic() >= deadline
+            if stop_accepting(forced):
+                break
+            await anyio.sleep(_POLL)  # counts settle from any thread: no event to wait on
         reason = f"the {drain_timeout} s drain timeout ran out"
-        late = self.launched
-        if late:
-            self._stopped = reason  # batches handed over but not begun: abandoned when they begin
+        late = 0
+        if forced:
+            # Batches handed to this host but not begun learn it from the driver getter (HostStopping).
+            self._stop_reason = reason
             for running in list(self._running):
+                late += len(running.tasks)
                 running.abandoned_because = reason
                 running.scope.cancel()
         with self._lock:
@@ -400,7 +410,6 @@ class DeferredWork:
         self.pending = self.launched = 0
         self._open.clear()
         self._running.clear()
-        self._stopped = None
 
 
 def _extra(task: Task, driver: str | None, origin: RequestBatch | None) -> dict[str, Any]:

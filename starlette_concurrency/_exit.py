@@ -66,7 +66,7 @@ class _Chained:
         for runtime in runtimes():
             with count:
                 waiting += 1
-            if not runtime.begin_exit(then):
+            if not runtime.begin_exit(then, server_stops_lifespan=callable(self.previous)):
                 with count:
                     waiting -= 1
         with count:

@@ -15,8 +15,10 @@ States::
 - NOT_STARTED: no host; the first call starts one (lazily usable).
 - STARTING: a host is being set up; calls wait for it, deferred work queues for it.
 - SERVING: the host serves `run()` and deferred work.
-- DRAINING: shutdown has begun; `run()` still works and `defer()` joins the drain.
-- STOPPING: the drain is over; the drivers close. `defer()` raises `ConcurrencyClosed`.
+- DRAINING: the host finishes the deferred work it has. A request's batch joins the drain; other
+  deferrals, and new calls, wait for the next host — or, while the process exits, `defer()` raises
+  `ConcurrencyClosed` and `run()` is still served (the last requests need it). So the drain ends.
+- STOPPING: the drain is over; the drivers close. Work waiting for the next host starts it after.
 - CLOSED: after `aclose()` / `close()` (until entered again), or once the process's shutdown has
   begun (SIGTERM, interpreter exit): `run()` and `defer()` raise `ConcurrencyClosed`.
 
@@ -51,7 +53,7 @@ import sniffio
 from anyio.from_thread import BlockingPortal
 
 from ._config import Settings
-from ._deferred import DeferredWork
+from ._deferred import DeferredWork, HostStopping
 from ._drivers.base import Driver
 from ._exceptions import ConcurrencyClosed, ConfigurationError
 from ._host import Host, HostKind, OwnLoop, adopt
@@ -133,11 +135,17 @@ class Runtime:
         self._busy = 0  # calls holding the host
         self._last_used = time.monotonic()
         self._queue: list[tuple[Submitted, Failed]] = []  # deferred work waiting for a host being started
+        self._for_next = 0  # tasks in the queue waiting for the host after the one that drains
         self._attempt: _Attempt | None = None
         self._started: set[str] = set()  # on the host loop only
         self._starting: dict[str, anyio.Event] = {}  # on the host loop only
         self._own: OwnLoop | None = None
-        self.work = DeferredWork(settings.max_pending_deferred, settings.timeout, self.started_driver, self.submit)
+        self.work = DeferredWork(
+            settings.max_pending_deferred,
+            settings.timeout,
+            self.started_driver,
+            lambda fn, failed, join, count: self.submit(fn, failed, join=join, count=count),
+        )
         if isinstance(default, Driver):
             self.default = default.name
             self.factories[default.name] = lambda settings: default
@@ -183,7 +191,13 @@ class Runtime:
             self.factories[name] = factory
 
     async def started_driver(self, name: str) -> Driver:
-        """Return the driver of `name`, started; on the host loop only."""
+        """Return the driver of `name`, started; on the host loop only.
+
+        Raises:
+            HostStopping: this host's drain is over: its drivers are closing.
+        """
+        if self.state is State.STOPPING:
+            raise HostStopping(self._closed_message("work"))
         driver = self.driver(name)
         while name not in self._started:
             if name in self._starting:
@@ -242,23 +256,33 @@ class Runtime:
         finally:
             self._release()
 
-    def submit(self, fn: Submitted, failed: Failed, *, later: bool = False) -> None:
+    def submit(self, fn: Submitted, failed: Failed, *, join: bool = True, later: bool = False, count: int = 0) -> None:
         """Start `fn` in the background on the host loop, from any thread, never waiting.
 
-        Exactly one of two things happens: `fn` starts, or `failed` is called with the reason.
-        A host is started if there is none; while it starts, `fn` waits in a queue. `later`: see
-        `Host.submit`.
+        Exactly one of two things happens: `fn` starts, or `failed` is called with the reason. A host
+        is started if there is none; while it starts, `fn` waits in a queue. While a host drains, `fn`
+        joins its drain if `join` (work accepted before: a request's batch); otherwise it waits for
+        the next host, which starts once this one has stopped — unless the facade is closed or the
+        process is exiting, where it fails. `later`: see `Host.submit`. `count`: the deferred tasks `fn`
+        runs (the drain does not wait for those that wait for the next host).
         """
         launch: HostKind | None = None
         error: BaseException | None = None
         with self._lock:
-            host = self.host if self.state in (State.SERVING, State.DRAINING) else None
+            state = self.state
+            host = self.host if state is State.SERVING or (state is State.DRAINING and join) else None
             if host is None:
-                if self.state in (State.STOPPING, State.CLOSED) or self.closed_by is not None:
+                if (
+                    state is State.CLOSED
+                    or self.closed_by is not None
+                    or (self.exiting and state in (State.DRAINING, State.STOPPING))
+                ):
                     error = ConcurrencyClosed(self._closed_message("deferred work"))
                 else:
                     self._queue.append((fn, failed))
-                    if self.state is State.NOT_STARTED:
+                    if state in (State.DRAINING, State.STOPPING):
+                        self._for_next += count
+                    if state is State.NOT_STARTED:
                         launch = self._begin(_kind_for_caller())
         if host is not None:
             host.submit(fn, failed, later=later)
@@ -267,14 +291,18 @@ class Runtime:
         elif error is not None:
             failed(error)
 
-    def accepting(self, what: str) -> None:
+    def accepting(self, what: str, *, in_request: bool) -> None:
         """Check that deferred work may be accepted now (under the caller's `lock()`).
 
+        A request's deferrals join its batch, whose fate the drain decides. Others are refused once the
+        facade is closed, or once the process's drain has begun: a drain that any thread could feed
+        would never end before its timeout.
+
         Raises:
-            ConcurrencyClosed: the facade is closed, or its drain is over.
+            ConcurrencyClosed: the facade is closed, or the process is shutting down and draining.
         """
         self._refuse(what)
-        if self.state is State.STOPPING:
+        if not in_request and self.exiting and self.state in (State.DRAINING, State.STOPPING, State.CLOSED):
             raise ConcurrencyClosed(self._closed_message(what))
 
     def lock(self) -> threading.RLock:
@@ -297,8 +325,10 @@ class Runtime:
         )
 
     def _take(self) -> Host | None:
+        # A draining host takes new calls only while the process exits (its in-flight requests need them);
+        # otherwise they wait for it to stop and start the next one, so that the drain ends.
         host = self.host
-        if host is not None and self.state in (State.SERVING, State.DRAINING):
+        if host is not None and (self.state is State.SERVING or (self.state is State.DRAINING and self.exiting)):
             self._busy += 1
             return host
         return None
@@ -421,6 +451,7 @@ class Runtime:
             self.state = State.SERVING
             self._last_used = time.monotonic()
             queue, self._queue = self._queue, []
+            self._for_next = 0
             attempt, self._attempt = self._attempt, None
         for fn, failed in queue:
             host.submit(fn, failed)
@@ -434,6 +465,7 @@ class Runtime:
                 return
             self.state = State.CLOSED if self.closed_by is not None else State.NOT_STARTED
             queue, self._queue = self._queue, []
+            self._for_next = 0
             attempt, self._attempt = self._attempt, None
             self._own = None
         if attempt is not None:
@@ -449,6 +481,8 @@ class Runtime:
                 return  # already shut down (an explicit aclose() before the lifespan ended)
             self.state = State.DRAINING
             deadline = self.drain_deadline  # a signal started the clock: what is left of it
+            started = [self.drivers[name] for name in self._started if name in self.drivers]
+        _set_draining(started, True)  # no run() can come now: deferred work may use every worker
         await self.work.drain(self.settings.drain_timeout, self._stop_accepting, deadline)
         with self._lock:
             drivers = list(self.drivers.values())
@@ -459,6 +493,8 @@ class Runtime:
                 await driver.aclose()
             except Exception:
                 logger.exception("driver %r failed to close", driver.name, extra={"driver": driver.name})
+        _set_draining(drivers, False)  # an instance given to the facade is started again later
+        launch: HostKind | None = None
         with self._lock:
             self.host = None
             if host.kind is HostKind.OWN:
@@ -466,12 +502,23 @@ class Runtime:
             if self.exiting and self.closed_by is None:
                 self.closed_by = "the process's shutdown"
             self.state = State.CLOSED if self.closed_by is not None else State.NOT_STARTED
+            # Deferred while this host drained, for the next one: start it now, or report them.
+            queued: list[tuple[Submitted, Failed]] = []
+            if self._queue and self.state is State.NOT_STARTED:
+                launch = self._begin(HostKind.OWN)
+            elif self._queue:
+                queued, self._queue = self._queue, []
+                self._for_next = 0
         host.stopped.set()
+        for _, failed in queued:
+            failed(ConcurrencyClosed(self._closed_message("deferred work")))
+        if launch is not None:
+            self._launch(launch)
 
     def _stop_accepting(self, force: bool) -> bool:
         """DRAINING → STOPPING once nothing is left (or `force`); the drain calls it until it agrees."""
         with self._lock:
-            if force or (self.work.launched == 0 and self._busy == 0 and not self._queue):
+            if force or (self.work.launched == self._for_next and self._busy == 0):
                 self.state = State.STOPPING
                 return True
             return False
@@ -562,7 +609,24 @@ class Runtime:
                 self.closed_by = by
             if self.state is State.NOT_STARTED:
                 self.state = State.CLOSED
-            return self.host
+            host, waiting = self.host, self._take_waiting()
+        self._join(host, waiting)
+        return host
+
+    def _take_waiting(self) -> list[tuple[Submitted, Failed]]:
+        """Take the work waiting for the next host when there will be none (closed, exiting); under the lock."""
+        if self.state is not State.DRAINING or not self._for_next:
+            return []
+        waiting, self._queue, self._for_next = self._queue, [], 0
+        return waiting
+
+    def _join(self, host: Host | None, waiting: list[tuple[Submitted, Failed]], *, later: bool = False) -> None:
+        """Hand the draining host work that waited for the next one: it joins this drain instead."""
+        for fn, failed in waiting:
+            if host is None:  # pragma: no cover - a draining state always has its host
+                failed(ConcurrencyClosed(self._closed_message("deferred work")))
+            else:
+                host.submit(fn, failed, later=later)
 
     async def close(self) -> None:
         """Refuse new work, drain deferred work, stop every driver (from an event loop)."""
@@ -591,12 +655,14 @@ class Runtime:
 
     # The process's end (see `_exit`) ---------------------------------------------------------------
 
-    def begin_exit(self, then: Callable[[], None]) -> bool:
+    def begin_exit(self, then: Callable[[], None], *, server_stops_lifespan: bool = True) -> bool:
         """A termination signal arrived: shut down what no lifespan will, then call `then` (never blocks).
 
         A host nobody entered (adopted, own thread) drains (up to `drain_timeout`), logs what it had to
         stop and closes its drivers, on its own loop, while the server still runs; `then` hands the
-        signal on to the server afterwards. A lifespan's host is left to the lifespan's shutdown.
+        signal on to the server afterwards. A lifespan's host is left to the lifespan's shutdown, unless
+        the server has no SIGTERM handler that would end the lifespan (`server_stops_lifespan` false:
+        hypercorn's trio worker in one process, say): then it is shut down the same way first.
 
         Returns:
             Whether `then` will be called once the shutdown is over (``False``: nothing to do here,
@@ -606,19 +672,27 @@ class Runtime:
             self.exiting = True
             if self.drain_deadline is None:
                 self.drain_deadline = time.monotonic() + self.settings.drain_timeout
+            joining, waiting = self.host, self._take_waiting()
+        self._join(joining, waiting, later=True)
+        with self._lock:
             if self.state is State.STARTING:
                 kind = self._attempt.kind if self._attempt is not None else None
             elif self.state in (State.SERVING, State.DRAINING) and self.host is not None:
                 kind = self.host.kind
             else:
                 return False
-            if kind is HostKind.LIFESPAN:
+            if kind is HostKind.LIFESPAN and server_stops_lifespan:
                 return False
 
         async def shut_down_then_hand_over() -> None:
             try:
                 host = self.host
-                if host is not None:
+                if host is None:
+                    return
+                if host.kind is HostKind.LIFESPAN:
+                    with anyio.CancelScope(shield=True):
+                        await self._shutdown(host)
+                else:
                     host.stop.set()
                     await _wait_async(host.stopped)
             finally:
@@ -643,6 +717,8 @@ class Runtime:
         with self._lock:
             host = self.host
             queued, self._queue = (self._queue, []) if host is None else ([], self._queue)
+            if host is None:
+                self._for_next = 0
         for _, failed in queued:
             failed(ConcurrencyClosed("the interpreter exited before a host could start"))
         if host is None:
@@ -663,6 +739,7 @@ class Runtime:
         self._own = None
         self._attempt = None
         self._queue = []
+        self._for_next = 0
         self._busy = 0
         self.users = 0
         self.drivers.clear()
@@ -673,10 +750,13 @@ class Runtime:
 
 
 def _kind_for_caller() -> HostKind:
-    """Adopt the caller's loop if it runs on the main thread (it lives as long as the process, usually).
+    """Adopt the caller's loop if it runs on the main thread and ends by itself (it lives as long as the process).
 
     Elsewhere (a TestClient's portal, ``asyncio.run`` in a thread, a thread without a loop) the
     facade's own thread hosts: a loop that ends after each request would restart the pool each time.
+    So it does for an asyncio loop run forever by someone else (twisted's, under daphne): it has no
+    task whose end is the loop's end, which is when anyio stops the worker threads it started there,
+    and the process would wait for them at exit.
     """
     if threading.current_thread() is not threading.main_thread():
         return HostKind.OWN
@@ -684,11 +764,40 @@ def _kind_for_caller() -> HostKind:
         library = sniffio.current_async_library()
     except sniffio.AsyncLibraryNotFoundError:
         return HostKind.OWN
+    if library == "trio":
+        return HostKind.ADOPTED
     if library == "asyncio":
-        import asyncio
+        return HostKind.ADOPTED if _loop_ends_with_a_task() else HostKind.OWN
+    return HostKind.OWN
 
-        return HostKind.ADOPTED if asyncio.current_task() is not None else HostKind.OWN
-    return HostKind.ADOPTED if library == "trio" else HostKind.OWN
+
+def _loop_ends_with_a_task() -> bool:
+    """Tell whether the running asyncio loop runs until a task completes (``asyncio.run``, uvloop's run)."""
+    import asyncio
+    import asyncio.base_events
+
+    if asyncio.current_task() is None:
+        return False
+    for task in asyncio.all_tasks():
+        for callback, _ in getattr(task, "_callbacks", None) or ():
+            if callback is asyncio.base_events._run_until_complete_cb or (  # type: ignore[attr-defined]
+                getattr(callback, "__module__", None) == "uvloop.loop"
+            ):
+                return True
+    return False
+
+
+def _set_draining(drivers: list[Driver], draining: bool) -> None:
+    """Tell drivers that can use it that the drain has begun (or is over): `set_draining(bool)`."""
+    for driver in drivers:
+        hook = getattr(driver, "set_draining", None)
+        if callable(hook):
+            try:
+                hook(draining)
+            except Exception:
+                logger.exception(
+                    "driver %r failed to switch its drain mode", driver.name, extra={"driver": driver.name}
+                )
 
 
 async def _wait_async(event: threading.Event) -> None:

@@ -413,3 +413,33 @@ async def test_defer_once_the_drain_is_over_is_refused_not_lost(tmp_path: Path) 
         await anyio.to_thread.run_sync(concurrency.defer, functools.partial(touch, tmp_path / "late"))
     assert runtime.host is None
     assert not (tmp_path / "late").exists()
+
+
+class DrainAware(SyncDriver):
+    """The sync driver, noting when the facade says the drain begins and ends (`set_draining`)."""
+
+    name = "drain-aware"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.modes: list[bool] = []
+
+    def set_draining(self, draining: bool) -> None:
+        self.modes.append(draining)
+
+
+@pytest.mark.anyio
+async def test_the_drain_tells_the_driver_it_may_use_every_worker() -> None:
+    driver = DrainAware()
+    async with Concurrency(driver, env_file=None) as concurrency:
+        assert await concurrency.run(lambda: 1) == 1
+        assert driver.modes == []
+    assert driver.modes == [True, False]  # on at the drain's start, off once the driver is closed
+
+
+def test_driver_names_lists_what_the_facade_handed_out() -> None:
+    concurrency = Concurrency(driver="sync", env_file=None)
+    assert concurrency.driver_names() == ["sync"]
+    concurrency.driver("process")
+    concurrency.driver("fork")
+    assert concurrency.driver("process").driver_names() == ["sync", "fork", "process"]  # the default first

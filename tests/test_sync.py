@@ -4,6 +4,7 @@ Ctrl-C, and a forked child (gunicorn --preload) starting its own pool."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import os
@@ -18,7 +19,7 @@ import anyio
 import psutil
 import pytest
 
-from starlette_concurrency import Concurrency, TaskTimeout
+from starlette_concurrency import Concurrency, ConcurrencyClosed, TaskTimeout
 
 from . import helpers
 from .asgi import ROOT
@@ -173,3 +174,48 @@ def test_sigterm_in_a_script_drains_then_ends_as_sigterm_would(tmp_path: Path) -
     assert sorted(path.name for path in tmp_path.iterdir()) == ["d0", "d1", "d2"], errors.decode()
     assert child.returncode == -signal.SIGTERM
     assert b"abandoned" not in errors
+
+
+def test_threads_deferring_through_enters_leaves_and_closes_lose_nothing(tmp_path: Path) -> None:
+    # Every transition of the facade's life while threads defer and run: each deferral is either refused
+    # (ConcurrencyClosed) or runs exactly once, and the counts end at zero.
+    concurrency = Concurrency(driver="sync", env_file=None)
+    accepted: list[str] = []
+    refused: list[str] = []
+    stop = threading.Event()
+
+    def hammer(n: int) -> None:
+        i = 0
+        while not stop.is_set():
+            key = f"{n}-{i}"
+            i += 1
+            try:
+                concurrency.defer(functools.partial(touch, tmp_path / key))
+            except ConcurrencyClosed:
+                refused.append(key)
+            else:
+                accepted.append(key)
+            if i % 5 == 0:
+                with contextlib.suppress(ConcurrencyClosed):
+                    assert concurrency.run_blocking([lambda: 1, lambda: 2]) == [1, 2]
+
+    threads = [threading.Thread(target=hammer, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    try:
+        for _ in range(15):
+            with concurrency:
+                time.sleep(0.01)
+            time.sleep(0.01)  # not started: the next deferral starts it again
+            concurrency.close()
+            time.sleep(0.01)  # closed: deferrals are refused
+            with concurrency:  # entering reopens it
+                pass
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+    concurrency.close()
+    assert refused, "the test never saw the facade closed"
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(accepted)
+    assert concurrency.stats().deferred_pending == 0
