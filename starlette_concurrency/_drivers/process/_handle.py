@@ -14,7 +14,9 @@ import contextlib
 import contextvars
 import logging
 import os
+import struct
 import weakref
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -68,6 +70,7 @@ class Worker(Child):
         self.broken = False  # it wrote what it could not have written: its pipe is not read any more
         self.protocol_error = ""
         self.gone = False  # its pipe closed or it exited: the pool was told (once)
+        self.frame_bytes: deque[int] = deque()  # the size of each frame in flight (see Pool._unread)
         self.hung = False  # it closed its pipe but did not exit: it was killed for that
         # asyncio: the loop whose selector calls this worker's callbacks (see attach)
         self.selector_loop: asyncio.AbstractEventLoop | None = None
@@ -193,6 +196,19 @@ class Worker(Child):
                 return
             if not self.read_available():
                 return
+
+    def unread_bytes(self) -> int:
+        """How many bytes written for the worker it has not read: in its task pipe, and not yet written."""
+        pending = len(self.outbox)
+        if self.to_child is not None:
+            try:
+                import fcntl
+                import termios
+
+                pending += struct.unpack("i", fcntl.ioctl(self.to_child, termios.FIONREAD, b"\0\0\0\0"))[0]
+            except (ImportError, OSError):  # pragma: no cover - not Linux: nothing is known to be unread
+                pass
+        return pending
 
     def close_input(self) -> None:
         """Close the worker's task pipe: it exits once it has answered what it holds (a stop, not a kill)."""

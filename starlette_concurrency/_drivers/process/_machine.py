@@ -280,6 +280,9 @@ class Machine:
             job.queued_at = now
             queue.append(job)
         self.want = self.size
+        if self.failing_since is not None and now >= self.failing_since + self.start_timeout:
+            # Earlier tasks waited their bounded time already: these get theirs, and an attempt now.
+            self.failing_since, self.next_spawn = now, now
         self._fill(now)
         self._dispatch(now)
 
@@ -430,8 +433,12 @@ class Machine:
         self.lost(slot, now)
         self.requeue([job for job in jobs if not job.done], now)
 
-    def exited(self, slot: Slot, now: float) -> None:
-        """A worker process is gone and reaped, and every answer it wrote was read: settle what it held."""
+    def exited(self, slot: Slot, now: float, unread: int = 0) -> None:
+        """A worker process is gone and reaped, and every answer it wrote was read: settle what it held.
+
+        `unread`: how many of the last jobs it held were in frames it never finished reading (their bytes
+        still in its task pipe): it never started them, whatever else it did.
+        """
         if slot not in self.slots:
             return
         self._remove(slot)
@@ -441,7 +448,9 @@ class Machine:
         elif slot.inflight:
             jobs = list(slot.inflight)
             slot.inflight.clear()
-            if reason is not Leave.IDLE:  # an idle exit ran nothing it was sent after deciding to leave
+            if reason is not Leave.IDLE and unread < len(jobs):
+                # An idle exit ran nothing it was sent after deciding to leave; otherwise the first job
+                # without an answer may have started, unless its frame was never read.
                 head = jobs.pop(0)
                 if not head.done:
                     head.done = True

@@ -269,7 +269,10 @@ class Pool:
 
     def send(self, slot: Slot, jobs: list[Job]) -> None:
         worker: Worker = slot.handle
-        if not worker.send(self._frame_for(worker, jobs)):
+        frame = self._frame_for(worker, jobs)
+        if worker.send(frame):
+            worker.frame_bytes.append(len(frame))
+        else:
             # The pipe's other end is closed: the worker is dead and never read a byte of it. Told to
             # the machine once it has returned (see _after), so that none of these jobs counts as started.
             self._undelivered.append((slot, jobs))
@@ -440,9 +443,10 @@ class Pool:
                 self._frames(worker)
             head = slot.inflight[0] if slot.inflight else None
             leave = slot.leave if slot.leave is not None else Leave.CRASHED
+            unread = self._unread(worker, slot)
             self._holding, self._fresh = [], []
             try:
-                self.machine.exited(slot, time.monotonic())
+                self.machine.exited(slot, time.monotonic(), unread)
             finally:
                 held, fresh, self._holding = self._holding, self._fresh, None
             if not leave.gentle:
@@ -463,6 +467,24 @@ class Pool:
                 text = leave.text
                 logger.log(leave.level, "%s worker (pid %d) retired: %s", self.name, worker.pid, text, extra=extra)
             self._after()
+
+    def _unread(self, worker: Worker, slot: Slot) -> int:
+        """How many of the jobs a dead worker held were in frames it had not finished reading.
+
+        A worker reads a whole frame before it runs any of it; the frames are in its pipe in order. So a
+        frame with any byte still unread (the pipe's FIONREAD, our write buffer) was never started.
+        """
+        sizes = worker.frame_bytes
+        while len(sizes) > len(slot.frames):  # frames answered since (the machine forgot them)
+            sizes.popleft()
+        pending = worker.unread_bytes()
+        jobs = 0
+        for size, count in zip(reversed(sizes), reversed(slot.frames), strict=False):
+            if pending <= 0:
+                break
+            jobs += count
+            pending -= size
+        return jobs
 
     # Answers -------------------------------------------------------------------------------------
 
