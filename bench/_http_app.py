@@ -92,7 +92,7 @@ async def background(request: Request) -> JSONResponse:
 
 
 async def stats(request: Request) -> JSONResponse:
-    return JSONResponse({"deferred": concurrency._core.pending, "background": state["background"]})
+    return JSONResponse({"deferred": concurrency._runtime.work.pending, "background": state["background"]})
 
 
 @asynccontextmanager

@@ -30,8 +30,9 @@ import anyio
 import anyio.to_process
 import loky
 import psutil
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from starlette_concurrency import Concurrency
+from starlette_concurrency import Concurrency, ConcurrencyMiddleware
 
 from . import _work
 from ._stats import fmt, machine, median, percentile, table, verdict
@@ -221,6 +222,79 @@ async def steady_state(args: argparse.Namespace, loops: int, unavailable: dict[s
                 else:
                     peer.cpu.append(await timed(peer.run, fns))
         return [sequential, *peers]
+
+
+# Hosting: the same call where a lifespan hosts the facade and where nothing does ----------------
+
+
+def asgi_app(concurrency: Concurrency) -> ASGIApp:
+    """A minimal endpoint behind the middleware that runs two trivial closures per request."""
+
+    async def endpoint(scope: Scope, receive: Receive, send: Send) -> None:
+        await concurrency.run(two(lambdas=False))
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    return ConcurrencyMiddleware(endpoint, concurrency=concurrency, cancel_on_disconnect=False)
+
+
+def asgi_runner(app: ASGIApp) -> Runner:
+    scope: Scope = {"type": "http", "method": "GET", "path": "/", "headers": [], "query_string": b""}
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Message) -> None:
+        pass
+
+    async def run(fns: Fns) -> list[Any]:
+        await app(scope, receive, send)
+        return []
+
+    return run
+
+
+async def hosting(args: argparse.Namespace) -> list[list[str]]:
+    """Latency of a two-task run() on an entered facade vs one nothing hosts (issue 21: no thread hop)."""
+    logging.getLogger("starlette_concurrency").setLevel(logging.ERROR)  # the no-lifespan warning, once
+    entered = Concurrency("process", workers=WORKERS, env_file=None)
+    lazy = Concurrency("process", workers=WORKERS, env_file=None)  # a script without `async with`
+    asgi_entered = Concurrency("process", workers=WORKERS, env_file=None)
+    asgi_lazy = Concurrency("process", workers=WORKERS, env_file=None)  # uvicorn --lifespan off, daphne
+    async with entered, asgi_entered:
+        peers = [
+            Peer("script, `async with` (entered)", run_ours(entered)),
+            Peer("script, nothing hosts it", run_ours(lazy)),
+            Peer("ASGI app with lifespan (entered)", asgi_runner(asgi_app(asgi_entered))),
+            Peer("ASGI app without lifespan", asgi_runner(asgi_app(asgi_lazy))),
+        ]
+        for peer in peers:
+            for _ in range(50):
+                await peer.run(two(lambdas=False))
+        print(f"hosting: {args.iterations} calls of run() with two trivial closures per wiring ...", flush=True)
+        gc.collect()
+        for turn in range(math.ceil(args.iterations / args.block)):
+            for peer in rotated(peers, turn):
+                fns = two(lambdas=False)
+                for _ in range(args.block):
+                    peer.latency.append(await timed(peer.run, fns))
+    await lazy.aclose()
+    await asgi_lazy.aclose()
+    rows = []
+    for entered_peer, lazy_peer in ((peers[0], peers[1]), (peers[2], peers[3])):
+        for peer in (entered_peer, lazy_peer):
+            ratio = median(peer.latency) / median(entered_peer.latency)
+            rows.append([peer.name, fmt(ms(median(peer.latency)) * 1000, 0), fmt(ratio) + "x"])
+    return rows
+
+
+def report_hosting(rows: list[list[str]]) -> None:
+    print()
+    print(table(["wiring (process driver)", "run(2) p50 µs", "vs entered"], rows))
+    print("\nGoals (issue 21, no thread hop when nothing hosts the facade):")
+    for label, row in (("script without `async with`", rows[1]), ("ASGI app without lifespan", rows[3])):
+        measured = float(row[2].rstrip("x"))
+        print(f"  {verdict(measured <= 1.2):6}  {label}: run(2) ≤ 1.2x entered: {row[2]}")
 
 
 # Start-up and memory ---------------------------------------------------------------------------
@@ -467,6 +541,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--cpu-repeats", type=int, default=5, help="CPU-bound calls per peer")
     parser.add_argument("--startups", type=int, default=3, help="pools started per peer")
     parser.add_argument("--probe", type=float, default=0.3, help="seconds each start-up probe task holds its worker")
+    parser.add_argument("--hosting-only", action="store_true", help="only compare hosted and unhosted wirings")
     return parser.parse_args(argv)
 
 
@@ -482,8 +557,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             Concurrency(driver, workers=WORKERS, env_file=None)  # also imports the driver's module
         except Exception as exc:
             unavailable[driver] = f"{type(exc).__name__}: {exc}"
+    hosted = anyio.run(hosting, args)
+    if args.hosting_only:
+        report_hosting(hosted)
+        return 0
     loops = _work.calibrate(args.cpu_ms)
     starts = start_up(args, unavailable)
     peers = anyio.run(steady_state, args, loops, unavailable)
     report(args, peers, starts, unavailable)
+    report_hosting(hosted)
     return 0

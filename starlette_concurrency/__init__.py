@@ -11,7 +11,6 @@ concurrency.defer([lambda: report("users")])
 
 from ._api import Concurrency
 from ._config import Settings
-from ._core import DriverFactory
 from ._deferred import RequestBatch
 from ._drivers.base import Driver
 from ._exceptions import (
@@ -31,6 +30,7 @@ from ._exceptions import (
 )
 from ._middleware import ConcurrencyMiddleware
 from ._options import DaskOptions, DriverOptions, ProcessOptions
+from ._runtime import DriverFactory
 from ._stats import Stats
 from ._tasks import Outcome, Task
 from ._wsgi import ConcurrencyWSGIMiddleware

@@ -5,23 +5,23 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from typing import Any, Literal, TypeVar, Unpack, overload
+from types import TracebackType
+from typing import Any, Literal, Self, TypeVar, Unpack, overload
 
 import anyio
-import anyio.to_thread
 
 from ._checks import positive
 from ._config import Settings, options_list
-from ._core import Core, DriverFactory
 from ._deferred import Deferred, RequestBatch
 from ._disconnect import watched
 from ._drivers.base import Driver
 from ._exceptions import ConfigurationError, DriverError, TaskTimeout
 from ._host import refuse_in_event_loop
-from ._lifecycle import Lifecycle
 from ._options import DeprecatedKeywords, DriverOptions, with_deprecated_keywords
 from ._pickling import dumps_task
+from ._runtime import DriverFactory, Runtime
 from ._stats import Stats
 from ._tasks import Batch, Outcome, Tasks
 
@@ -31,7 +31,7 @@ T = TypeVar("T")
 K = TypeVar("K")
 
 
-class Concurrency(Lifecycle):
+class Concurrency:
     """Run closures at the same time in worker processes, now (`run`) or after the response (`defer`).
 
     Args:
@@ -52,7 +52,7 @@ class Concurrency(Lifecycle):
             (worker recycling, idle timeout, memory ceiling, initializer, preload), `DaskOptions` (the
             scheduler address and TLS), or a custom driver's `DriverOptions`. Each is checked when it
             is made; the facade hands them to the drivers' factories in `Settings.options`.
-            (Release 1's keywords, ``max_tasks_per_worker=`` ... ``dask_address=``, still work, with
+            (The deprecated keywords, ``max_tasks_per_worker=`` ... ``dask_address=``, still work, with
             a `DeprecationWarning`.)
         env_file: a `.env` file to read ``CONCURRENCY_*`` settings from (real environment variables
             take precedence). A missing default ``.env`` is ignored; a missing file given explicitly
@@ -63,12 +63,14 @@ class Concurrency(Lifecycle):
 
     Use it as an async context manager (or ``with`` from sync code), or register
     `ConcurrencyMiddleware`, which does that in the app's lifespan. Without either, the pool starts
-    on first use, in a loop thread the facade owns, and stops at interpreter exit. Lifespans are
-    counted: when the last one ends the facade drains, stops its workers and goes back to its
-    not-started state. One facade serves any number of threads and event loops.
+    on first use: on the loop of the first async caller on the main thread (a script's
+    ``asyncio.run``, a server run without lifespan), for as long as that loop runs; else in a loop
+    thread the facade owns. Such a host stops after a minute unused, and at interpreter exit.
+    Lifespans are counted: when the last one ends the facade drains, stops its workers and goes
+    back to its not-started state. One facade serves any number of threads and event loops.
     """
 
-    _core: Core
+    _runtime: Runtime
     _name: str
 
     def __init__(
@@ -94,14 +96,14 @@ class Concurrency(Lifecycle):
             drain_timeout=drain_timeout,
             max_pending_deferred=max_pending_deferred,
         )
-        self._core = Core(settings, driver if isinstance(driver, Driver) else settings.driver)
-        self._name = self._core.default
-        self._core.views[self._name] = self
+        self._runtime = Runtime(settings, driver if isinstance(driver, Driver) else settings.driver)
+        self._name = self._runtime.default
+        self._runtime.facades[self._name] = self
 
     @property
     def settings(self) -> Settings:
         """The resolved configuration."""
-        return self._core.settings
+        return self._runtime.settings
 
     @property
     def driver_name(self) -> str:
@@ -117,15 +119,24 @@ class Concurrency(Lifecycle):
         Raises:
             ConfigurationError: `name` is not a known driver.
         """
-        core = self._core
-        if name not in core.views:
-            core.driver(name)
+        runtime = self._runtime
+        if name not in runtime.facades:
+            runtime.driver(name)
             fresh = object.__new__(Concurrency)
-            fresh._core, fresh._name = core, name
-            core.views[name] = fresh
-        view = core.views[name]
+            fresh._runtime, fresh._name = runtime, name
+            runtime.facades.setdefault(name, fresh)
+        view = runtime.facades[name]
         assert isinstance(view, Concurrency)
         return view
+
+    def driver_names(self) -> list[str]:
+        """List the drivers this facade has handed out: its default first, then the others by name.
+
+        Returns:
+            The names `driver(name)` was called with (and the default), for metrics and health checks.
+        """
+        default = self._runtime.default
+        return [default, *sorted(name for name in list(self._runtime.facades) if name != default)]
 
     def extend(self, name: str, factory: DriverFactory) -> None:
         """Register a custom driver: `factory` receives the `Settings` and returns a `Driver`.
@@ -133,11 +144,7 @@ class Concurrency(Lifecycle):
         Raises:
             ConfigurationError: a driver of that name is already in use.
         """
-        if name in self._core.drivers:
-            raise ConfigurationError(f"driver {name!r} is already in use and cannot be replaced")
-        if not callable(factory):
-            raise ConfigurationError(f"the factory of driver {name!r} must be callable")
-        self._core.factories[name] = factory
+        self._runtime.register(name, factory)
 
     # Typed by shape: a callable returning (or awaiting to) T gives T, a sequence of them list[T], a
     # mapping K -> them dict[K, T]. A Mapping is also an Iterable: the mapping overloads come first.
@@ -194,21 +201,23 @@ class Concurrency(Lifecycle):
         self, tasks: Callable[[], T], *, timeout: float | None = ..., return_exceptions: bool
     ) -> T | BaseException: ...
     @overload
-    async def run(
+    async def run(  # type: ignore[overload-overlap]
         self, tasks: Iterable[Callable[[], Awaitable[T]]], *, timeout: float | None = ..., return_exceptions: bool
     ) -> list[T | BaseException]: ...
     @overload
-    async def run(
+    async def run(  # type: ignore[overload-overlap]
         self, tasks: Iterable[Callable[[], T]], *, timeout: float | None = ..., return_exceptions: bool
     ) -> list[T | BaseException]: ...
+    # Callables of different types (a partial beside a lambda) that mypy cannot unify into one `T`: the
+    # results are `object`, so that a wrong annotation is still an error; a non-callable matches nothing.
     @overload
     async def run(  # type: ignore[overload-overlap]
-        self, tasks: Mapping[Any, object], *, timeout: float | None = ..., return_exceptions: bool = ...
-    ) -> dict[Any, Any]: ...
+        self, tasks: Mapping[K, Callable[[], object]], *, timeout: float | None = ..., return_exceptions: bool = ...
+    ) -> dict[K, object]: ...
     @overload
     async def run(
-        self, tasks: Iterable[object], *, timeout: float | None = ..., return_exceptions: bool = ...
-    ) -> list[Any]: ...
+        self, tasks: Iterable[Callable[[], object]], *, timeout: float | None = ..., return_exceptions: bool = ...
+    ) -> list[object]: ...
 
     async def run(self, tasks: object, *, timeout: float | None = None, return_exceptions: bool = False) -> Any:
         """Run the tasks at the same time and return their results.
@@ -244,7 +253,7 @@ class Concurrency(Lifecycle):
         if not batch.tasks:
             return batch.results([], return_exceptions=return_exceptions)
         call = functools.partial(self._execute, batch, timeout)
-        request = self._core.work.current.get()
+        request = self._runtime.work.current.get()
         watch = request.disconnect if request is not None else None
         if watch is not None and watch.applies():
             outcomes = await watched(functools.partial(self._dispatch, call), watch)
@@ -253,20 +262,11 @@ class Concurrency(Lifecycle):
         return batch.results(outcomes, return_exceptions=return_exceptions)
 
     async def _dispatch(self, call: Callable[[], Awaitable[list[Outcome]]]) -> list[Outcome]:
-        core = self._core
-        core.check_closed("run()")
-        host = core.live_host()
-        if host is None:
-            # Starting the facade's own loop takes a thread start, not a pool start: done here, on
-            # the caller's thread (the main thread under most servers, where signal handlers live).
-            host = core.ensure_host()
-        if host.here():
-            return await call()
-        return await host.portal.call_async(call)
+        return await self._runtime.call(call, "run()")
 
     async def _execute(self, batch: Batch, timeout: float | None) -> list[Outcome]:
         """Run a batch on the host loop: start the driver, apply the timeout, check every outcome."""
-        driver = await self._core.started_driver(self._name)
+        driver = await self._runtime.started_driver(self._name)
         outcomes: list[Outcome | None] = [None] * len(batch.tasks)
         timed_out = False
         if timeout is None:  # no cancel scope to enter and leave: a few microseconds of every call
@@ -295,7 +295,7 @@ class Concurrency(Lifecycle):
                 timeout = positive("timeout", timeout, float)
             except ConfigurationError as exc:
                 raise ValueError(str(exc)) from None
-        return timeout or self._core.settings.timeout
+        return timeout or self._runtime.settings.timeout
 
     @overload
     def run_blocking(  # type: ignore[overload-overlap]
@@ -350,21 +350,23 @@ class Concurrency(Lifecycle):
         self, tasks: Callable[[], T], *, timeout: float | None = ..., return_exceptions: bool
     ) -> T | BaseException: ...
     @overload
-    def run_blocking(
+    def run_blocking(  # type: ignore[overload-overlap]
         self, tasks: Iterable[Callable[[], Awaitable[T]]], *, timeout: float | None = ..., return_exceptions: bool
     ) -> list[T | BaseException]: ...
     @overload
-    def run_blocking(
+    def run_blocking(  # type: ignore[overload-overlap]
         self, tasks: Iterable[Callable[[], T]], *, timeout: float | None = ..., return_exceptions: bool
     ) -> list[T | BaseException]: ...
+    # Callables of different types (a partial beside a lambda) that mypy cannot unify into one `T`: the
+    # results are `object`, so that a wrong annotation is still an error; a non-callable matches nothing.
     @overload
     def run_blocking(  # type: ignore[overload-overlap]
-        self, tasks: Mapping[Any, object], *, timeout: float | None = ..., return_exceptions: bool = ...
-    ) -> dict[Any, Any]: ...
+        self, tasks: Mapping[K, Callable[[], object]], *, timeout: float | None = ..., return_exceptions: bool = ...
+    ) -> dict[K, object]: ...
     @overload
     def run_blocking(
-        self, tasks: Iterable[object], *, timeout: float | None = ..., return_exceptions: bool = ...
-    ) -> list[Any]: ...
+        self, tasks: Iterable[Callable[[], object]], *, timeout: float | None = ..., return_exceptions: bool = ...
+    ) -> list[object]: ...
 
     def run_blocking(self, tasks: object, *, timeout: float | None = None, return_exceptions: bool = False) -> Any:
         """Run the tasks at the same time and return their results, from sync code (any thread).
@@ -384,13 +386,7 @@ class Concurrency(Lifecycle):
         refuse_in_event_loop("run_blocking()", "await concurrency.run(...)")
         if not batch.tasks:
             return batch.results([], return_exceptions=return_exceptions)
-        host = self._core.ensure_host()
-        future = host.portal.start_task_soon(self._execute, batch, timeout)
-        try:
-            outcomes = future.result()
-        except BaseException:
-            future.cancel()  # stops the call's tasks on the host loop
-            raise
+        outcomes = self._runtime.call_blocking(functools.partial(self._execute, batch, timeout), "run_blocking()")
         return batch.results(outcomes, return_exceptions=return_exceptions)
 
     def defer(self, tasks: Tasks, *, always: bool = False) -> None:
@@ -412,9 +408,10 @@ class Concurrency(Lifecycle):
             ConcurrencyClosed: the facade was closed, or is shutting down.
         """
         batch = Batch.of(tasks)
-        core = self._core
-        core.check_closed("defer()")
-        driver = core.driver(self._name)
+        runtime = self._runtime
+        with runtime.lock():
+            runtime.accepting("defer()")
+        driver = runtime.driver(self._name)
         if not batch.tasks:
             return
         if driver.pickles:
@@ -422,12 +419,15 @@ class Concurrency(Lifecycle):
             # (where it would be logged, and the client told all went well).
             for task in batch.tasks:
                 dumps_task(task)
-        request = core.work.current.get()
-        core.work.reserve(len(batch.tasks))
+        request = runtime.work.current.get()
+        # Checked and counted in one step with the state: once the drain is over nothing joins it.
+        with runtime.lock():
+            runtime.accepting("defer()")
+            runtime.work.reserve(len(batch.tasks))
+            if request is None:
+                runtime.work.launch(self._name, batch.tasks, None)  # never waits: hands over, or logs
         if request is not None:
             request.add(Deferred(self._name, batch.tasks, always))
-        else:
-            core.work.launch(self._name, batch.tasks, None)
 
     def request_batch(self, *, method: str | None = None, path: str | None = None) -> RequestBatch:
         """Open a batch that collects what `defer()` is given while it is active — for integrations.
@@ -443,10 +443,10 @@ class Concurrency(Lifecycle):
         Returns:
             The open batch.
         """
-        return RequestBatch(self._core.work, method, path)
+        return RequestBatch(self._runtime.work, method, path)
 
     def __repr__(self) -> str:
-        return f"<Concurrency driver={self._name!r} workers={self._core.settings.workers}>"
+        return f"<Concurrency driver={self._name!r} workers={self._runtime.settings.workers}>"
 
     def stats(self) -> Stats:
         """Return a snapshot of this facade's driver: workers, queue, deferred work and task counters.
@@ -459,6 +459,90 @@ class Concurrency(Lifecycle):
         Returns:
             A frozen `Stats`.
         """
-        driver = self._core.drivers.get(self._name)
+        driver = self._runtime.drivers.get(self._name)
         stats = driver.stats() if driver is not None else Stats(driver=self._name)
-        return dataclasses.replace(stats, deferred_pending=self._core.pending)
+        return dataclasses.replace(stats, deferred_pending=self._runtime.work.pending)
+
+    # Lifecycle: each method says what it means; `Runtime` does it. ----------------------------------
+
+    @property
+    def shutting_down(self) -> bool:
+        """Whether the process's shutdown has begun (a SIGTERM): middlewares answer new requests 503."""
+        return self._runtime.exiting
+
+    async def __aenter__(self) -> Self:
+        """Host the facade on this loop (or join the lifespan that already does) and start its default driver.
+
+        Raises:
+            Exception: the driver failed to start (a worker initializer that raises...).
+        """
+        await self._runtime.enter(warm=True)
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        """Leave: the last one out drains deferred work and stops the workers (not started again)."""
+        await self._runtime.leave()
+
+    def __enter__(self) -> Self:
+        """Start the facade from sync code: its own loop thread and the default driver's workers.
+
+        Raises:
+            WrongContext: called on a thread that runs an event loop; use ``async with``.
+            Exception: the driver failed to start.
+        """
+        refuse_in_event_loop("`with concurrency:`", "async with concurrency:")
+        self._runtime.enter_blocking()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        """Leave: the last one out drains deferred work and stops the workers (not started again)."""
+        self._runtime.leave_blocking()
+
+    async def aclose(self) -> None:
+        """Drain deferred work (up to `drain_timeout`), then stop every driver's workers.
+
+        Idempotent. Afterwards `run()` and `defer()` raise `ConcurrencyClosed`, until the facade is
+        entered again.
+        """
+        await self._runtime.close()
+
+    def close(self) -> None:
+        """Drain deferred work (up to `drain_timeout`), then stop every driver's workers; from sync code.
+
+        Idempotent. Afterwards `run()` and `defer()` raise `ConcurrencyClosed`, until the facade is
+        entered again.
+
+        Raises:
+            WrongContext: called on a thread that runs an event loop; use ``await aclose()``.
+        """
+        refuse_in_event_loop("close()", "await concurrency.aclose()")
+        self._runtime.close_blocking()
+
+    async def wait_deferred(self, timeout: float | None = None) -> None:
+        """Wait until every deferred batch handed over so far has finished (for tests).
+
+        Args:
+            timeout: seconds to wait at most; default: no limit.
+
+        Raises:
+            TimeoutError: work was still running after `timeout` seconds.
+        """
+        await self._runtime.work.wait(timeout)
+
+    def wait_deferred_blocking(self, timeout: float | None = None) -> None:
+        """Wait, from sync code, until every deferred batch handed over so far has finished.
+
+        Raises:
+            TimeoutError: work was still running after `timeout` seconds.
+            WrongContext: called on a thread that runs an event loop; use `wait_deferred()`.
+        """
+        refuse_in_event_loop("wait_deferred_blocking()", "await concurrency.wait_deferred()")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._runtime.work.launched:
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"deferred work was still running after {timeout} s")
+            time.sleep(0.01)

@@ -61,6 +61,7 @@ from cloudpickle import cloudpickle as _cp
 
 from ._closure_records import SUPPORTED, Record, function_state, reference_check, split_globals
 from ._closure_store import WORKER_BYTES, WORKER_ENTRIES, Skeleton, WorkerMirror, WorkerStore, check_bounds
+from ._locations import code_reduce, dumps as located_dumps
 
 __all__ = ["ClosureCache", "Payload", "Skeleton", "WorkerMirror", "WorkerStore"]
 
@@ -214,8 +215,7 @@ def _dump_skeleton(func: types.FunctionType, record: Record) -> bytes:
         record.data_names,
         record.submodules,  # unpickling them imports them in the worker
     )
-    data: bytes = cloudpickle.dumps(skeleton, protocol=pickle.HIGHEST_PROTOCOL)
-    return data
+    return located_dumps(skeleton)  # the code keeps its file name: the worker's traceback names it
 
 
 class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
@@ -228,6 +228,7 @@ class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
         # pickler; a reducer registered later makes `ClosureCache.dumps` build a new pickler.
         self.table_size = len(copyreg.dispatch_table)
         self.dispatch_table = dict(cloudpickle.Pickler.dispatch_table)  # the ChainMap's precedence
+        self.dispatch_table[types.CodeType] = code_reduce  # by-value code keeps its file name (see _locations)
         super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
         self.file = file
         self.cache = cache

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 from starlette.config import Config
 
-from ._checks import check_dask_address, positive
+from ._checks import check_dask_address, positive, quote
 from ._exceptions import ConfigurationError
 from ._options import DaskOptions, DriverOptions
 
@@ -137,7 +137,9 @@ def check_workers(name: str, value: Any) -> int | None:
         return workers
     limit = WORKERS_PER_CPU * default_workers()
     if workers > limit:
-        raise ConfigurationError(f"{name} must be at most {limit} ({WORKERS_PER_CPU} per usable CPU), got {workers}")
+        raise ConfigurationError(
+            f"{name} must be at most {limit} ({WORKERS_PER_CPU} per usable CPU), got {quote(workers)}"
+        )
     return workers
 
 
@@ -197,7 +199,10 @@ class Settings:
             ConfigurationError: a value is invalid, or the `.env` file is not UTF-8; the message names
                 the argument, the variable, or the file and line.
         """
-        config = Config(_env_file(env_file), encoding="utf-8-sig")  # utf-8-sig: a byte-order mark is dropped
+        # Starlette's own file reading (its `encoding` argument came in 0.49) is not used: `_read_env_file`
+        # reads the same format, and `export NAME=value` lines as python-dotenv does.
+        config = Config()
+        config.file_values = _read_env_file(env_file)
         _warn_about_unknown_variables([*os.environ, *config.file_values], env_file)
 
         def pick(name: str, variable: str, cast: Callable[[str, str], Any]) -> Any:
@@ -265,27 +270,45 @@ def _with_environment(options: tuple[DriverOptions, ...], config: Config) -> tup
     return (*(item for item in options if item is not dask), dataclasses.replace(dask, address=address))
 
 
-def _env_file(env_file: str | os.PathLike[str] | None) -> str | None:
-    """The `.env` file to read, checked to be UTF-8, or ``None`` when there is none to read."""
+def _read_env_file(env_file: str | os.PathLike[str] | None) -> dict[str, str]:
+    """Read a `.env` file as `starlette.config.Config` does, and ``export NAME=value`` lines too.
+
+    ``NAME=value`` lines are read (the value stripped of spaces and quotes), others are skipped, as
+    Starlette does; a first word ``export`` is dropped, as python-dotenv does, so that a file the shell
+    can `source` sets the same values. A later line wins.
+
+    Raises:
+        ConfigurationError: the file is not UTF-8; the message names the file, line and byte.
+    """
     if env_file is None:
-        return None
+        return {}
     path = os.fspath(env_file)
     if not os.path.isfile(path):
         if path != DEFAULT_ENV_FILE:
             # A warning, not an error: the real environment may carry every setting (a container
             # without its .env); but a path someone typed that does not exist is worth saying.
             warnings.warn(f"env_file {path!r} does not exist; no CONCURRENCY_* settings read from it", stacklevel=4)
-        return None
+        return {}
+    values: dict[str, str] = {}
     with open(path, "rb") as file:
-        for number, line in enumerate(file, start=1):
+        for number, raw in enumerate(file, start=1):
+            if number == 1:
+                raw = raw.removeprefix(b"\xef\xbb\xbf")  # a byte-order mark is dropped
             try:
-                line.decode("utf-8")
+                line = raw.decode("utf-8").strip()
             except UnicodeDecodeError as exc:
                 raise ConfigurationError(
-                    f"{path}, line {number}: not UTF-8 (byte {line[exc.start]:#04x} at column {exc.start + 1}); "
+                    f"{path}, line {number}: not UTF-8 (byte {raw[exc.start]:#04x} at column {exc.start + 1}); "
                     "save the file as UTF-8"
                 ) from None
-    return path
+            if "=" not in line or line.startswith("#"):
+                continue
+            key, value = (part.strip() for part in line.split("=", 1))
+            words = key.split(maxsplit=1)
+            if len(words) == 2 and words[0] == "export":
+                key = words[1]
+            values[key] = value.strip("\"'")
+    return values
 
 
 def _warn_about_unknown_variables(names: Iterable[str], env_file: str | os.PathLike[str] | None) -> None:
@@ -307,7 +330,7 @@ def _parse(kind: type[T]) -> Callable[[str, str], T]:
             value = kind(raw.strip())
         except ValueError:
             raise ConfigurationError(
-                f"{variable} must be a positive {'integer' if kind is int else 'number'}, got {raw!r}"
+                f"{variable} must be a positive {'integer' if kind is int else 'number'}, got {quote(raw)}"
             ) from None
         checked: T = positive(variable, value, kind)
         return checked

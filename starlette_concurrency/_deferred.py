@@ -17,7 +17,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from contextvars import ContextVar, Token
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -25,7 +25,7 @@ from typing import Any, Protocol
 import anyio
 
 from ._drivers.base import Driver
-from ._exceptions import ConcurrencyClosed, DeferralRejected
+from ._exceptions import DeferralRejected
 from ._tasks import Outcome, Task
 
 __all__ = ["Deferred", "DeferredWork", "DisconnectWatch", "RequestBatch"]
@@ -108,16 +108,19 @@ class RequestBatch:
         self._work.start(entries, succeeded, self)
 
     def abandon(self) -> list[Task]:
-        """Drop what the batch holds (the facade is shutting down while the request is open)."""
+        """Drop what the batch holds (the facade is shutting down while the request is open); count it out."""
         with self._lock:
             entries, self._entries = self._entries, []
             self._outcome = False
-        return [task for entry in entries for task in entry.tasks]
+        tasks = [task for entry in entries for task in entry.tasks]
+        if tasks:
+            self._work.settle_skipped(len(tasks))
+        return tasks
 
 
 @dataclass(eq=False)
 class _Running:
-    """A deferred batch under way: what shutdown cancels and reports when the drain time runs out."""
+    """A deferred batch under way: what shutdown cancels when the drain time runs out."""
 
     driver: str
     tasks: Sequence[Task]
@@ -125,16 +128,27 @@ class _Running:
     outcomes: list[Outcome | None]
     started: float = field(default_factory=time.monotonic)
     scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+    abandoned_because: str | None = None  # set by the drain when it stops the batch
+    logged: set[int] = field(default_factory=set)  # tasks whose fate was logged already (timed out, could not run)
+
+
+Submit = Callable[[Callable[[], Coroutine[Any, Any, None]], Callable[[BaseException], None]], None]
 
 
 class DeferredWork:
     """Accepted deferred tasks of one facade: counted, run, drained.
 
+    Every accepted task has exactly one fate, decided in one place: it ran (and failed or not, logged
+    if it failed), it was skipped (its request failed), or it is logged by name as not run — dropped
+    (it could not be handed to a host) or abandoned (stopped by the drain, or by its loop's end), saying
+    whether it was still queued or already under way. Never two of them.
+
     Args:
         max_pending: how many tasks may be pending at once (``None``: no bound).
         timeout: how long one batch may run, in seconds (``None``: no limit).
         driver: returns the started driver of a name, on the host loop.
-        spawn: runs a coroutine function in the background on the host loop, from any thread.
+        submit: starts a coroutine function in the background on the host loop, from any thread,
+            without waiting, or calls its second argument with the reason it cannot.
     """
 
     def __init__(
@@ -142,19 +156,19 @@ class DeferredWork:
         max_pending: int | None,
         timeout: float | None,
         driver: Callable[[str], Awaitable[Driver]],
-        spawn: Callable[[Callable[[], Awaitable[None]]], None],
+        submit: Submit,
     ) -> None:
         self.current: ContextVar[RequestBatch | None] = ContextVar("starlette_concurrency.batch", default=None)
-        self.pending = 0  # accepted and not yet finished (or skipped); includes open requests' tasks
-        self.launched = 0  # handed to the host loop and not yet finished
-        self.closing = False
+        self.pending = 0  # accepted and not yet settled; includes open requests' tasks
+        self.launched = 0  # handed to the host and not yet settled
         self._max_pending = max_pending
         self._timeout = timeout
         self._driver = driver
-        self._spawn = spawn
+        self._submit = submit
         self._lock = threading.Lock()  # defer() is called from any thread
         self._open: set[RequestBatch] = set()
         self._running: set[_Running] = set()
+        self._stopped: str | None = None  # why batches that start from now on must not run (a forced drain)
 
     def opened(self, batch: RequestBatch) -> None:
         with self._lock:
@@ -165,18 +179,12 @@ class DeferredWork:
             self._open.discard(batch)
 
     def reserve(self, count: int) -> None:
-        """Count tasks in before they are accepted.
+        """Count tasks in before they are accepted (the caller has checked that the facade accepts work).
 
         Raises:
-            ConcurrencyClosed: the facade is shutting down.
             DeferralRejected: `max_pending_deferred` would be exceeded.
         """
         with self._lock:
-            if self.closing:
-                raise ConcurrencyClosed(
-                    "defer() while this Concurrency is shutting down (draining deferred work): the tasks were not "
-                    "accepted; run them inline, or defer them before shutdown begins"
-                )
             limit = self._max_pending
             if limit is not None and self.pending + count > limit:
                 raise DeferralRejected(
@@ -185,11 +193,17 @@ class DeferredWork:
                 )
             self.pending += count
 
+    def settle_skipped(self, count: int) -> None:
+        """Count out tasks that will not be launched (their request's batch was abandoned)."""
+        self._settle(count, launched=False)
+
     def _settle(self, count: int, launched: bool) -> None:
         with self._lock:
-            self.pending -= count
+            if count > self.pending or (launched and count > self.launched):  # pragma: no cover - a bug
+                logger.error("deferred work counted out twice: %d task(s)", count)
+            self.pending = max(0, self.pending - count)
             if launched:
-                self.launched -= count
+                self.launched = max(0, self.launched - count)
 
     def start(self, entries: list[Deferred], succeeded: bool, origin: RequestBatch | None) -> None:
         """Launch what a finished request deferred (everything, or only ``always`` entries)."""
@@ -206,32 +220,39 @@ class DeferredWork:
             self.launch(driver, tasks, origin)
 
     def launch(self, driver: str, tasks: list[Task], origin: RequestBatch | None) -> None:
-        """Hand accepted tasks to the host loop; if that is impossible, log each by name."""
+        """Hand accepted tasks to the host loop without waiting; if that is impossible, log each by name."""
         with self._lock:
             self.launched += len(tasks)
 
         async def run() -> None:
             await self.run_batch(driver, tasks, origin)
 
-        try:
-            self._spawn(run)
-        except Exception as exc:
+        def failed(exc: BaseException) -> None:
             for task in tasks:
                 logger.error(
-                    "deferred %s dropped: it could not be started (%s)",
+                    "deferred %s dropped (not run): it could not be started (%s)",
                     task.label,
                     exc,
                     extra=_extra(task, driver, origin),
                 )
             self._settle(len(tasks), launched=True)
 
+        self._submit(run, failed)
+
     async def run_batch(self, driver_name: str, tasks: list[Task], origin: RequestBatch | None) -> None:
         """Run one deferred batch, log how it went, and never raise."""
         running = _Running(driver_name, tasks, origin, [None] * len(tasks))
-        self._running.add(running)
+        if self._stopped is not None:
+            running.abandoned_because = self._stopped
+            self._fates(running, under_way=False)
+            return
+        with self._lock:
+            self._running.add(running)
+        under_way = False
         try:
             with running.scope:
                 driver = await self._driver(driver_name)
+                under_way = True
                 with anyio.move_on_after(self._timeout or math.inf) as timeout:
                     # The one place deferred tasks reach a driver.
                     await driver.execute_deferred(tasks, running.outcomes)
@@ -245,20 +266,47 @@ class DeferredWork:
                                 self._timeout,
                                 extra=self._extra(task, running),
                             )
+                            running.logged.add(tasks.index(task))
         except Exception as exc:  # the batch could not run at all: pickling, a pool that cannot start...
-            for task, outcome in zip(tasks, running.outcomes, strict=True):
+            for index, (task, outcome) in enumerate(zip(tasks, running.outcomes, strict=True)):
                 if outcome is None:
                     logger.error(
                         "deferred %s could not run: %s", task.label, exc, exc_info=exc, extra=self._extra(task, running)
                     )
+                    running.logged.add(index)
+        except BaseException:
+            if running.abandoned_because is None:
+                running.abandoned_because = "its event loop ended (or the host was cancelled) before it finished"
+            raise
         finally:
+            if self._claim(running):
+                self._fates(running, under_way)
+
+    def _claim(self, running: _Running) -> bool:
+        """Take a batch out of the running set: whoever does logs its fates (once)."""
+        with self._lock:
+            if running not in self._running:
+                return False
             self._running.discard(running)
-            for task, outcome in zip(tasks, running.outcomes, strict=True):
-                if outcome is not None and outcome.error is not None:
-                    logger.error(
-                        "deferred %s failed", task.label, exc_info=outcome.error, extra=self._extra(task, running)
-                    )
-            self._settle(len(tasks), launched=True)
+            return True
+
+    def _fates(self, running: _Running, under_way: bool) -> None:
+        """Log what became of each task of a finished batch (once), and count the batch out."""
+        for index, (task, outcome) in enumerate(zip(running.tasks, running.outcomes, strict=True)):
+            if index in running.logged:
+                continue
+            if outcome is None:
+                logger.error(
+                    "deferred %s abandoned, %s: %s; raise drain_timeout (and the server's graceful timeout "
+                    "above it) or make the task shorter",
+                    task.label,
+                    "stopped unfinished" if under_way else "never started",
+                    running.abandoned_because or "it was stopped",
+                    extra={**self._extra(task, running), "under_way": under_way},
+                )
+            elif outcome.error is not None:
+                logger.error("deferred %s failed", task.label, exc_info=outcome.error, extra=self._extra(task, running))
+        self._settle(len(running.tasks), launched=True)
 
     def _extra(self, task: Task, running: _Running) -> dict[str, Any]:
         extra = _extra(task, running.driver, running.origin)
@@ -275,62 +323,84 @@ class DeferredWork:
             while self.launched:  # noqa: ASYNC110
                 await anyio.sleep(_POLL)
 
-    async def drain(self, drain_timeout: float) -> None:
-        """Refuse new work, wait up to `drain_timeout` for what was accepted, then stop and log the rest."""
-        with self._lock:
-            self.closing = True
+    async def drain(
+        self, drain_timeout: float, stop_accepting: Callable[[bool], bool], deadline: float | None = None
+    ) -> None:
+        """Wait up to `drain_timeout` for what was accepted (and what joins meanwhile); stop and log the rest.
+
+        `stop_accepting(force)` ends the facade's acceptance of work once nothing is left, or at once
+        when `force`; the drain calls it until it agrees. `deadline` (monotonic): an earlier end, when
+        the drain's clock started before (at a signal).
+        """
+        self._stopped = None
         draining, began = self.launched, time.monotonic()
+        deadline = min(began + drain_timeout, deadline if deadline is not None else math.inf)
         if draining:
-            logger.info(
-                "draining %d deferred task(s), for up to %s s", draining, drain_timeout, extra={"pending": draining}
+            logger.warning(
+                "draining %d deferred task(s), for up to %.1f s",
+                draining,
+                max(0.0, deadline - began),
+                extra={"pending": draining},
             )
-        with anyio.move_on_after(drain_timeout):
-            while self.launched:  # noqa: ASYNC110
-                await anyio.sleep(_POLL)
-        if draining:
-            logger.info(
-                "drain finished in %.2f s; %d deferred task(s) still running",
-                time.monotonic() - began,
-                self.launched,
-                extra={"duration": time.monotonic() - began, "pending": self.launched},
-            )
-        for running in list(self._running):
-            for task, outcome in zip(running.tasks, running.outcomes, strict=True):
-                if outcome is None:
-                    logger.error(
-                        "deferred %s abandoned: still running after the %s s drain timeout; raise drain_timeout "
-                        "(and the server's graceful timeout above it) or make the task shorter",
-                        task.label,
-                        drain_timeout,
-                        extra=self._extra(task, running),
-                    )
-            running.scope.cancel()
+        while not stop_accepting(time.monotonic() >= deadline):  # noqa: ASYNC110 - counts settle from any thread
+            await anyio.sleep(_POLL)
+        reason = f"the {drain_timeout} s drain timeout ran out"
+        late = self.launched
+        if late:
+            self._stopped = reason  # batches handed over but not begun: abandoned when they begin
+            for running in list(self._running):
+                running.abandoned_because = reason
+                running.scope.cancel()
         with self._lock:
             still_open, self._open = list(self._open), set()
         for batch in still_open:
             for task in batch.abandon():
                 logger.error(
-                    "deferred %s abandoned: its request had not finished when shutdown began",
+                    "deferred %s abandoned, never started: its request had not finished when shutdown began",
                     task.label,
                     extra=_extra(task, None, batch),
                 )
-        # Let the cancelled batches log and settle before the drivers close under them.
-        with anyio.move_on_after(5):
+        # Let the stopped batches log their fates and count out before the drivers close under them; a
+        # batch that does not come back in time is logged here (it is stopped with its driver just after).
+        with anyio.move_on_after(10):
             while self._running:  # noqa: ASYNC110
                 await anyio.sleep(_POLL)
+        for running in list(self._running):
+            if self._claim(running):
+                running.abandoned_because = running.abandoned_because or reason
+                self._fates(running, under_way=True)
+        if draining or late:
+            logger.info(
+                "drain finished in %.2f s; %d deferred task(s) abandoned",
+                time.monotonic() - began,
+                late,
+                extra={"duration": time.monotonic() - began, "abandoned": late},
+            )
 
-    def reopen(self) -> None:
-        """Accept work again (the facade went back to its not-started state)."""
+    def report_lost(self, reason: str) -> None:
+        """Log every accepted task that can no longer run (the process is exiting), and count it out."""
+        for running in list(self._running):
+            if self._claim(running):
+                running.abandoned_because = reason
+                self._fates(running, under_way=True)
         with self._lock:
-            self.closing = False
+            still_open, self._open = list(self._open), set()
+        for batch in still_open:
+            for task in batch.abandon():
+                logger.error(
+                    "deferred %s abandoned, never started: %s",
+                    task.label,
+                    reason,
+                    extra=_extra(task, None, batch),
+                )
 
     def forget(self) -> None:
         """Drop every count: this is a forked child, the parent's work is not ours."""
-        with self._lock:
-            self.pending = self.launched = 0
-            self._open.clear()
-            self._running.clear()
-            self.closing = False
+        self._lock = threading.Lock()
+        self.pending = self.launched = 0
+        self._open.clear()
+        self._running.clear()
+        self._stopped = None
 
 
 def _extra(task: Task, driver: str | None, origin: RequestBatch | None) -> dict[str, Any]:

@@ -1,49 +1,72 @@
-"""The event loop that owns a facade's drivers, and how calls from elsewhere get to it.
+"""The event loop that serves a facade's drivers, and how work from elsewhere gets onto it.
 
-A driver's pool is served by one event loop at a time: its host. The host is either the loop of
-an app's lifespan (``async with concurrency:``, the middleware) or, when nothing hosts the facade,
-a loop the facade runs in a daemon thread of its own, started on first use. Either way the host
-runs an anyio `BlockingPortal`, so that calls from any other thread or event loop (a threadpool
-endpoint, ``asyncio.run`` in a thread, a WSGI server's threads, a second TestClient) are forwarded
-to it and never touch the pool from a loop it does not belong to.
+A driver's pool is served by one event loop at a time: its host. The host is the loop of an app's
+lifespan (``async with concurrency:``, the middleware), or, when nothing hosts the facade, the loop
+of its first async caller (adopted: a background task there serves it until that loop ends), or,
+for callers that have no loop at all (a WSGI server's threads, a script), a loop the facade runs
+in a daemon thread of its own. Either way the host runs an anyio `BlockingPortal`, so that calls
+from any other thread or event loop are forwarded to it and never touch the pool from a loop it
+does not belong to. Nothing here ever blocks an event loop's thread: `Host.submit` hands work over
+without waiting for the host to take it.
+
+This module is mechanism only; `_runtime` decides when a host starts and stops.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import enum
 import os
+import sys
 import threading
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
 import anyio.lowlevel
+import sniffio
 from anyio.abc import TaskGroup
 from anyio.from_thread import BlockingPortal
+from anyio.lowlevel import EventLoopToken
 
 from ._exceptions import WrongContext
 
-__all__ = ["Host", "OwnLoop", "in_event_loop", "refuse_in_event_loop"]
+__all__ = ["Host", "HostKind", "OwnLoop", "adopt", "in_event_loop", "refuse_in_event_loop"]
+
+
+class HostKind(enum.Enum):
+    """Who runs the host loop."""
+
+    LIFESPAN = "lifespan"  # an app's lifespan or an `async with` block: it decides when the host ends
+    ADOPTED = "adopted"  # the loop of the first async caller: the host ends with that loop
+    OWN = "own"  # the facade's own daemon thread: for callers without a loop
 
 
 @dataclass(eq=False)
 class Host:
-    """The loop serving the drivers: its portal and task group, its thread and process.
+    """The loop serving the drivers: its portal, task group and token, its thread and process.
 
     Attributes:
-        portal: how other threads and loops get work onto this loop.
+        portal: how other threads and loops call into this loop (and wait for the answer).
         task_group: where deferred batches run.
+        token: how other threads and loops hand work to this loop without waiting.
         thread: the ident of the loop's thread.
         pid: the process the loop runs in (a forked child must not use its parent's host).
-        own: the facade's own thread (``False``: an app's lifespan loop).
+        kind: who runs the loop.
+        stop: set (on the host loop) to end a host that waits for it (adopted, own).
+        stopped: set once the host has drained and stopped its drivers.
     """
 
     portal: BlockingPortal
     task_group: TaskGroup
+    token: EventLoopToken
     thread: int
     pid: int
-    own: bool
+    kind: HostKind
+    stop: anyio.Event = field(default_factory=anyio.Event)
+    stopped: threading.Event = field(default_factory=threading.Event)
 
     def here(self) -> bool:
         """Tell whether the caller runs on the host loop's thread."""
@@ -53,72 +76,86 @@ class Host:
         """Tell whether this host belongs to this process (not a parent's, copied by fork)."""
         return self.pid == os.getpid()
 
-    def spawn(self, fn: Callable[[], Coroutine[Any, Any, None]]) -> None:
-        """Start `fn` in the background on the host loop, from any thread.
+    def submit(
+        self,
+        fn: Callable[[], Coroutine[Any, Any, None]],
+        failed: Callable[[BaseException], None],
+        *,
+        later: bool = False,
+    ) -> None:
+        """Start `fn` in the background on the host loop, from any thread, without waiting.
 
-        Raises:
-            RuntimeError: the host loop has stopped.
+        Exactly one of two things happens: `fn` starts, or `failed` is called with the reason (the
+        host loop has ended, or its task group has closed). `later`: go through the loop's queue even
+        on its own thread (from a signal handler, where no task runs).
         """
-        if self.here():
-            self.task_group.start_soon(fn)
-        else:
-            self.portal.start_task_soon(fn)
+
+        def start() -> None:
+            try:
+                self.task_group.start_soon(fn)
+            except BaseException as exc:
+                failed(exc)
+
+        if self.here() and not later:
+            start()
+            return
+        try:
+            self.token.backend_class.run_sync_soon(start, (), self.token.native_token)
+        except BaseException as exc:  # RunFinishedError, or a closed asyncio loop
+            failed(exc)
+
+    def request_stop(self) -> None:
+        """Ask a host that waits on `stop` to drain and end (from any thread, a signal handler too; never waits)."""
+        with contextlib.suppress(BaseException):  # the loop has ended: its host is ending or gone already
+            self.token.backend_class.run_sync_soon(self.stop.set, (), self.token.native_token)
+
+
+Serve = Callable[[HostKind], Awaitable[None]]
+
+
+def adopt(serve: Serve) -> None:
+    """Run `serve` in the background on the calling task's event loop, until that loop ends.
+
+    On asyncio a task of the loop (cancelled when ``asyncio.run`` finishes); on trio a system task
+    (cancelled when the run's main task has finished). `serve` must never raise.
+    """
+    if sniffio.current_async_library() == "trio":
+        trio = sys.modules["trio"]
+        trio.lowlevel.spawn_system_task(serve, HostKind.ADOPTED, name="starlette-concurrency host")
+        return
+    loop = asyncio.get_running_loop()
+    task: asyncio.Task[None] = loop.create_task(
+        _as_coroutine(serve, HostKind.ADOPTED), name="starlette-concurrency host"
+    )
+    _adopted.add(task)
+    task.add_done_callback(_adopted.discard)
+
+
+async def _as_coroutine(serve: Serve, kind: HostKind) -> None:
+    await serve(kind)
+
+
+_adopted: set[asyncio.Task[None]] = set()  # strong references: the loop keeps only weak ones
 
 
 class OwnLoop:
-    """A daemon thread running an event loop that hosts the facade until `stop()`.
+    """A daemon thread running an event loop that hosts the facade until asked to stop."""
 
-    Args:
-        serve: the coroutine function to run there; it receives a callback to call with the
-            `Host` once it is ready, and an `anyio.Event` to wait on until stopped.
-    """
-
-    def __init__(self, serve: Callable[[Callable[[Host], None], anyio.Event], Awaitable[None]]) -> None:
+    def __init__(self, serve: Serve) -> None:
         self._serve = serve
-        self._ready = threading.Event()
-        self._host: Host | None = None
-        self._error: BaseException | None = None
-        self._stop: anyio.Event | None = None
-        self._thread = threading.Thread(target=self._main, name="starlette-concurrency", daemon=True)
+        self.thread = threading.Thread(target=self._main, name="starlette-concurrency", daemon=True)
 
-    def start(self) -> Host:
-        """Start the thread and return its host once it serves.
-
-        Raises:
-            BaseException: whatever prevented the loop from hosting the facade.
-        """
-        self._thread.start()
-        self._ready.wait()
-        if self._error is not None:
-            raise self._error
-        assert self._host is not None
-        return self._host
+    def start(self) -> None:
+        """Start the thread; `serve` reports when it hosts (or why it could not)."""
+        self.thread.start()
 
     def _main(self) -> None:
-        async def main() -> None:
-            self._stop = anyio.Event()
+        anyio.run(self._serve, HostKind.OWN)
 
-            def ready(host: Host) -> None:
-                self._host = host
-                self._ready.set()
-
-            await self._serve(ready, self._stop)
-
-        try:
-            anyio.run(main)
-        except BaseException as exc:
-            self._error = exc
-        finally:
-            self._ready.set()
-
-    def stop(self) -> None:
-        """Ask the loop to drain and stop, and wait until it has (from any other thread)."""
-        host, stop = self._host, self._stop
-        if host is not None and stop is not None and self._thread.is_alive():
-            with contextlib.suppress(RuntimeError):  # the loop already stopped
-                host.portal.call(stop.set)
-        if self._thread.is_alive() and self._thread is not threading.current_thread():
-            self._thread.join()
+    def join(self) -> None:
+        """Wait until the thread has finished (not from the thread itself)."""
+        if self.thread is not threading.current_thread() and self.thread.ident is not None:
+            self.thread.join()
 
 
 def in_event_loop() -> bool:

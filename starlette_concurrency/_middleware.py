@@ -10,6 +10,7 @@ from collections import deque
 import anyio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from . import _exit
 from ._api import Concurrency
 from ._exceptions import ClientDisconnected
 
@@ -21,25 +22,28 @@ logger = logging.getLogger("starlette_concurrency")
 # an upload into memory on the app's behalf.
 _MAX_BUFFERED = 64 * 1024
 
-# How long the watch holds a finished call back to read the rest of a body it began reading.
-_BODY_PART_WAIT = 1.0
-
 _FINAL_LIFESPAN = {"lifespan.shutdown.complete", "lifespan.shutdown.failed", "lifespan.startup.failed"}
 
 
 class ConcurrencyMiddleware:
     """Start the worker pool with the app, and run each request's deferred work after its response.
 
-    - ``lifespan``: starts the facade (its default driver's workers) at startup — a failure fails
-      the startup, as Starlette does; drains deferred work and stops the workers at shutdown,
-      before the server is told that shutdown is complete. The app's own lifespan keeps working;
-      two lifespans at once are counted. An app that does not support the lifespan protocol keeps
-      a usable facade (started on first use) and a warning says why.
+    - ``lifespan``: hosts the facade on the lifespan's loop and, once the app's own startup has
+      completed (so that every worker sees what it put in the environment), starts the default
+      driver's workers — a failure fails the startup, as Starlette does; drains deferred work and
+      stops the workers at shutdown, before the server is told that shutdown is complete. The app's
+      own lifespan keeps working; two lifespans at once are counted. An app that does not support
+      the lifespan protocol keeps a usable facade (started on first use) and a warning says why;
+      so does a middleware that serves requests without ever seeing a lifespan (Litestar's
+      ``middleware=``, a mounted sub-app).
     - ``http``: collects what the request `defer()`s and, as soon as the final response body has
       been sent (before the response's BackgroundTasks run), starts it: all of it if the status is
       below 400, only the ``always=True`` tasks otherwise (an unhandled exception counts as a 500).
       While the request awaits `run()`, a disconnect of its client stops that call, which raises
-      `ClientDisconnected` (swallowed here: nobody is left to answer).
+      `ClientDisconnected` (swallowed here, logged at INFO: nobody is left to answer). Once the
+      process's shutdown has begun without a lifespan to drain it (see `Concurrency.shutting_down`),
+      new requests are answered 503 with ``Connection: close`` so that a load balancer retries
+      elsewhere while deferred work drains.
     - anything else (``websocket``) passes through untouched.
 
     Args:
@@ -55,9 +59,17 @@ class ConcurrencyMiddleware:
         self.app = app
         self.concurrency = concurrency if concurrency is not None else Concurrency()
         self.cancel_on_disconnect = cancel_on_disconnect
+        self._lifespan_seen = False
+        self._warned = False
+        _exit.watch(self.concurrency._runtime)  # the server process's SIGTERM: drain or log, never lose
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
+            if not self._lifespan_seen and not self._warned:
+                self._warn_no_lifespan()
+            if self.concurrency.shutting_down:
+                await _unavailable(send)
+                return
             await self._http(scope, receive, send)
         elif scope["type"] == "lifespan":
             await self._lifespan(scope, receive, send)
@@ -98,22 +110,31 @@ class ConcurrencyMiddleware:
             # A response that never completed (an exception, a client gone mid-stream) is a failure.
             batch.finish(succeeded=False)
 
+    def _warn_no_lifespan(self) -> None:
+        self._warned = True
+        logger.warning(
+            "ConcurrencyMiddleware serves requests but never received the ASGI lifespan: its workers start on "
+            "first use and deferred work is drained at SIGTERM or interpreter exit, not at the app's shutdown. "
+            "Wrap the whole ASGI app instead (Litestar: `app = ConcurrencyMiddleware(Litestar(...), concurrency=c)`, "
+            "not `middleware=[...]`; a mounted sub-app: wrap the outer app), or enter the facade in the app's own "
+            "lifespan (`async with concurrency:`)"
+        )
+
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self._lifespan_seen = True
         startup = await receive()
+        concurrency = self.concurrency
+        runtime = concurrency._runtime
         try:
-            await self.concurrency.__aenter__()
+            await runtime.enter(warm=False)
         except Exception as exc:
-            await send(
-                {
-                    "type": "lifespan.startup.failed",
-                    "message": f"starlette-concurrency could not start its {self.concurrency.driver_name!r} "
-                    f"driver: {type(exc).__name__}: {exc}",
-                }
-            )
-            exc.add_note(f"(starlette-concurrency could not start its {self.concurrency.driver_name!r} driver)")
+            await send({"type": "lifespan.startup.failed", "message": _cannot_start(concurrency, exc)})
+            exc.add_note(f"(starlette-concurrency could not start its {concurrency.driver_name!r} driver)")
             raise  # as Starlette's router does: a server (or TestClient) reports it and stops
+        _exit.watch(runtime)  # over the server's own SIGTERM handler, which is in place by now
         replayed = False
         exited = False
+        reported = False
 
         async def replay_startup() -> Message:
             nonlocal replayed
@@ -123,17 +144,33 @@ class ConcurrencyMiddleware:
             return await receive()
 
         async def exit_before_reporting(message: Message) -> None:
-            nonlocal exited
+            nonlocal exited, reported
+            if message["type"] == "lifespan.startup.complete":
+                # The app's own startup is done: the workers start now, and see its environment.
+                try:
+                    await runtime.call(runtime.warm, "startup")
+                except Exception as exc:
+                    exc.add_note(f"(starlette-concurrency could not start its {concurrency.driver_name!r} driver)")
+                    raise  # into the app's lifespan, which reports the failed startup (or we do, below)
             # The server exits as soon as it hears shutdown is complete (or startup failed):
             # deferred work must be drained and the workers stopped before that.
             if message["type"] in _FINAL_LIFESPAN and not exited:
                 exited = True
-                await self.concurrency.__aexit__(None, None, None)
+                await runtime.leave()
+            if message["type"] in _FINAL_LIFESPAN:
+                reported = True
             await send(message)
 
         try:
             await self.app(scope, replay_startup, exit_before_reporting)
         except BaseException as exc:
+            if replayed and not reported and isinstance(exc, Exception):
+                # The app let our start-up failure through without reporting it: report it.
+                if not exited:
+                    exited = True
+                    await runtime.leave()
+                reported = True
+                await send({"type": "lifespan.startup.failed", "message": _cannot_start(concurrency, exc)})
             if not replayed and isinstance(exc, Exception):
                 logger.warning(
                     "the app does not support the ASGI lifespan protocol (%s: %s): starlette-concurrency "
@@ -146,7 +183,7 @@ class ConcurrencyMiddleware:
             if not exited:
                 exited = True
                 # Not under a shield of our own: the host's task group must close in the scope it opened in.
-                await self.concurrency.__aexit__(None, None, None)
+                await runtime.leave()
 
 
 class _DisconnectWatch:
@@ -212,23 +249,63 @@ class _DisconnectWatch:
         self._watchers.add(scope)
         mid_body = False
         try:
+            # Cancelled as soon as the call ends: a server's receive() gives up a message it has not
+            # returned, so nothing is lost, and the answer never waits for the rest of an upload.
             while not self._disconnected and self._buffered <= _MAX_BUFFERED:
-                # Once a body has begun, its next part is read even if the call ends meanwhile (for a
-                # moment at most): a server's body iterator is never left half-consumed by the watch.
-                deadline = anyio.current_time() + _BODY_PART_WAIT if mid_body else math.inf
-                message: Message | None = None
-                with anyio.CancelScope(shield=mid_body, deadline=deadline):
-                    async with self._reader():
-                        if self._disconnected:
-                            break
-                        message = await self._receive()
-                        if message["type"] != "http.disconnect":
-                            self._buffer.append(message)
-                            self._buffered += len(message.get("body", b""))
-                if message is None:  # the part did not come in time: wait unshielded from now on
-                    mid_body = False
-                    continue
+                async with self._reader():
+                    if self._disconnected:
+                        break
+                    message = await self._pull()
                 mid_body = message["type"] == "http.request" and bool(message.get("more_body", False))
-                self._observe(message)
         finally:
             self._watchers.discard(scope)
+            if mid_body:
+                await self._pull_ready_parts()
+
+    async def _pull(self) -> Message:
+        message = await self._receive()
+        if message["type"] != "http.disconnect":
+            self._buffer.append(message)
+            self._buffered += len(message.get("body", b""))
+        self._observe(message)
+        return message
+
+    async def _pull_ready_parts(self) -> None:
+        """Take the parts of a half-read body that are ready now, without ever waiting for one.
+
+        A body iterator the watch began is then left as the app would leave it (an in-process transport's
+        generator runs to its end), and the answer still never waits for the network.
+        """
+        reader = self._reader()
+        if reader.locked():
+            return
+        with anyio.CancelScope(shield=True) as scope:
+            scope.deadline = -math.inf  # cancelled at the first wait: only what is ready is taken
+            reader.acquire_nowait()
+            try:
+                more = True
+                while more and not self._disconnected and self._buffered <= _MAX_BUFFERED:
+                    message = await self._pull()
+                    more = message["type"] == "http.request" and bool(message.get("more_body", False))
+            finally:
+                reader.release()
+
+
+def _cannot_start(concurrency: Concurrency, exc: BaseException) -> str:
+    return f"starlette-concurrency could not start its {concurrency.driver_name!r} driver: {type(exc).__name__}: {exc}"
+
+
+async def _unavailable(send: Send) -> None:
+    """Answer 503: the process is shutting down and draining deferred work."""
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 503,
+            "headers": [
+                (b"content-type", b"text/plain; charset=utf-8"),
+                (b"connection", b"close"),
+                (b"retry-after", b"1"),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": b"Service Unavailable: shutting down"})

@@ -112,7 +112,7 @@ class DaskOptions(DriverOptions):
 
 
 class DeprecatedKeywords(TypedDict, total=False):
-    """Release 1's keywords of `Concurrency`, each now a field of a driver's options object."""
+    """The deprecated keywords of `Concurrency` (0.1's first design), each now a field of a driver's options object."""
 
     max_tasks_per_worker: int | None
     idle_timeout: float | None
@@ -134,7 +134,7 @@ _DEPRECATED_KEYWORDS: dict[str, tuple[type[DriverOptions], str]] = {
 
 
 def with_deprecated_keywords(options: list[DriverOptions], keywords: dict[str, Any]) -> list[DriverOptions]:
-    """Add to `options` what release 1's keywords of `Concurrency` say, warning of each keyword.
+    """Add to `options` what the deprecated keywords of `Concurrency` say, warning of each keyword.
 
     Raises:
         TypeError: a keyword that never existed.

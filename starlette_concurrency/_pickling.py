@@ -17,11 +17,11 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-import cloudpickle  # type: ignore[import-untyped]
-
 from . import _protocol
 from ._closures import ClosureCache, Payload
+from ._culprits import find_culprit
 from ._exceptions import RemoteError, RemoteTraceback, SerializationError, WorkerStartFailed
+from ._locations import dumps as located_dumps, located_pickler
 from ._tasks import Outcome, Task
 
 __all__ = [
@@ -37,8 +37,7 @@ __all__ = [
 
 def dumps(obj: Any) -> bytes:
     """Pickle with cloudpickle, which also sends lambdas, closures and `__main__` functions by value."""
-    data: bytes = cloudpickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-    return data
+    return located_dumps(obj)
 
 
 def dumps_task(task: Task) -> bytes:
@@ -100,8 +99,10 @@ def pickle_group(tasks: Sequence[Task], cache: ClosureCache) -> Payload | None:
 
 
 def _unpicklable(task: Task, exc: Exception) -> SerializationError:
+    culprit = find_culprit(task.fn)  # which captured variable, global, default or attribute
+    reason = f"{culprit} cannot be pickled ({exc!r})" if culprit else repr(exc)
     return SerializationError(
-        f"{task.label} cannot be pickled, so it cannot be sent to a worker process: {exc!r}. "
+        f"{task.label} cannot be pickled, so it cannot be sent to a worker process: {reason}. "
         "Capture plain data instead, or use the 'fork' or 'sync' driver."
     )
 
@@ -111,7 +112,7 @@ class _ReusedPickler:
 
     def __init__(self) -> None:
         self.buffer = io.BytesIO()
-        self.pickler = cloudpickle.CloudPickler(self.buffer, protocol=pickle.HIGHEST_PROTOCOL)
+        self.pickler = located_pickler(self.buffer)  # code objects keep their file name (see _locations)
 
     def dumps(self, obj: Any) -> bytes:
         self.buffer.seek(0)

@@ -8,7 +8,7 @@ driver's `Outcome`s back into the shape the caller gave.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Hashable, Iterable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping, Set as AbstractSet
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,14 +79,22 @@ class Batch:
         """Validate what a caller passed.
 
         Raises:
-            TypeError: `tasks` is not a callable, a sequence or a mapping of callables; the
-                message names the offending index or key and its type.
+            TypeError: `tasks` is not a callable, an ordered iterable (not a set) or a mapping of
+                callables; the message names the offending index or key and its type.
         """
-        if callable(tasks) and not isinstance(tasks, type):
-            return cls([Task(0, tasks)], object)
+        # In the order of run()'s typed overloads: a mapping, then any callable (a class too:
+        # `run(SomeClass)` builds one, and on Python 3.13 `threading.Lock` is a class), then an iterable.
         if isinstance(tasks, Mapping):
             items = list(tasks.items())
             shape: type[object] = dict
+        elif callable(tasks):
+            return cls([Task(0, tasks)], object)
+        elif isinstance(tasks, AbstractSet):
+            # Results come back in input order: a set has none to give (a dict's keys and items views are sets too).
+            raise TypeError(
+                f"{argument} must be ordered, not a {type(tasks).__name__} (its order is arbitrary, and results "
+                "come back in input order); pass a list, e.g. list(...) or sorted(..., key=...), or a dict"
+            )
         elif isinstance(tasks, Iterable) and not isinstance(tasks, str | bytes | bytearray | memoryview):
             items = list(enumerate(tasks))
             shape = list

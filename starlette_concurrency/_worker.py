@@ -40,6 +40,8 @@ per worker for nothing.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import copyreg
 import os
 import pickle
@@ -85,6 +87,7 @@ def main(argv: list[str]) -> int:
     _keep_to_this_process(reader, writer.fileno())
     if len(argv) > 3:
         die_with_parent(int(argv[3]))
+    atexit.register(stop_descendants)  # also called by the pipe watcher, which ends the worker with os._exit
     # The parent owns this process's lifetime: Ctrl-C in a terminal reaches the whole process
     # group, and a worker that died of it would fail a task the server is about to drain.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -218,6 +221,40 @@ def die_with_parent(parent: int) -> None:
         os._exit(0)
 
 
+def stop_descendants() -> None:
+    """SIGKILL whatever this worker's tasks started that still runs, in its process group or not (Linux).
+
+    Called as the worker ends. The parent kills the worker's process group, but a process in a session
+    of its own (``start_new_session=True``, ``setsid``) has left it; it is still this process's
+    descendant, though, until this process exits. Freeze the tree round by round (a stopped process
+    forks no more), then kill all of it. Self-contained: the parent's side of this, for a worker it
+    kills, is `_drivers/_descendants.py`, which this file cannot import.
+    """
+    if not sys.platform.startswith("linux"):  # pragma: no cover - /proc is Linux's
+        return
+    seen: set[int] = set()
+    for _ in range(100):
+        tree, queue = [], [os.getpid()]
+        while queue:
+            pid = queue.pop()
+            with contextlib.suppress(OSError):
+                for thread in os.listdir(f"/proc/{pid}/task"):  # a child belongs to the thread that forked it
+                    with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{thread}/children") as file:
+                        children = [int(child) for child in file.read().split()]
+                        tree += children
+                        queue += children
+        new = [pid for pid in tree if pid not in seen]
+        if not new:
+            break
+        for pid in new:
+            seen.add(pid)
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGSTOP)
+    for pid in seen:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+
+
 def result_frame(fn: Callable[[], Any], dumps: Callable[[Any], bytes]) -> bytes:
     """Call `fn` and frame how it ended, without a task id (a forked child's single answer)."""
     return _protocol.frame(*outcome(fn, dumps))
@@ -349,6 +386,7 @@ def _watch_parent(fd: int) -> None:
         while True:
             for _, event in poller.poll():
                 if event & (select.POLLHUP | select.POLLERR | select.POLLNVAL):
+                    stop_descendants()
                     os._exit(0)
 
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()

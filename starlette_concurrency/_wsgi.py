@@ -6,6 +6,7 @@ from collections.abc import Callable, Iterable, Iterator
 from types import TracebackType
 from typing import Any
 
+from . import _exit
 from ._api import Concurrency
 from ._deferred import RequestBatch
 
@@ -23,8 +24,10 @@ class ConcurrencyWSGIMiddleware:
     ``close()`` on the response iterable (PEP 3333: after the last byte was sent), all of it if the
     status is below 400, only the ``always=True`` tasks otherwise; an exception counts as a 500.
     The work runs on the facade's own loop thread, so the server's thread is free at once. The
-    pool starts on first use in each server process (after any pre-fork) and deferred work is
-    drained at interpreter exit, or by ``concurrency.close()`` in a server's exit hook.
+    pool starts on first use in each server process (after any pre-fork). On SIGTERM deferred work
+    is drained first (new requests are answered 503 meanwhile), then the server's own handler runs
+    — or, for a server without one (waitress), the process exits through interpreter exit, which
+    stops the workers; a facade made with the app registers that SIGTERM handler here.
 
     Args:
         app: the WSGI app to wrap.
@@ -34,8 +37,16 @@ class ConcurrencyWSGIMiddleware:
     def __init__(self, app: WSGIApp, concurrency: Concurrency | None = None) -> None:
         self.app = app
         self.concurrency = concurrency if concurrency is not None else Concurrency()
+        _exit.watch(self.concurrency._runtime)  # made in the server process's main thread, usually
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        if self.concurrency.shutting_down:
+            start_response(
+                "503 Service Unavailable",
+                # No Connection header: hop-by-hop headers are the server's (PEP 3333).
+                [("Content-Type", "text/plain; charset=utf-8"), ("Retry-After", "1")],
+            )
+            return [b"Service Unavailable: shutting down"]
         batch = self.concurrency.request_batch(method=environ.get("REQUEST_METHOD"), path=environ.get("PATH_INFO"))
         response = _Response(batch)
 

@@ -38,17 +38,8 @@ __all__ = ["ConcurrencyCollector", "health", "health_endpoint", "register_metric
 PREFIX = "starlette_concurrency"
 
 
-def _driver_names(concurrency: Concurrency) -> list[str]:
-    # Every driver the facade has handed out (its default first): the views `driver(name)` made.
-    # Private state of the facade, read here so that `Concurrency` needs no public listing method.
-    core = getattr(concurrency, "_core", None)
-    views = getattr(core, "views", None) or {}
-    default = getattr(core, "default", concurrency.driver_name)
-    return [default, *sorted(name for name in views if name != default)]
-
-
 def _all_stats(concurrency: Concurrency) -> list[Stats]:
-    snapshots = [concurrency.driver(name).stats() for name in _driver_names(concurrency)]
+    snapshots = [concurrency.driver(name).stats() for name in concurrency.driver_names()]
     # deferred_pending is the facade's count across all its drivers: report it once, on the default
     # driver, so that summing the metric over drivers does not count it twice.
     return [snapshots[0], *(_without_deferred(stats) for stats in snapshots[1:])]

@@ -6,9 +6,11 @@ Deferred tasks write a JSON marker file (pid, start, end) into the directory nam
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -22,7 +24,7 @@ from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, R
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
-from starlette_concurrency import Concurrency, ConcurrencyMiddleware
+from starlette_concurrency import Concurrency, ConcurrencyClosed, ConcurrencyMiddleware
 
 
 def markers() -> Path:
@@ -151,3 +153,42 @@ app = make_app(Concurrency(workers=3, drain_timeout=20))
 # The same with calls that outlive their client, and with a short drain (for servers without lifespan).
 app_keep_on_disconnect = make_app(Concurrency(workers=2, drain_timeout=20), cancel_on_disconnect=False)
 app_short_drain = make_app(Concurrency(workers=2, drain_timeout=3))
+
+
+def scheduler_app() -> Starlette:
+    """Threads that defer outside any request (a scheduler, a metrics loop), from startup until refused.
+
+    Each thread appends the key of every deferral accepted to ``accepted-<n>.txt`` in the markers
+    directory; the tasks mark ``<key>.json`` when they run.
+    """
+    concurrency = Concurrency(workers=2, drain_timeout=5)
+
+    def defer_until_refused(n: int) -> None:
+        with (markers() / f"accepted-{n}.txt").open("a") as accepted:
+            for i in range(100_000):
+                key = f"bg-{n}-{i}"
+                try:
+                    concurrency.defer({key: functools.partial(mark, key, 0.01)})
+                except ConcurrencyClosed:
+                    return
+                accepted.write(key + "\n")
+                accepted.flush()
+                time.sleep(0.005)
+
+    @contextlib.asynccontextmanager
+    async def start_threads(app: Starlette) -> AsyncIterator[None]:
+        for n in range(4):
+            threading.Thread(target=defer_until_refused, args=(n,), daemon=True).start()
+        yield
+
+    async def home(request: Request) -> Response:
+        return PlainTextResponse("ok")
+
+    return Starlette(
+        routes=[Route("/", home)],
+        lifespan=start_threads,
+        middleware=[Middleware(ConcurrencyMiddleware, concurrency=concurrency)],
+    )
+
+
+app_scheduler = scheduler_app()

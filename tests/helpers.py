@@ -8,6 +8,7 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import anyio
 
@@ -19,7 +20,10 @@ async def eventually(predicate: Callable[[], bool], timeout: float = 10.0) -> No
             await anyio.sleep(0.02)
 
 
-def identity(value: object) -> object:
+V = TypeVar("V")
+
+
+def identity(value: V) -> V:
     return value
 
 

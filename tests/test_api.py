@@ -177,7 +177,9 @@ def test_invalid_environment_variables_name_themselves(
         ("abc", "tasks must be a callable, a sequence of callables or a mapping of callables, not str"),
         (b"abc", "not bytes"),
         (None, "not NoneType"),
-        (int, "not type"),
+        ({lambda: 1}, r"tasks must be ordered, not a set \(its order is arbitrary"),
+        (frozenset([int]), "tasks must be ordered, not a frozenset"),
+        ({int: 1}.keys(), "tasks must be ordered, not a dict_keys"),
         ([1, 2], r"tasks\[0\] is not callable: got int 1; wrap the work in a function or a lambda"),
         ([lambda: 1, "x"], r"tasks\[1\] is not callable: got str 'x'"),
         ({"users": lambda: 1, "orders": None}, r"tasks\['orders'\] is not callable: got NoneType None"),
@@ -187,6 +189,27 @@ async def test_bad_tasks_get_a_clear_type_error(tasks: object, message: str) -> 
     async with Concurrency(driver="sync", env_file=None) as concurrency:
         with pytest.raises(TypeError, match=message):
             await concurrency.run(tasks)  # type: ignore[call-overload]
+
+
+class Point:
+    def __init__(self) -> None:
+        self.x = 1
+
+
+async def test_a_class_is_a_task_alone_as_in_a_list() -> None:
+    # A class is a zero-argument callable; on Python 3.13 so is threading.Lock.
+    async with Concurrency(driver="sync", env_file=None) as concurrency:
+        assert (await concurrency.run(Point)).x == 1
+        assert [point.x for point in await concurrency.run([Point])] == [1]
+        assert await concurrency.run(int) == 0
+        assert await concurrency.run({"n": int}) == {"n": 0}
+
+
+async def test_ordered_iterables_are_task_lists() -> None:
+    async with Concurrency(driver="sync", env_file=None) as concurrency:
+        assert await concurrency.run(iter([lambda: 1, lambda: 2])) == [1, 2]
+        assert await concurrency.run({"a": lambda: 1}.values()) == [1]
+        assert await concurrency.run(fn for fn in (int, lambda: 3)) == [0, 3]
 
 
 @pytest.mark.parametrize("timeout", [0, -1, float("nan")])
@@ -205,7 +228,7 @@ async def test_driver_views_share_the_facade_and_are_cached() -> None:
     assert view.settings is concurrency.settings
     async with concurrency:
         assert await view.run(lambda: 1) == 1
-    assert concurrency._core.drivers == {}  # closing the facade closed the view's driver too
+    assert concurrency._runtime.drivers == {}  # closing the facade closed the view's driver too
 
 
 class Doubling(Driver):
@@ -249,8 +272,8 @@ async def test_entering_twice_is_counted() -> None:
         async with concurrency:
             assert await concurrency.run(lambda: 1) == 1
         assert await concurrency.run(lambda: 2) == 2
-        assert concurrency._core.host is not None
-    assert concurrency._core.host is None
+        assert concurrency._runtime.host is not None
+    assert concurrency._runtime.host is None
     assert await concurrency.run(lambda: 3) == 3  # lazily usable again
     await concurrency.aclose()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from collections.abc import Iterator
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from starlette_concurrency import Concurrency, ConfigurationError, DaskOptions
+from starlette_concurrency import Concurrency, ConfigurationError, DaskOptions, ProcessOptions
 from starlette_concurrency._config import WORKERS_PER_CPU, Settings, _warned, usable_cpus
 
 
@@ -85,6 +86,31 @@ def test_a_byte_order_mark_does_not_hide_the_first_setting(tmp_path: Path) -> No
     assert (settings.driver, settings.workers) == ("sync", 3)
 
 
+def test_export_lines_set_their_variable_as_python_dotenv_reads_them(tmp_path: Path) -> None:
+    # A `.env` that the shell can `source` (python-dotenv reads these lines the same way).
+    env_file = tmp_path / ".env"
+    env_file.write_text(
+        "export CONCURRENCY_WORKERS=3\n"
+        "export\tCONCURRENCY_TIMEOUT = '2.5'\n"
+        "# export CONCURRENCY_DRIVER=fork\n"
+        "exported_NAME=1\n"
+        "export CONCURRENCY_DRIVER=sync\n"
+    )
+    settings = Concurrency(env_file=env_file).settings
+    assert (settings.driver, settings.workers, settings.timeout) == ("sync", 3, 2.5)
+    assert settings.variables == {
+        "CONCURRENCY_WORKERS": "3",
+        "CONCURRENCY_TIMEOUT": "2.5",
+        "CONCURRENCY_DRIVER": "sync",
+    }
+
+
+def test_a_later_line_of_the_dotenv_file_wins(tmp_path: Path) -> None:
+    env_file = tmp_path / ".env"
+    env_file.write_text("CONCURRENCY_WORKERS=2\nexport CONCURRENCY_WORKERS=5\nCONCURRENCY_DRIVER=sync\n")
+    assert Concurrency(env_file=env_file).settings.workers == 5
+
+
 def test_a_misspelt_variable_warns_once_with_the_closest_name(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CONCURRENCY_WORKER", "3")
     expected = r"unknown setting CONCURRENCY_WORKER in the environment is ignored; did you mean CONCURRENCY_WORKERS\?"
@@ -146,3 +172,77 @@ def test_a_dask_address_of_the_wrong_form_is_refused_at_construction(
         Concurrency("sync", env_file=None)
     with pytest.raises(ConfigurationError, match=r"^DaskOptions\.address must be a string"):
         Concurrency("sync", options=DaskOptions(address=8786), env_file=None)  # type: ignore[arg-type]
+
+
+# Numbers are finite and bounded; an error repeats at most a short prefix of a bad value --------------------
+
+RANGE = r"must be positive and at most 86400 \(seconds: one day\), got"
+
+
+@pytest.mark.parametrize("raw", ["inf", "Infinity", "1e400", "-inf", "nan", "86400.5"])
+@pytest.mark.parametrize("variable", ["CONCURRENCY_DRAIN_TIMEOUT", "CONCURRENCY_TIMEOUT"])
+def test_a_duration_variable_out_of_range_is_refused_with_the_range(
+    variable: str, raw: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(variable, raw)
+    with pytest.raises(ConfigurationError, match=rf"^{variable} {RANGE} (inf|-inf|nan|86400\.5)$"):
+        Concurrency("sync", env_file=None)
+
+
+def test_a_duration_at_the_bound_is_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CONCURRENCY_DRAIN_TIMEOUT", "86400")
+    monkeypatch.setenv("CONCURRENCY_TIMEOUT", "0.001")
+    settings = Concurrency("sync", env_file=None).settings
+    assert (settings.drain_timeout, settings.timeout) == (86400.0, 0.001)
+
+
+@pytest.mark.parametrize("value", [math.inf, -math.inf, math.nan, 1e300])
+def test_an_explicit_duration_out_of_range_is_refused_with_the_range(value: float) -> None:
+    with pytest.raises(ConfigurationError, match=rf"^timeout {RANGE}"):
+        Concurrency("sync", timeout=value, env_file=None)
+    with pytest.raises(ConfigurationError, match=rf"^drain_timeout {RANGE}"):
+        Concurrency("sync", drain_timeout=value, env_file=None)
+    with pytest.raises(ConfigurationError, match=rf"^ProcessOptions\.idle_timeout {RANGE}"):
+        ProcessOptions(idle_timeout=value)
+
+
+@pytest.mark.anyio
+async def test_a_run_timeout_out_of_range_is_refused_with_the_range() -> None:
+    async with Concurrency(driver="sync", env_file=None) as concurrency:
+        with pytest.raises(ValueError, match=rf"^timeout {RANGE} inf$"):
+            await concurrency.run(lambda: 1, timeout=math.inf)
+
+
+HUGE = 20_000_000  # characters: a variable someone filled by mistake (or on purpose)
+
+
+@pytest.mark.parametrize(
+    ("variable", "raw"),
+    [
+        ("CONCURRENCY_WORKERS", "x" * HUGE),
+        ("CONCURRENCY_WORKERS", "9" * HUGE),  # more digits than int() will read
+        ("CONCURRENCY_TIMEOUT", "z" * HUGE),
+        ("CONCURRENCY_DRAIN_TIMEOUT", "9" * HUGE),  # a float this long is inf
+        ("CONCURRENCY_DASK_ADDRESS", "tcp://" + "h" * HUGE),
+    ],
+)
+def test_an_error_quotes_only_a_prefix_of_a_huge_value(
+    variable: str, raw: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(variable, raw)
+    with pytest.raises(ConfigurationError, match=rf"^{variable} must") as caught:
+        Concurrency("sync", env_file=None)
+    message = str(caught.value)
+    assert len(message) < 300, message[:300]
+    if raw[-1] != "9":  # the ones that could not be parsed say how long they were
+        assert f"... ({len(raw)} characters)" in message
+
+
+def test_an_explicit_argument_is_quoted_short_too() -> None:
+    with pytest.raises(ConfigurationError, match=r"^timeout must be a positive float, not str 'xxx") as caught:
+        Concurrency("sync", timeout="x" * HUGE, env_file=None)  # type: ignore[arg-type]
+    assert len(str(caught.value)) < 200
+    with pytest.raises(ConfigurationError, match=r"^workers must be at most \d+ .*, got <int>$"):
+        Concurrency("sync", workers=10**5000, env_file=None)
+    with pytest.raises(ConfigurationError, match=r"^DaskOptions\.address must look like .*\(6000006 characters\)$"):
+        Concurrency("sync", options=DaskOptions(address="tcp://" + "h" * 6_000_000), env_file=None)

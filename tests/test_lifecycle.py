@@ -7,11 +7,15 @@ import contextlib
 import functools
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import anyio
+import anyio.lowlevel
+import anyio.to_thread
 import pytest
+from blockbuster import blockbuster_ctx
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
 from starlette.middleware import Middleware
@@ -32,8 +36,11 @@ from starlette_concurrency import (
     SerializationError,
     Task,
     WrongContext,
+    _runtime as runtime_module,
 )
 from starlette_concurrency._drivers.sync import SyncDriver
+from starlette_concurrency._host import HostKind
+from starlette_concurrency._runtime import State
 
 from . import helpers
 from .asgi import client
@@ -280,3 +287,129 @@ async def test_one_task_hosting_several_facades_closes_each_of_them() -> None:
     assert helpers.worker_children() == []  # each exit closed its own facade's workers
     assert await first.run(lambda: 3) == 3  # and each is back to not started: usable again
     await first.aclose()
+
+
+# The facade's life, as states (starlette_concurrency/_runtime.py) ----------------------------------
+
+
+def state_of(concurrency: Concurrency) -> State:
+    return concurrency._runtime.state  # a function: each look is a fresh read, for the type checker too
+
+
+def host_kind(concurrency: Concurrency) -> HostKind | None:
+    host = concurrency._runtime.host
+    return None if host is None else host.kind
+
+
+@pytest.mark.anyio
+async def test_the_states_follow_the_facades_life() -> None:
+    concurrency = Concurrency(driver="sync", env_file=None)
+    assert state_of(concurrency) is State.NOT_STARTED
+    async with concurrency:
+        assert state_of(concurrency) is State.SERVING
+        assert host_kind(concurrency) is HostKind.LIFESPAN
+    assert state_of(concurrency) is State.NOT_STARTED  # the last user left: drained, stopped, lazily usable
+    assert await concurrency.run(lambda: 1) == 1
+    assert host_kind(concurrency) is HostKind.ADOPTED
+    await concurrency.aclose()
+    assert state_of(concurrency) is State.CLOSED
+    with pytest.raises(ConcurrencyClosed):
+        concurrency.defer(lambda: 1)
+    async with concurrency:  # entering again reopens it
+        assert await concurrency.run(lambda: 2) == 2
+    assert state_of(concurrency) is State.NOT_STARTED
+
+
+class SlowStart(Driver):
+    """A driver whose start takes a while, counting its starts and closes."""
+
+    name = "slow-start"
+
+    def __init__(self) -> None:
+        self.starts = self.closes = 0
+
+    async def start(self) -> None:
+        self.starts += 1
+        await anyio.sleep(0.2)
+
+    async def execute(self, tasks: Sequence[Task], outcomes: list[Outcome | None]) -> None:
+        for index, task in enumerate(tasks):
+            outcomes[index] = Outcome(value=task.fn())
+
+    async def aclose(self) -> None:
+        self.closes += 1
+
+
+@pytest.mark.anyio
+async def test_an_interrupted_start_leaves_nothing_half_made() -> None:
+    driver = SlowStart()
+    concurrency = Concurrency(driver, env_file=None)
+    with anyio.move_on_after(0.05):  # the caller gives up while the driver starts
+        await concurrency.run(lambda: 1)
+    # The host is whole and owned: the next call uses it, and closing stops what was started.
+    assert await concurrency.run(lambda: 2) == 2
+    await concurrency.aclose()
+    assert state_of(concurrency) is State.CLOSED
+    assert concurrency._runtime.host is None
+    assert driver.closes >= 1
+
+
+@pytest.mark.anyio
+async def test_deferring_from_another_loop_never_blocks_it_and_counts_each_task_once(tmp_path: Path) -> None:
+    # `with concurrency:` hosts the facade on its own thread; this loop defers to it. Nothing here may wait
+    # for that thread (blockbuster fails any blocking call on this loop), and the counts never go below zero.
+    concurrency = Concurrency(driver="sync", env_file=None)
+    await anyio.to_thread.run_sync(concurrency.__enter__)
+    seen: list[int] = []
+    try:
+        with blockbuster_ctx(["starlette_concurrency"]):
+            for index in range(200):
+                concurrency.defer(functools.partial(touch, tmp_path / f"t{index}"))
+                seen.append(concurrency.stats().deferred_pending)
+                if index % 20 == 0:
+                    await anyio.lowlevel.checkpoint()
+            await concurrency.wait_deferred(timeout=30)
+        assert min(seen) >= 0
+        assert concurrency.stats().deferred_pending == 0
+        assert len(list(tmp_path.iterdir())) == 200
+    finally:
+        await anyio.to_thread.run_sync(concurrency.__exit__, None, None, None)
+
+
+@pytest.mark.anyio
+async def test_the_first_call_of_a_lazy_facade_never_blocks_the_loop() -> None:
+    concurrency = Concurrency(driver="sync", env_file=None)
+    with blockbuster_ctx(["starlette_concurrency"]):
+        assert await concurrency.run([lambda: 1, lambda: 2]) == [1, 2]
+        concurrency.defer(lambda: 3)
+        await concurrency.wait_deferred(timeout=30)
+    await concurrency.aclose()
+
+
+def test_a_host_nobody_entered_stops_when_unused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(runtime_module, "IDLE_TIMEOUT", 0.3)
+    concurrency = Concurrency(workers=1, env_file=None)
+    assert concurrency.run_blocking(helpers.pid) in helpers.worker_children()  # its own thread hosts it
+    deadline = time.monotonic() + 30
+    while state_of(concurrency) is not State.NOT_STARTED or helpers.worker_children():
+        assert time.monotonic() < deadline, "the unused host kept its workers"
+        time.sleep(0.05)
+    assert concurrency.run_blocking(lambda: 5) == 5  # and starts again when needed
+    concurrency.close()
+
+
+@pytest.mark.anyio
+async def test_defer_once_the_drain_is_over_is_refused_not_lost(tmp_path: Path) -> None:
+    # A thread (a scheduler, a metrics loop) deferring while the process shuts down: after the drain it
+    # gets ConcurrencyClosed; it never starts a pool that the process's exit would then kill.
+    concurrency = Concurrency(driver="sync", env_file=None)
+    runtime = concurrency._runtime
+    async with concurrency:
+        runtime.exiting = True  # what a SIGTERM sets (the real signal: test_sync.py, test_uvicorn.py)
+        concurrency.defer(functools.partial(touch, tmp_path / "joined"))
+    assert (tmp_path / "joined").exists()
+    assert state_of(concurrency) is State.CLOSED
+    with pytest.raises(ConcurrencyClosed, match="shutting down"):
+        await anyio.to_thread.run_sync(concurrency.defer, functools.partial(touch, tmp_path / "late"))
+    assert runtime.host is None
+    assert not (tmp_path / "late").exists()

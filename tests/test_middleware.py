@@ -6,7 +6,7 @@ import functools
 import json
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -102,8 +102,8 @@ async def test_work_still_running_after_the_drain_timeout_is_logged_as_abandoned
             await http.get("/defer", params={"seconds": 30})
     abandoned = sorted(record.getMessage().split(";")[0] for record in caplog.records)
     assert abandoned == [
-        "deferred task 0 (partial(mark)) abandoned: still running after the 0.5 s drain timeout",
-        "deferred task 1 (partial(mark)) abandoned: still running after the 0.5 s drain timeout",
+        "deferred task 0 (partial(mark)) abandoned, stopped unfinished: the 0.5 s drain timeout ran out",
+        "deferred task 1 (partial(mark)) abandoned, stopped unfinished: the 0.5 s drain timeout ran out",
     ]
     assert all("raise drain_timeout" in record.getMessage() for record in caplog.records)  # says what to do
     assert [getattr(r, "task", None) for r in sorted(caplog.records, key=lambda r: r.getMessage())] == [
@@ -119,11 +119,13 @@ async def test_the_drain_is_logged_when_it_begins_and_ends(markers: Path, caplog
     with caplog.at_level(logging.INFO, logger="starlette_concurrency"):
         async with lifespan(app), client(app) as http:
             await http.get("/defer", params={"seconds": 30})
+    # Work pending at shutdown is worth a WARNING (default logging shows it); the end is INFO.
+    warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+    assert "draining 2 deferred task(s), for up to 0.5 s" in warnings
     messages = [record.getMessage() for record in caplog.records if record.levelno == logging.INFO]
-    assert "draining 2 deferred task(s), for up to 0.5 s" in messages
     finished = [message for message in messages if message.startswith("drain finished in")]
     assert len(finished) == 1
-    assert finished[0].endswith("; 2 deferred task(s) still running")
+    assert finished[0].endswith("; 2 deferred task(s) abandoned")
 
 
 async def test_deferred_work_that_overruns_the_timeout_is_stopped_and_logged(
@@ -320,3 +322,148 @@ async def test_a_client_that_leaves_stops_its_run_call_on_any_event_loop(tmp_pat
     finally:
         await concurrency.aclose()
     assert helpers.worker_children() == []
+
+
+def _http_scope(method: str = "GET", path: str = "/") -> Scope:
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": b"",
+        "headers": [],
+        "server": ("127.0.0.1", 80),
+        "client": ("127.0.0.1", 1234),
+    }
+
+
+async def check_briefly() -> bool:
+    await anyio.sleep(0.1)  # an async task: the sync driver awaits it on this loop, beside the watch
+    return False
+
+
+def virtual_clock() -> dict[str, object]:
+    from trio.testing import MockClock
+
+    return {"clock": MockClock(autojump_threshold=0)}  # time jumps ahead whenever every task waits
+
+
+@pytest.mark.parametrize(("backend", "options"), [("asyncio", dict), ("trio", virtual_clock)], ids=["asyncio", "trio"])
+def test_a_finished_run_never_waits_for_the_rest_of_an_upload(
+    backend: str, options: Callable[[], dict[str, object]]
+) -> None:
+    anyio.run(a_finished_run_never_waits_for_the_rest_of_an_upload, backend=backend, backend_options=options())
+
+
+async def a_finished_run_never_waits_for_the_rest_of_an_upload() -> None:
+    # An endpoint checks with a 100 ms task, then rejects an upload it never reads. The client's next
+    # body part never comes: an answer that waited for it (or for a while) would come late or never.
+    concurrency = Concurrency(driver="sync", env_file=None)
+
+    async def endpoint(request: Request) -> Response:
+        accepted = await concurrency.run(check_briefly)
+        return PlainTextResponse("accepted" if accepted else "too large", status_code=413)
+
+    app = ConcurrencyMiddleware(Starlette(routes=[Route("/", endpoint, methods=["POST"])]), concurrency=concurrency)
+    parts: list[Message] = [{"type": "http.request", "body": b"x" * 1000, "more_body": True}]
+
+    async def receive() -> Message:
+        if parts:
+            return parts.pop(0)
+        await anyio.sleep_forever()  # the rest of the upload: slow, never here in time
+        raise AssertionError  # pragma: no cover
+
+    sent: list[Message] = []
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    began = anyio.current_time()
+    with anyio.fail_after(30):
+        await app(_http_scope("POST"), receive, send)
+    # On trio the clock is virtual (it jumps whenever every task waits): a watch that held the answer
+    # back to read on would show here as a second or more, deterministically.
+    assert anyio.current_time() - began < 0.5
+    assert [message["status"] for message in sent if message["type"] == "http.response.start"] == [413]
+    await concurrency.aclose()
+
+
+async def test_serving_requests_without_a_lifespan_warns_once_how_to_wire_it(caplog: pytest.LogCaptureFixture) -> None:
+    # Litestar's `middleware=[...]`, a mounted sub-app: the middleware never sees the lifespan.
+    concurrency = Concurrency(driver="sync", env_file=None)
+
+    async def endpoint(request: Request) -> Response:
+        return PlainTextResponse(str(await concurrency.run(lambda: 1)))
+
+    app = ConcurrencyMiddleware(Starlette(routes=[Route("/", endpoint)]), concurrency=concurrency)
+    with caplog.at_level(logging.WARNING, logger="starlette_concurrency"):
+        async with client(app) as http:
+            assert (await http.get("/")).text == "1"
+            assert (await http.get("/")).text == "1"
+    [warning] = [record.getMessage() for record in caplog.records]
+    assert "never received the ASGI lifespan" in warning
+    assert "Litestar" in warning
+    await concurrency.aclose()
+
+
+async def test_a_middleware_that_saw_the_lifespan_does_not_warn(caplog: pytest.LogCaptureFixture) -> None:
+    concurrency = Concurrency(driver="sync", env_file=None)
+    app = ConcurrencyMiddleware(Starlette(routes=[Route("/", lambda request: PlainTextResponse("ok"))]), concurrency)
+    with caplog.at_level(logging.WARNING, logger="starlette_concurrency"):
+        async with lifespan(app), client(app) as http:
+            assert (await http.get("/")).text == "ok"
+    assert [record.getMessage() for record in caplog.records] == []
+
+
+async def test_a_lifespan_that_raises_is_not_called_unsupported(caplog: pytest.LogCaptureFixture) -> None:
+    concurrency = Concurrency(driver="sync", env_file=None)
+
+    @asynccontextmanager
+    async def broken(app: Starlette) -> AsyncIterator[None]:
+        raise RuntimeError("no database")
+        yield  # pragma: no cover
+
+    app = ConcurrencyMiddleware(Starlette(lifespan=broken), concurrency=concurrency)
+    with (
+        caplog.at_level(logging.WARNING, logger="starlette_concurrency"),
+        pytest.raises(LifespanFailed, match="no data"),
+    ):
+        async with lifespan(app):
+            pass  # pragma: no cover - never entered
+    assert not any("does not support" in record.getMessage() for record in caplog.records)
+    assert concurrency.stats().workers == 0  # the workers never started: the app's startup failed first
+
+
+async def test_the_workers_start_after_the_apps_own_startup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # What the app's startup puts in the environment (load_dotenv(), a secret) is there in every worker.
+    monkeypatch.delenv("APP_SECRET", raising=False)
+    concurrency = Concurrency(workers=2, env_file=None)
+
+    @asynccontextmanager
+    async def app_lifespan(app: Starlette) -> AsyncIterator[None]:
+        os.environ["APP_SECRET"] = "s3cret"
+        try:
+            yield
+        finally:
+            del os.environ["APP_SECRET"]
+
+    app = ConcurrencyMiddleware(Starlette(lifespan=app_lifespan), concurrency=concurrency)
+    async with lifespan(app):
+        assert concurrency.stats().workers == 2  # started during the startup, after the app's part of it
+        seen = await concurrency.run([functools.partial(os.environ.get, "APP_SECRET")] * 2)
+    assert seen == ["s3cret", "s3cret"]
+
+
+async def test_new_requests_get_a_503_once_the_process_is_shutting_down() -> None:
+    concurrency = Concurrency(driver="sync", env_file=None)
+    app = ConcurrencyMiddleware(Starlette(routes=[Route("/", lambda request: PlainTextResponse("ok"))]), concurrency)
+    async with client(app) as http:
+        assert (await http.get("/")).status_code == 200
+        concurrency._runtime.exiting = True  # what a SIGTERM sets (the real signal: tests/test_uvicorn.py)
+        response = await http.get("/")
+    assert response.status_code == 503
+    assert response.headers["connection"] == "close"

@@ -76,7 +76,7 @@ def test_the_facade_forwards_options_to_the_drivers_factories() -> None:
     assert one.options_for(DaskOptions) == DaskOptions()  # not given: the driver's defaults
     assert Concurrency("sync", options=None, env_file=None).settings.options == ()
     facade = Concurrency(workers=1, options=process, env_file=None)
-    driver = facade._core.driver("process")
+    driver = facade._runtime.driver("process")
     assert isinstance(driver, ProcessDriver)
     assert driver.options is process
 

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import email
 import email.policy
+import importlib.metadata
+import re
 import subprocess
 import sys
 import tarfile
+import tomllib
 import zipfile
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
 
 import starlette_concurrency
 
@@ -76,6 +80,29 @@ def test_the_sdist_holds_what_the_tests_and_scripts_need(dist: Path, tmp_path: P
         check=True,
         timeout=120,
     )
+
+
+def test_the_installed_dependencies_are_within_the_declared_ranges() -> None:
+    # What the tests run against is what pyproject.toml promises: a pin in requirements.txt outside a
+    # range (a cloudpickle past its bound), or a floor below what the lowest-versions job installed, fails.
+    if not (ROOT / "pyproject.toml").exists():
+        pytest.skip("not run from a source tree")  # pragma: no cover - e.g. tests run from an installed copy
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    declared = [*project["dependencies"], *(r for extra in project["optional-dependencies"].values() for r in extra)]
+    requirements = [Requirement(r) for r in declared]
+    installed = {r.name: importlib.metadata.version(r.name) for r in requirements}
+    outside = {r.name: installed[r.name] for r in requirements if not r.specifier.contains(installed[r.name], True)}
+    assert not outside, f"installed outside pyproject.toml's ranges: {outside}"
+    cloudpickle = next(r for r in requirements if r.name == "cloudpickle")
+    assert any(spec.operator == "<" for spec in cloudpickle.specifier), "cloudpickle needs an upper bound"
+
+
+def test_scripts_example_installs_the_extras_the_example_links_to() -> None:
+    # The example's page links to /prometheus, which it serves only with prometheus_client installed.
+    installs = re.findall(r"pip install .* -e '\.\[([\w,]+)\]'", (ROOT / "scripts/example").read_text())
+    assert installs, "scripts/example installs no extras"
+    assert {"examples", "prometheus"} <= set(installs[0].split(","))
+    assert 'href="/prometheus"' in (ROOT / "examples/app.py").read_text()
 
 
 def test_scripts_example_refuses_a_port_that_is_not_a_number() -> None:

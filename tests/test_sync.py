@@ -148,3 +148,28 @@ def test_ctrl_c_in_run_blocking_stops_its_tasks(tmp_path: Path) -> None:
     assert output.strip() == "interrupted"
     assert not psutil.pid_exists(worker) or helpers.gone(worker)  # its worker was stopped with it
     assert not marker.exists()
+
+
+def test_sigterm_in_a_script_drains_then_ends_as_sigterm_would(tmp_path: Path) -> None:
+    # No server, no handler of its own: SIGTERM's default action would kill the process at once. The facade
+    # drains first (on its own thread: the main thread goes on meanwhile), then lets SIGTERM end the process.
+    script = (
+        "import functools, pathlib, sys, time\n"
+        "from starlette_concurrency import Concurrency\n"
+        "from tests import helpers\n"
+        "c = Concurrency(workers=2, drain_timeout=30, env_file=None)\n"
+        "out = pathlib.Path(sys.argv[1])\n"
+        "c.defer({f'd{i}': functools.partial(helpers.sleep_then_touch, out / f'd{i}', 1) for i in range(3)})\n"
+        "print('deferred', flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", script, str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    assert child.stdout is not None
+    assert child.stdout.readline() == b"deferred\n"
+    child.send_signal(signal.SIGTERM)
+    _, errors = child.communicate(timeout=60)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["d0", "d1", "d2"], errors.decode()
+    assert child.returncode == -signal.SIGTERM
+    assert b"abandoned" not in errors

@@ -32,6 +32,7 @@ from typing import Any, TypeVar
 import anyio
 
 from .._protocol import FrameBuffer, grow_pipe
+from ._descendants import kill_tree
 
 __all__ = ["Child", "run_in_spawn_thread"]
 
@@ -148,12 +149,16 @@ class Child:
         return self.poll()
 
     def kill(self) -> None:
-        """SIGKILL the child's whole process group (what its task started too), then the child itself."""
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.pid, signal.SIGKILL)  # the group outlives its leader while a member lives
+        """SIGKILL the child's whole process group (what its task started too), then the child itself.
+
+        A child not reaped yet is frozen at once and killed a moment later from a thread, after its
+        descendants that left its group (`_descendants.kill_tree`); wait for its exit as before.
+        """
         if not self.poll():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, signal.SIGKILL)
+            kill_tree(self.pid)
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, signal.SIGKILL)  # reaped: the group outlives its leader while a member lives
 
     def read_available(self) -> bool:
         """Read what the result pipe holds into `frames` without waiting; return False at EOF."""

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from types import ModuleType
 from typing import Any
 
+from .._checks import quote
 from .._exceptions import ConfigurationError
 
 __all__ = [
@@ -34,7 +35,7 @@ def check_address(address: str) -> str:
     from distributed.comm.registry import get_backend
 
     if not isinstance(address, str) or not address.strip():
-        raise ConfigurationError(f"{ADDRESS} must be a scheduler address such as tcp://host:8786, got {address!r}")
+        raise ConfigurationError(f"{ADDRESS} must be a scheduler address such as tcp://host:8786, got {quote(address)}")
     address = address.strip()
     try:
         scheme, location = parse_address(address, strict=False)
@@ -45,10 +46,11 @@ def check_address(address: str) -> str:
             return address
     except (ValueError, TypeError, ImportError) as exc:
         raise ConfigurationError(
-            f"{ADDRESS} is not a dask scheduler address: {address!r} ({exc}); expected e.g. tcp://host:8786"
+            f"{ADDRESS} is not a dask scheduler address: {quote(address)} ({quote(str(exc), 80)}); "
+            "expected e.g. tcp://host:8786"
         ) from None
     if not host or not 0 < port < 65536:
-        raise ConfigurationError(f"{ADDRESS} needs a host and a port from 1 to 65535, got {address!r}")
+        raise ConfigurationError(f"{ADDRESS} needs a host and a port from 1 to 65535, got {quote(address)}")
     return address
 
 
@@ -62,7 +64,7 @@ def security_from_environment(distributed: ModuleType, variables: Mapping[str, s
             raise ConfigurationError(f"{name} must be set too: a TLS client needs {TLS_CA} and {TLS_CERT}")
     for name, path in paths.items():
         if path is not None and not os.path.isfile(path):
-            raise ConfigurationError(f"{name} names no readable file: {path!r}")
+            raise ConfigurationError(f"{name} names no readable file: {quote(path)}")
     ca, cert, key = paths[TLS_CA], paths[TLS_CERT], paths[TLS_KEY]
     try:
         context = ssl.create_default_context(cafile=ca)
@@ -88,7 +90,9 @@ def check_security(security: Any, address: str | None, origin: str) -> None:
     except (OSError, ValueError, ssl.SSLError) as exc:
         raise ConfigurationError(f"{origin} cannot build a TLS client: {exc}") from None
     if security.require_encryption and not address.startswith(SECURE_SCHEMES):
-        raise ConfigurationError(f"{origin} requires encryption, but {ADDRESS} {address!r} is not a tls:// address")
+        raise ConfigurationError(
+            f"{origin} requires encryption, but {ADDRESS} {quote(address)} is not a tls:// address"
+        )
 
 
 def check_cryptography() -> None:

@@ -25,6 +25,13 @@ handed only to our client and, through the nannies' spawn pipes, to its workers:
 machine (any uid) cannot connect to it, let alone run code there. An external cluster gets whatever
 `distributed.Security` the caller passes, or the `CONCURRENCY_DASK_TLS_*` files.
 
+The embedded cluster's scratch space is the driver's own: a directory made at `start()` with
+`tempfile.mkdtemp` (mode 0700, under Dask's ``temporary-directory`` or the system's temp dir), handed to
+the scheduler, the nannies and the workers as their ``local_directory``, and removed at `aclose()`.
+distributed's default is a fixed path in the shared temp dir (``/tmp/dask-scratch-space``) that it
+reuses if it exists and puts first on ``sys.path`` of every process of the cluster, this one included:
+a local user who made it first could plant modules there.
+
 `distributed` is imported here only, when the driver is chosen; it runs on asyncio alone.
 """
 
@@ -35,6 +42,8 @@ import functools
 import os
 import pickle
 import re
+import shutil
+import tempfile
 import time
 import traceback
 import uuid
@@ -110,7 +119,8 @@ class DaskDriver(Driver):
     dropped. Runs on asyncio only; on trio, `start()` raises `ConfigurationError`.
 
     The embedded cluster speaks TLS with certificates made in memory for it at `start()`, known only
-    to this driver's client and its workers: nobody else on the machine can connect to it. For an
+    to this driver's client and its workers: nobody else on the machine can connect to it. Its scratch
+    directory is private too (made at `start()`, mode 0700, removed at `aclose()`). For an
     external cluster give `DaskOptions.security`, or set ``CONCURRENCY_DASK_TLS_CA_FILE``,
     ``CONCURRENCY_DASK_TLS_CERT`` (and ``CONCURRENCY_DASK_TLS_KEY`` unless the certificate file holds
     the key); without either, Dask's own ``distributed.comm.tls`` configuration applies.
@@ -164,6 +174,7 @@ class DaskDriver(Driver):
         self._unfinished = 0  # tasks of this driver submitted to the cluster and not finished
         self._client: Any = None
         self._cluster: Any = None
+        self._scratch: str | None = None  # the embedded cluster's private scratch directory, while it runs
         self._closed = False
 
     @property
@@ -183,13 +194,14 @@ class DaskDriver(Driver):
         if self._client is not None:
             return
         distributed = self._distributed
-        cluster = None
+        cluster = scratch = None
         security = self.security
         try:
             if self.address is None:
                 # Certificates for this cluster alone, in memory: the nannies hand them to the workers they
                 # spawn over their private pipes, and a process without them cannot even finish a handshake.
                 security = await anyio.to_thread.run_sync(distributed.Security.temporary)  # an RSA key: ~0.1 s of CPU
+                scratch = _private_scratch()
                 cluster = await distributed.LocalCluster(
                     n_workers=self.workers,
                     threads_per_worker=1,
@@ -199,19 +211,26 @@ class DaskDriver(Driver):
                     dashboard_address="127.0.0.1:0",  # the default, 8787, may be taken: a second cluster, a proxy
                     security=security,
                     asynchronous=True,
+                    local_directory=scratch,  # the nannies' and the workers'
+                    scheduler_kwargs={"local_directory": scratch},
                 )
             # Not the default client: the app may have one of its own, and `dask.compute` would pick ours.
             client = await distributed.Client(
                 cluster or self.address, security=security, asynchronous=True, set_as_default=False
             )
         except OSError as exc:
-            await self._close(None, cluster)
+            await self._close(None, cluster, scratch)
             where = f"the dask scheduler at {self.address}" if self.address else "the embedded dask cluster"
             raise ConcurrencyError(f"cannot reach {where}: {exc}") from exc
         except BaseException:
-            await self._close(None, cluster)
+            await self._close(None, cluster, scratch)
             raise
-        self._client, self._cluster = client, cluster
+        self._client, self._cluster, self._scratch = client, cluster, scratch
+
+    @property
+    def scratch_directory(self) -> str | None:
+        """The embedded cluster's private scratch directory while it runs (``None``: none, or an external cluster)."""
+        return self._scratch
 
     async def execute(self, tasks: Sequence[Task], outcomes: list[Outcome | None]) -> None:
         """Run the tasks on the cluster; see `Driver.execute`."""
@@ -310,17 +329,28 @@ class DaskDriver(Driver):
         if self._closed:
             return
         self._closed = True
-        client, cluster = self._client, self._cluster
-        self._client = self._cluster = None
-        await self._close(client, cluster)
+        client, cluster, scratch = self._client, self._cluster, self._scratch
+        self._client = self._cluster = self._scratch = None
+        await self._close(client, cluster, scratch)
 
     @staticmethod
-    async def _close(client: Any, cluster: Any) -> None:
+    async def _close(client: Any, cluster: Any, scratch: str | None = None) -> None:
         with anyio.CancelScope(shield=True):
-            if client is not None:
-                await client.close()
-            if cluster is not None:
-                await cluster.close()
+            try:
+                if client is not None:
+                    await client.close()
+                if cluster is not None:
+                    await cluster.close()
+            finally:
+                if scratch is not None:  # spilled data may be large: off the event loop
+                    await anyio.to_thread.run_sync(functools.partial(shutil.rmtree, scratch, ignore_errors=True))
+
+
+def _private_scratch() -> str:
+    """Make the embedded cluster's scratch directory: new, mode 0700, under Dask's ``temporary-directory``."""
+    import dask.config
+
+    return tempfile.mkdtemp(prefix="starlette-concurrency-dask-", dir=dask.config.get("temporary-directory", None))
 
 
 def _decode(answer: tuple[bytes, float], task: Task) -> tuple[Outcome, float]:

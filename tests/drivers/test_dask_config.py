@@ -93,7 +93,7 @@ def test_tls_files_and_the_address_can_come_from_a_dotenv_file(pem: dict[str, Pa
         f"CONCURRENCY_DASK_TLS_CERT={pem['cert']}\n"
         f"CONCURRENCY_DASK_TLS_KEY={pem['key']}\n"
     )
-    driver = Concurrency(driver="dask", env_file=env_file)._core.driver("dask")
+    driver = Concurrency(driver="dask", env_file=env_file)._runtime.driver("dask")
     assert isinstance(driver, DaskDriver)
     assert driver.address == "tls://127.0.0.1:8786"
     security: Any = driver.security

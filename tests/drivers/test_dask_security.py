@@ -124,6 +124,24 @@ async def _stranger(plan: dict[str, Any], *, uid: int | None, home: Path) -> dic
 def _needs_setpriv() -> None:
     if os.geteuid() != 0 or shutil.which("setpriv") is None:
         pytest.skip("running a client as another uid needs root and setpriv")
+    # The stranger runs this very interpreter. One installed where uid 65534 cannot read it (pyenv's
+    # under root's home, mode 700) cannot run for it, or runs as another Python without our packages:
+    # checked, since a readable one must run the test.
+    probe = "import sys, distributed; print('%d.%d' % sys.version_info[:2])"
+    as_nobody = subprocess.run(
+        ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", sys.executable, "-c", probe],
+        capture_output=True,
+        text=True,
+        cwd="/",
+        timeout=60,
+    )
+    ours = f"{sys.version_info.major}.{sys.version_info.minor}"
+    if as_nobody.returncode != 0 or as_nobody.stdout.strip() != ours:
+        got = as_nobody.stdout.strip() or (as_nobody.stderr.strip().splitlines() or ["no output"])[-1]
+        pytest.skip(
+            f"uid {NOBODY} cannot run this Python {ours} with distributed ({sys.executable}: got {got!r}); "
+            "install it where every user can read it to run this test"
+        )
 
 
 @pytest.fixture
@@ -136,7 +154,7 @@ def stranger_home() -> Iterator[Path]:
 
 
 async def _servers(client: Any) -> tuple[str, list[str]]:
-    identity = await client.scheduler.identity(n_workers=-1)
+    identity = await client.scheduler.identity()  # every worker: n_workers=-1, the default, is not in 2024.8
     workers = identity["workers"]
     servers = [*workers, *(info["nanny"] for info in workers.values() if info.get("nanny"))]
     return str(identity["address"]), servers
@@ -304,3 +322,80 @@ async def test_an_external_tls_cluster_refuses_other_certificates(
         with pytest.raises(ConcurrencyError, match="cannot reach the dask scheduler"):
             await concurrency.run(lambda: "should not run")
         await concurrency.aclose()
+
+
+# The scratch directory: distributed's default is a fixed path in the shared temp dir, reused if it exists and put
+# first on sys.path of every process of the cluster. Another local user who makes it first can plant modules there.
+
+PLANTED = "planted_by_a_stranger"
+STRANGER_PLANTS = r"""
+import os, sys
+
+scratch = os.path.join(sys.argv[1], "dask-scratch-space")
+os.makedirs(scratch, exist_ok=True)
+os.chmod(scratch, 0o777)
+with open(os.path.join(scratch, sys.argv[2] + ".py"), "w") as module:
+    module.write("open(%r, 'w').close()\n" % os.path.join(sys.argv[1], "planted-module-ran"))
+os.chmod(module.name, 0o666)
+"""
+
+
+@pytest.fixture
+def shared_tmp(stranger_home: Path) -> Iterator[Path]:
+    """A world-writable sticky directory standing for /tmp, as Dask's temporary-directory; uid 65534 plants first."""
+    stranger_home.chmod(0o1777)
+    result = subprocess.run(
+        ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+         sys.executable, "-c", STRANGER_PLANTS, str(stranger_home), PLANTED],
+        capture_output=True, cwd="/", check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr.decode(errors="replace")
+    planted = stranger_home / "dask-scratch-space" / f"{PLANTED}.py"
+    assert planted.stat().st_uid == NOBODY
+    with dask.config.set({"temporary-directory": str(stranger_home)}):
+        yield stranger_home
+
+
+def _sees_the_planted_module() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(PLANTED) is not None
+
+
+async def test_the_embedded_clusters_scratch_directory_is_its_own(shared_tmp: Path) -> None:
+    _needs_setpriv()
+    driver = DaskDriver(workers=1)
+    async with Concurrency(driver=driver, env_file=None) as concurrency:
+        scratch = driver.scratch_directory
+        assert scratch is not None
+        info = os.stat(scratch)
+        assert (info.st_uid, info.st_mode & 0o777) == (os.getuid(), 0o700)
+        assert Path(scratch).parent == shared_tmp  # under Dask's temporary-directory, as distributed's would be
+        assert not _sees_the_planted_module(), "the stranger's directory is on this process's sys.path"
+        in_worker = await concurrency.run(
+            lambda: __import__("importlib.util").util.find_spec("planted_by_a_stranger") is not None
+        )
+        assert not in_worker, "the stranger's directory is on the worker's sys.path"
+        assert not [entry for entry in sys.path if entry.startswith(str(shared_tmp / "dask-scratch-space"))]
+    assert not os.path.exists(scratch), "the scratch directory outlived the driver"
+    assert not (shared_tmp / "planted-module-ran").exists()
+
+
+async def test_distributeds_default_scratch_directory_would_serve_the_planted_module(shared_tmp: Path) -> None:
+    # The control: a LocalCluster left to its default directory (the driver before this fix) puts the
+    # stranger's directory first on this process's sys.path.
+    _needs_setpriv()
+    path = list(sys.path)
+    try:
+        async with distributed.LocalCluster(  # type: ignore[no-untyped-call]
+            n_workers=1,
+            threads_per_worker=1,
+            processes=True,
+            host="127.0.0.1",
+            scheduler_port=0,
+            dashboard_address="127.0.0.1:0",  # 8787 may be taken (another cluster, or one closing)
+            asynchronous=True,
+        ):
+            assert _sees_the_planted_module()
+    finally:
+        sys.path[:] = path
