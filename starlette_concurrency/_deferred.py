@@ -13,6 +13,7 @@ drains at shutdown.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import threading
@@ -169,6 +170,7 @@ class DeferredWork:
         self._open: set[RequestBatch] = set()
         self._running: set[_Running] = set()
         self._stopped: str | None = None  # why batches that start from now on must not run (a forced drain)
+        self._draining = False  # drivers are told, so that deferred work may use every worker
 
     def opened(self, batch: RequestBatch) -> None:
         with self._lock:
@@ -252,6 +254,8 @@ class DeferredWork:
         try:
             with running.scope:
                 driver = await self._driver(driver_name)
+                if self._draining:
+                    driver.set_draining(True)
                 under_way = True
                 with anyio.move_on_after(self._timeout or math.inf) as timeout:
                     # The one place deferred tasks reach a driver.
@@ -333,6 +337,10 @@ class DeferredWork:
         the drain's clock started before (at a signal).
         """
         self._stopped = None
+        self._draining = True
+        for name in {running.driver for running in list(self._running)}:
+            with contextlib.suppress(Exception):  # telling a driver is an optimisation: never a reason to fail
+                (await self._driver(name)).set_draining(True)
         draining, began = self.launched, time.monotonic()
         deadline = min(began + drain_timeout, deadline if deadline is not None else math.inf)
         if draining:
@@ -369,6 +377,7 @@ class DeferredWork:
             if self._claim(running):
                 running.abandoned_because = running.abandoned_because or reason
                 self._fates(running, under_way=True)
+        self._draining = False  # a facade entered again starts its drivers afresh
         if draining or late:
             logger.info(
                 "drain finished in %.2f s; %d deferred task(s) abandoned",

@@ -409,3 +409,32 @@ def test_a_chunk_holds_only_tasks_known_short() -> None:
     machine.submit([Job(i + 1, call, i, kind) for i, kind in enumerate(kinds)], False, 0.0)
     assert len(slot.inflight) == 2  # a chunk, up to the task not known short
     assert all(machine.short(job.kind) for job in slot.inflight)
+
+
+def test_deferred_work_keeps_a_worker_free_for_run_until_the_drain_then_uses_every_worker() -> None:
+    machine, _, slots = ready_machine(3)
+    call = Call(background=True)
+    machine.submit([Job(i + 1, call, i, NEW_KIND) for i in range(6)], True, 0.0)
+    assert sum(1 for slot in slots if slot.inflight) == 2  # workers - 1
+    machine.set_draining(True, 0.1)
+    assert all(slot.inflight for slot in slots)
+
+
+def test_deferred_work_waits_at_most_deferred_wait_behind_run_traffic() -> None:
+    machine, _, (slot,) = ready_machine(1)
+    deferred = Job(1, Call(background=True), 0, NEW_KIND)
+    machine.submit([deferred], True, 0.0)
+    assert slot.inflight[0] is deferred  # one worker: it may take deferred work
+    machine.answered(slot, 1, 0.1)
+    ids = iter(range(100, 1000))
+    late = Job(2, Call(background=True), 0, NEW_KIND)
+    machine.submit([Job(next(ids), Call(), 0, NEW_KIND)], False, 0.1)
+    machine.submit([late], True, 0.1)
+    now = 0.1
+    while slot.inflight[0] is not late:
+        assert now < 0.1 + DEFERRED_WAIT + 1, "run() traffic starved deferred work"
+        head = slot.inflight[0]
+        machine.submit([Job(next(ids), Call(), 0, NEW_KIND)], False, now)  # more run() work keeps coming
+        now += 0.2
+        machine.answered(slot, head.id, now)
+        machine.answers_read(slot, now)
