@@ -248,10 +248,15 @@ class PoolMachine(RuleBasedStateMachine):
         if maybe_started is not None and maybe_started.id in self.begun:
             assert maybe_started.done
 
-    @precondition(lambda self: bool(self.live_slot(Phase.READY)))
+    def idle_candidates(self) -> list[Slot]:
+        # A worker leaves on its idle timeout only with nothing read and unanswered (what it holds was
+        # written after it decided to leave).
+        return [s for s in self.live_slot(Phase.READY) if not s.inflight or s.inflight[0].id not in self.begun]
+
+    @precondition(lambda self: bool(self.idle_candidates()))
     @rule(data=st.data())
     def idles_out(self, data: st.DataObject) -> None:
-        slot = data.draw(st.sampled_from(self.live_slot(Phase.READY)))
+        slot = data.draw(st.sampled_from(self.idle_candidates()))
         self.m.idle_exit(slot, self.now)
         self.dead.add(slot.id)
         self._sync()
