@@ -123,11 +123,16 @@ class _Loaded:
 
 
 class _Broken:
-    """A skeleton that would not load here: every payload naming it fails with its error."""
+    """A skeleton that would not load here; loaded again by the next payload that names it.
 
-    __slots__ = ("error",)
+    A module that failed to import once (a configuration not mounted yet) may import the next time, as
+    it would in a fresh worker: the failure is not cached for the worker's life.
+    """
 
-    def __init__(self, error: Exception) -> None:
+    __slots__ = ("data", "error")
+
+    def __init__(self, data: bytes, error: Exception) -> None:
+        self.data = data
         self.error = error
 
 
@@ -170,7 +175,7 @@ class WorkerStore:
         """Apply a definitions blob from this worker's mirror: forget what it evicted, add what it sent.
 
         A skeleton that will not load here (its module does not import, say) is kept as that error,
-        raised by every payload that names it, so that the store stays in step with the mirror.
+        so that the store stays in step with the mirror; each payload that names it tries it again.
 
         Args:
             blob: what `WorkerMirror.prepare` returned (b"": nothing to do).
@@ -184,7 +189,7 @@ class WorkerStore:
             try:
                 self._skeletons[key] = _Loaded(data)
             except Exception as exc:
-                self._skeletons[key] = _Broken(exc)
+                self._skeletons[key] = _Broken(data, exc)
 
     def load(self, data: bytes) -> Any:
         """Unpickle a payload's data, rebuilding its cached functions from their skeletons.
@@ -215,7 +220,12 @@ class WorkerStore:
         if skeleton is None:
             raise pickle.UnpicklingError(f"function skeleton {key} was never sent to this worker")
         if isinstance(skeleton, _Broken):
-            raise skeleton.error
+            broken = skeleton
+            try:
+                skeleton = self._skeletons[key] = _Loaded(broken.data)
+            except Exception as exc:
+                broken.error = exc
+                raise
         g = self._groups.get(group)
         if g is None:
             # Fresh globals for every payload, shared by its functions that shared them in the parent,

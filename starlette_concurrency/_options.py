@@ -39,6 +39,11 @@ class ProcessOptions(DriverOptions):
             (Linux; checked between tasks, not during one).
         initializer: a zero-argument callable each worker runs once at start-up (it must pickle).
         preload: modules each worker imports at start-up, so that the first task does not pay for it.
+        cancel_grace: seconds a task whose call was cancelled (a timeout, a client gone) may still run
+            before its worker is killed; its answer is discarded. A short task ends within it and its
+            worker lives on (default 0.1).
+        start_timeout: seconds tasks wait for a worker while none can start (each failed start is
+            logged and tried again with a backoff); then they fail with `WorkerStartFailed` (default 10).
 
     Raises:
         ConfigurationError: an option is not a positive number, not callable, or not module names;
@@ -50,10 +55,17 @@ class ProcessOptions(DriverOptions):
     max_worker_memory: int | None = None
     initializer: Callable[[], object] | None = None
     preload: Sequence[str] = ()
+    cancel_grace: float = 0.1
+    start_timeout: float = 10.0
 
     def __post_init__(self) -> None:
         for name, kind in [("max_tasks_per_worker", int), ("idle_timeout", float), ("max_worker_memory", int)]:
             _set(self, name, positive(f"ProcessOptions.{name}", getattr(self, name), kind))
+        for name in ("cancel_grace", "start_timeout"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < float("inf"):
+                raise ConfigurationError(f"ProcessOptions.{name} must be a number of seconds >= 0, got {value!r}")
+            _set(self, name, float(value))
         if self.initializer is not None and not callable(self.initializer):
             raise ConfigurationError(
                 f"ProcessOptions.initializer must be callable, not {type(self.initializer).__name__}"

@@ -788,16 +788,12 @@ def _loop_ends_with_a_task() -> bool:
 
 
 def _set_draining(drivers: list[Driver], draining: bool) -> None:
-    """Tell drivers that can use it that the drain has begun (or is over): `set_draining(bool)`."""
+    """Tell drivers that the drain has begun (or is over): see `Driver.set_draining`."""
     for driver in drivers:
-        hook = getattr(driver, "set_draining", None)
-        if callable(hook):
-            try:
-                hook(draining)
-            except Exception:
-                logger.exception(
-                    "driver %r failed to switch its drain mode", driver.name, extra={"driver": driver.name}
-                )
+        try:
+            driver.set_draining(draining)
+        except Exception:  # an optimisation: never a reason for the drain to fail
+            logger.exception("driver %r failed to switch its drain mode", driver.name, extra={"driver": driver.name})
 
 
 async def _wait_async(event: threading.Event) -> None:

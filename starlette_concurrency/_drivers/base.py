@@ -54,6 +54,14 @@ class Driver(ABC):
         """
         await self.execute(tasks, outcomes)
 
+    def set_draining(self, draining: bool) -> None:
+        """Say that shutdown's drain has begun: deferred work may now use all of the driver's capacity.
+
+        The facade calls it (on the loop that runs the driver) when its drain starts. A driver that keeps
+        capacity back for `run()` calls (the process pool: deferred work on ``workers - 1`` workers) lifts
+        that limit; by default it does nothing.
+        """
+
     async def aclose(self) -> None:
         """Release what `start()` acquired; `start()` may be called again afterwards to use the driver again."""
 

@@ -67,9 +67,10 @@ async def test_a_worker_killed_while_busy_fails_only_its_task(
 
 async def test_a_worker_killed_while_idle_is_replaced(pool: tuple[Concurrency, ProcessDriver]) -> None:
     concurrency, driver = pool
-    for pid in driver.pids:
+    killed = driver.pids
+    for pid in killed:
         os.kill(pid, signal.SIGKILL)
-    await helpers.eventually(lambda: all(helpers.gone(pid) for pid in driver.pids))
+    await helpers.eventually(lambda: all(helpers.gone(pid) for pid in killed))
     assert await concurrency.run([helpers.pid] * 4) != []
     assert_healed(driver)
 

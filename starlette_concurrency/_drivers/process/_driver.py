@@ -35,16 +35,16 @@ import subprocess
 import sys
 from collections.abc import Sequence
 
-from .. import _protocol, _worker
-from .._config import Settings, check_workers, default_workers
-from .._exceptions import ConfigurationError
-from .._options import ProcessOptions
-from .._pickling import dumps
-from .._stats import Stats
-from .._tasks import Outcome, Task
-from ._child import run_in_spawn_thread
+from ... import _protocol, _worker
+from ..._config import Settings, check_workers, default_workers
+from ..._exceptions import ConfigurationError
+from ..._options import ProcessOptions
+from ..._pickling import dumps
+from ..._stats import Stats
+from ..._tasks import Outcome, Task
+from .._child import run_in_spawn_thread
+from ..base import Driver
 from ._pool import Pool, Worker
-from .base import Driver
 
 __all__ = ["ProcessDriver"]
 
@@ -107,6 +107,8 @@ class ProcessDriver(Driver):
             name=self.name,
             max_tasks_per_worker=self.options.max_tasks_per_worker,
             over_memory=self._over_memory if self.options.max_worker_memory is not None else None,
+            cancel_grace=self.options.cancel_grace,
+            start_timeout=self.options.start_timeout,
         )
 
     @property
@@ -132,8 +134,16 @@ class ProcessDriver(Driver):
         await self._pool.execute(tasks, outcomes, background=False)
 
     async def execute_deferred(self, tasks: Sequence[Task], outcomes: list[Outcome | None]) -> None:
-        """Run deferred tasks on the pool, behind every `run()` task and on at most ``workers - 1`` workers."""
+        """Run deferred tasks on the pool: behind `run()` tasks, on at most ``workers - 1`` workers.
+
+        A deferred task that has waited `DEFERRED_WAIT` seconds (2) takes the next free worker even
+        ahead of `run()` tasks; while draining (see `set_draining`), deferred tasks use every worker.
+        """
         await self._pool.execute(tasks, outcomes, background=True)
+
+    def set_draining(self, draining: bool) -> None:
+        """Say that shutdown's drain has begun (or ended): deferred tasks may then use every worker."""
+        self._pool.set_draining(draining)
 
     def stats(self) -> Stats:
         """Return the pool's workers, queue and counters (task time: dispatch to answer, in the parent)."""

@@ -1,9 +1,10 @@
-"""What the multiplexed pool (`_pool.py`) holds: calls, their jobs, and workers with their pipes' I/O.
+"""The pool's handle on one worker process: its pipes' reads and writes, on asyncio or trio.
 
-A `Worker` is a `Child` (`_child.py`) with what the pool needs on top: the jobs it holds in flight,
-in the order it answers them, a write buffer drained by its writer task, and the read loop that
-hands each frame to the pool. `launch` starts a task of the current event loop that no caller waits
-for: the per-worker reader, and the spawns of replacement workers.
+A `Worker` is a `Child` (`_child.py`) with what the pool's I/O needs on top: a write buffer drained
+when the pipe has room, the read side that hands each read's frames to the pool, and the one call
+that says the worker is gone (EOF, or its exit event). What the worker holds in flight is the state
+machine's (`_machine.Slot`), not the handle's. `launch` starts a task of the current event loop that
+no caller waits for: a trio reader, a spawn, the burial of a worker.
 """
 
 from __future__ import annotations
@@ -13,21 +14,19 @@ import contextlib
 import contextvars
 import logging
 import os
+import struct
 import weakref
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
 import sniffio
 
-from .. import _protocol
-from .._closures import Payload, WorkerMirror
-from .._tasks import Outcome, Task
-from ._child import Child
+from ..._closures import WorkerMirror
+from .._child import Child
 
-__all__ = ["Call", "Job", "Worker", "launch"]
+__all__ = ["Worker", "launch"]
 
 logger = logging.getLogger("starlette_concurrency")
 
@@ -61,78 +60,42 @@ async def _guarded(fn: Callable[..., Awaitable[None]], *args: Any) -> None:
         logger.exception("a background task of the process pool failed")
 
 
-@dataclass(eq=False, slots=True)
-class Call:
-    tasks: Sequence[Task]
-    outcomes: list[Outcome | None]
-    background: bool
-    remaining: int
-    done: anyio.Event = field(default_factory=anyio.Event)
-    abandoned: bool = False
-    error: BaseException | None = None  # the pool failed the call as a whole (closed, workers cannot start)
-
-    def settle(self, index: int, outcome: Outcome) -> None:
-        if self.outcomes[index] is None:
-            self.outcomes[index] = outcome
-            self.remaining -= 1
-            if self.remaining == 0:
-                self.done.set()
-
-    def fail(self, error: BaseException) -> None:
-        self.error = self.error or error
-        self.done.set()
-
-
-@dataclass(eq=False, slots=True)
-class Job:
-    id: int
-    call: Call
-    index: int
-    payload: Payload  # its callable, or (slot >= 0) a group's list of callables, shared by the group's jobs
-    slot: int = -1  # where its callable is in the group's list
-    sent_at: float = 0.0
-
-    @property
-    def task(self) -> Task:
-        return self.call.tasks[self.index]
-
-
 class Worker(Child):
     """A pool worker: its process, what it holds in flight, and its reader."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.slot: Any = None  # the state machine's Slot for this process
         self.ready = False
-        self.retired = False
-        self.inflight: deque[Job] = deque()
-        self.deferred = 0  # how many of the jobs in flight are deferred work
+        self.broken = False  # it wrote what it could not have written: its pipe is not read any more
+        self.protocol_error = ""
+        self.gone = False  # its pipe closed or it exited: the pool was told (once)
+        self.frame_bytes: deque[int] = deque()  # the size of each frame in flight (see Pool._unread)
+        self.hung = False  # it closed its pipe but did not exit: it was killed for that
         # asyncio: the loop whose selector calls this worker's callbacks (see attach)
         self.selector_loop: asyncio.AbstractEventLoop | None = None
-        self._on_frames: Callable[[Worker], str | None] | None = None
-        self._on_gone: Callable[[Worker, str], None] | None = None
-        self._on_batch: Callable[[], None] | None = None
-        self.frame_sizes: deque[int] = deque()  # tasks per frame in flight
+        self._on_frames: Callable[[Worker], None] | None = None
+        self._on_gone: Callable[[Worker], None] | None = None
         self.mirror = WorkerMirror()  # the function skeletons this process was sent: none yet
         self.outbox = bytearray()
         self.wake_writer: anyio.Event | None = None
         self.loop: object = None  # the event loop its reader runs in
         self.scope: anyio.CancelScope | None = None
-        self.tasks_done = 0
-        self.last_answer = 0.0
-        self.start_attempt = 0
-        self.dead = False  # gone or going: nothing more is sent to it
-        self.stopped_at = 0.0
         _live_workers.add(self)
 
-    def send(self, data: bytes) -> None:
-        """Write a frame: at once what the pipe takes, the rest through the writer task, in order."""
+    def send(self, data: bytes) -> bool:
+        """Write a frame: at once what the pipe takes, the rest through the writer task, in order.
+
+        Returns False when the pipe refused the frame's first byte (EPIPE: the worker is dead and never
+        read any of it); True otherwise.
+        """
         if not self.outbox and self.to_child is not None:
             try:
                 written = os.write(self.to_child, data)
             except BlockingIOError:
                 written = 0
             except OSError:
-                return  # it died: its reader sees it and gives the tasks back
+                return False  # it died: its reader sees it
             data = data[written:]
         if data:
             self.outbox += data
@@ -140,6 +103,7 @@ class Worker(Child):
                 self.wake_writer.set()
             if self.selector_loop is not None and self.to_child is not None:
                 self.selector_loop.add_writer(self.to_child, self._writable)
+        return True
 
     # asyncio: callbacks straight from the selector, no task per worker ---------------------------
     # A reader task would cost each answer one more trip through the event loop before it reaches
@@ -147,16 +111,13 @@ class Worker(Child):
     # there, `read_loop` and `write_loop` run as a system task.)
 
     def attach(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        on_frames: Callable[[Worker], str | None],
-        on_gone: Callable[[Worker, str], None],
-        on_batch: Callable[[], None],
+        self, loop: asyncio.AbstractEventLoop, on_frames: Callable[[Worker], None], on_gone: Callable[[Worker], None]
     ) -> None:
         """Have `loop` call `on_frames` after each read (it takes the complete frames from `frames`),
-        `on_batch` after that, then `on_gone` once with why the worker is gone."""
-        self.selector_loop, self._on_frames, self._on_gone, self._on_batch = loop, on_frames, on_gone, on_batch
-        loop.add_reader(self.from_child, self._readable)
+        then `on_gone` once when the worker's pipe closes or it exits."""
+        self.selector_loop, self._on_frames, self._on_gone = loop, on_frames, on_gone
+        if not self.broken:
+            loop.add_reader(self.from_child, self._readable)
         if self.pidfd is not None:
             loop.add_reader(self.pidfd, self._exited)
         if self.outbox and self.to_child is not None:
@@ -177,26 +138,22 @@ class Worker(Child):
 
     def _readable(self) -> None:
         assert self._on_frames is not None
-        try:
-            reason = self._on_frames(self) if self.read_available() else "exit"
-            if reason is None and self._on_batch is not None:
-                self._on_batch()  # once per read, not per answer: the answers of a chunk cost one dispatch
-        except _protocol.ProtocolError as exc:
-            reason = f"protocol error: {exc}"
-        except Exception:  # a bug of ours: the worker cannot be trusted to be in step any more
-            logger.exception("reading a process worker's answers failed")
-            reason = "protocol error: see the log"
-        if reason is not None:
-            self._gone(reason)
+        if not self.read_available():
+            self._gone()
+            return
+        self._on_frames(self)
+        if self.broken and self.selector_loop is not None:  # its exit event remains: it is being killed
+            with contextlib.suppress(Exception):
+                self.selector_loop.remove_reader(self.from_child)
 
     def _exited(self) -> None:
-        self._gone("exit")
+        self._gone()
 
-    def _gone(self, reason: str) -> None:
+    def _gone(self) -> None:
         self.detach()
         if self._on_gone is not None:
             on_gone, self._on_gone = self._on_gone, None
-            on_gone(self, reason)
+            on_gone(self)
 
     def _writable(self) -> None:
         if self.to_child is None or self.closed:
@@ -227,23 +184,47 @@ class Worker(Child):
                 return  # it died: the reader sees it
             del self.outbox[:written]
 
-    async def read_loop(self, handle: Callable[[Worker], str | None], on_batch: Callable[[], None]) -> str:
-        """After each read, have `handle` take the complete frames, until it returns a reason to stop;
-        return why ("exit": EOF). `on_batch` is called after `handle`, each time."""
-        try:
-            while True:
-                reason = handle(self)
-                if reason is not None:
-                    return reason
-                on_batch()
-                try:
-                    await anyio.wait_readable(self.from_child)
-                except (anyio.ClosedResourceError, OSError):
-                    return "exit"
-                if not self.read_available():
-                    return "exit"
-        except _protocol.ProtocolError as exc:
-            return f"protocol error: {exc}"
+    async def read_loop(self, handle: Callable[[Worker], None]) -> None:
+        """After each read, have `handle` take the complete frames; return at EOF or once it is broken."""
+        while True:
+            handle(self)
+            if self.broken:
+                return
+            try:
+                await anyio.wait_readable(self.from_child)
+            except (anyio.ClosedResourceError, OSError):
+                return
+            if not self.read_available():
+                return
+
+    def unread_bytes(self) -> int:
+        """How many bytes written for the worker it has not read: in its task pipe, and not yet written."""
+        pending = len(self.outbox)
+        if self.to_child is not None:
+            try:
+                import fcntl
+                import termios
+
+                pending += struct.unpack("i", fcntl.ioctl(self.to_child, termios.FIONREAD, b"\0\0\0\0"))[0]
+            except (ImportError, OSError):  # pragma: no cover - not Linux: nothing is known to be unread
+                pass
+        return pending
+
+    def close_input(self) -> None:
+        """Close the worker's task pipe: it exits once it has answered what it holds (a stop, not a kill)."""
+        fd, self.to_child = self.to_child, None
+        if fd is None:
+            return
+        self.outbox.clear()
+        if self.selector_loop is not None:
+            with contextlib.suppress(Exception):
+                self.selector_loop.remove_writer(fd)
+        if self.wake_writer is not None:
+            self.wake_writer.set()
+        with contextlib.suppress(Exception):  # in an asyncio selector callback there is no task to tell
+            anyio.notify_closing(fd)
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 # Every live worker of every pool, so that a child forked from the server (the fork driver's, a
