@@ -518,7 +518,10 @@ class Runtime:
     def _stop_accepting(self, force: bool) -> bool:
         """DRAINING → STOPPING once nothing is left (or `force`); the drain calls it until it agrees."""
         with self._lock:
-            if force or (self.work.launched == self._for_next and self._busy == 0):
+            # Calls in flight may still defer work, so the drain waits for them; not after aclose()/close(),
+            # which stop them (ConcurrencyClosed) rather than make the closer wait for the drain timeout.
+            calls_done = self._busy == 0 or self.closed_by is not None
+            if force or (self.work.launched == self._for_next and calls_done):
                 self.state = State.STOPPING
                 return True
             return False

@@ -165,18 +165,20 @@ async def test_a_timeout_stops_only_the_abandoned_task_and_gives_the_others_back
 
 
 def test_one_pool_serves_one_event_loop_after_another_on_asyncio_and_trio() -> None:
-    # Each loop ends before the next starts (each test, each TestClient request without lifespan):
-    # nothing of the pool may stay bound to an ended loop. The pool starts lazily in the first one.
+    # Each loop ends before the next starts (each test, each script's asyncio.run): the facade adopts each
+    # loop in turn, the pool starts in it, and its workers stop with it: nothing stays bound to an ended loop.
     driver = ProcessDriver(2)
     concurrency = Concurrency(driver=driver, env_file=None)
 
-    async def use() -> list[int]:
-        return await concurrency.run([functools.partial(helpers.identity, i) for i in range(20)])
+    async def use() -> tuple[list[int], int]:
+        results = await concurrency.run([functools.partial(helpers.identity, i) for i in range(20)])
+        return results, len(driver.pids)
 
     try:
         for backend in ["asyncio", "trio", "asyncio", "trio"]:
-            assert anyio.run(use, backend=backend) == list(range(20))
-            assert len(driver.pids) == 2
+            assert anyio.run(use, backend=backend) == (list(range(20)), 2)
+            assert driver.pids == []
+            assert helpers.worker_children() == []
     finally:
         anyio.run(concurrency.aclose, backend="trio")
     assert helpers.worker_children() == []

@@ -41,6 +41,7 @@ current state: `_frame_for` also sends the skeletons the worker lacks (its `Work
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import math
@@ -659,11 +660,8 @@ class Pool:
         self.closed = True
         for call in list(self._calls):
             call.fail(ConcurrencyClosed(f"this {self.name} pool has been closed"))
-        try:
-            self._bind_loop()  # readers in this loop, which waits for the workers to go
-            polled = False
-        except RuntimeError:  # another loop still runs its readers: watch the processes from here
-            polled = True
+        with contextlib.suppress(RuntimeError):  # another loop still runs the readers: the polling below sees exits
+            self._bind_loop()
         with anyio.CancelScope(shield=True):
             self.machine.close(time.monotonic())
             leaving = list(self._handles)
@@ -671,10 +669,11 @@ class Pool:
                 await anyio.sleep(0.005)
                 self.machine.tick(time.monotonic())
                 leaving.extend(worker for worker in self._handles if worker not in leaving)
-                if polled:
-                    for worker in list(self._handles):
-                        if worker.poll():
-                            self._gone(worker)
+                # Exits are polled too: the readers may be gone already (a trio run whose main task has ended
+                # cancels its system tasks, the readers among them, before an adopted host closes the pool).
+                for worker in list(self._handles):
+                    if worker.poll():
+                        self._gone(worker)
             for worker in leaving:
                 worker.kill()  # the group: what its tasks started
         if self._timer is not None:
