@@ -106,11 +106,7 @@ ROWS = {
 
 # Defects that the matrix shows today; each row's test flips to a pass when its fix lands. A defect of a whole
 # row (its server cannot be run through the scenario) marks every test of the row.
-DAPHNE_HANGS = (
-    "issue 21: daphne no longer exits after SIGTERM: the drain runs and logs every task, daphne says 'Killed 0 "
-    "pending application instances', and the process is still there 30 s later"
-)
-ROW_DEFECTS = {"daphne": DAPHNE_HANGS}
+ROW_DEFECTS: dict[str, str] = {}  # none today (daphne's hang after SIGTERM is fixed)
 
 
 def rows(xfail: dict[str, str], only: Callable[[Row], bool] = lambda row: True) -> list[object]:

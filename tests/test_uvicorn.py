@@ -204,12 +204,6 @@ def test_deferrals_from_threads_at_sigterm_run_or_are_named_never_lost(markers: 
     assert accepted - ran - abandoned == set()  # none unaccounted for
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 21, pool side: a task whose worker finished it but had not answered when the drain stopped "
-    "the worker is logged abandoned; the pool must read what a worker answered before stopping it, or say "
-    "which tasks it had dispatched",
-)
 def test_no_deferred_task_both_runs_and_is_logged_abandoned(markers: Path, tmp_path: Path) -> None:
     _, ran, abandoned = shut_down_under_deferrals_from_threads(markers, tmp_path)
     assert ran & abandoned == set()
