@@ -26,7 +26,7 @@ import anyio
 
 from ._drivers.base import Driver
 from ._exceptions import ConcurrencyClosed, DeferralRejected
-from ._tasks import Outcome, Task
+from ._tasks import NOT_STARTED, Outcome, Task
 
 __all__ = ["Deferred", "DeferredWork", "DisconnectWatch", "HostStopping", "RequestBatch"]
 
@@ -261,16 +261,16 @@ class DeferredWork:
                     # The one place deferred tasks reach a driver.
                     await driver.execute_deferred(tasks, running.outcomes)
                 if timeout.cancelled_caught:
-                    for task, outcome in zip(tasks, running.outcomes, strict=True):
-                        if outcome is None:
+                    for index, (task, outcome) in enumerate(zip(tasks, running.outcomes, strict=True)):
+                        if outcome is None or outcome is NOT_STARTED:
                             logger.error(
-                                "deferred %s timed out after %s s and was stopped; raise the facade's timeout "
-                                "or split the work",
+                                "deferred %s timed out after %s s %s; raise the facade's timeout or split the work",
                                 task.label,
                                 self._timeout,
+                                "and was stopped" if outcome is None else "before it started",
                                 extra=self._extra(task, running),
                             )
-                            running.logged.add(tasks.index(task))
+                            running.logged.add(index)
         except HostStopping:  # handed to a host whose drain was forced before the batch began
             running.abandoned_because = self._stop_reason or "its host stopped before it began"
         except Exception as exc:  # the batch could not run at all: pickling, a pool that cannot start...
@@ -301,14 +301,15 @@ class DeferredWork:
         for index, (task, outcome) in enumerate(zip(running.tasks, running.outcomes, strict=True)):
             if index in running.logged:
                 continue
-            if outcome is None:
+            if outcome is None or outcome is NOT_STARTED:
+                began = under_way and outcome is None  # as far as anyone can tell: it may have
                 logger.error(
                     "deferred %s abandoned, %s: %s; raise drain_timeout (and the server's graceful timeout "
                     "above it) or make the task shorter",
                     task.label,
-                    "stopped unfinished" if under_way else "never started",
+                    "stopped unfinished (it may have done part of its work)" if began else "never started",
                     running.abandoned_because or "it was stopped",
-                    extra={**self._extra(task, running), "under_way": under_way},
+                    extra={**self._extra(task, running), "under_way": began},
                 )
             elif outcome.error is not None:
                 logger.error("deferred %s failed", task.label, exc_info=outcome.error, extra=self._extra(task, running))

@@ -10,9 +10,9 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Hashable, Iterable, Mapping, Set as AbstractSet
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
-__all__ = ["Batch", "Outcome", "Task"]
+__all__ = ["NOT_STARTED", "Batch", "Outcome", "Task"]
 
 # What `run()` and `defer()` accept; Any because each callable may return something different.
 Tasks = Callable[[], Any] | Iterable[Callable[[], Any]] | Mapping[Any, Callable[[], Any]]
@@ -65,6 +65,13 @@ class Outcome:
 
     value: Any = None
     error: BaseException | None = None
+
+
+#: What a driver may store, when a deferred batch is cancelled (shutdown's drain ran out, its timeout),
+#: for a task it provably never began: the log then calls it "never started" (safe to run again), where
+#: a task left without an outcome is "stopped unfinished" (it may have done some of its work). Compared
+#: by identity.
+NOT_STARTED: Final = Outcome()
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,7 +12,8 @@ class ThreadDriver(Driver):
 concurrency.extend("threads", lambda settings: ThreadDriver())
 ```
 
-`DriverOptions` is the base of a driver's options object, `TaskCounters` the counters behind `stats()`.
+`DriverOptions` is the base of a driver's options object, `TaskCounters` the counters behind `stats()`,
+`NOT_STARTED` what a cancelled deferred task that never began is left with (see `Driver.execute_deferred`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,6 @@ from ._config import Settings
 from ._drivers.base import Driver
 from ._options import DriverOptions
 from ._stats import TaskCounters
-from ._tasks import Outcome, Task
+from ._tasks import NOT_STARTED, Outcome, Task
 
-__all__ = ["Driver", "DriverOptions", "Outcome", "Settings", "Task", "TaskCounters"]
+__all__ = ["NOT_STARTED", "Driver", "DriverOptions", "Outcome", "Settings", "Task", "TaskCounters"]

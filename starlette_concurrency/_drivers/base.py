@@ -50,7 +50,8 @@ class Driver(ABC):
         """Run deferred tasks, as `execute()` does; by default it *is* `execute()`.
 
         A driver with a shared pool overrides it to run deferred work after the tasks of `run()`
-        calls, which someone is waiting for.
+        calls, which someone is waiting for. When cancelled, it may store `NOT_STARTED` for each task
+        it provably never began, so that the log tells them from tasks stopped while they ran.
         """
         await self.execute(tasks, outcomes)
 

@@ -203,10 +203,11 @@ class PoolMachine(RuleBasedStateMachine):
         self.begun.add(head.id)
         if answer:
             self.now += 0.001
-            was_done = head.done
+            late = head.done  # its call was cancelled: the answer settles nothing more
             job = self.m.answered(slot, head.id, self.now)
-            assert (job is None) == was_done
-            if job is not None:
+            assert job is head
+            assert job.done
+            if not late:
                 self.settled[job.id] += 1
             self.m.answers_read(slot, self.now)
         self._sync()

@@ -35,9 +35,9 @@ one place here and checked by `tests/drivers/test_pool_machine.py` against any s
   `MAX_BACKOFF`) while work is queued; if no worker became ready within `start_timeout`, every queued
   job fails with `Failure.START_FAILED`. `deadline()` always says when the machine next needs a tick.
 - **Cheap cancellation.** `cancel` drops the call's queued jobs at once; its job a worker is running
-  gets `cancel_grace` seconds to answer (the answer is discarded) before the worker is killed; its jobs
-  queued behind another call's in a worker run when their turn comes (only short ones are ever
-  pipelined) and their answers are discarded.
+  gets `cancel_grace` seconds to answer before the worker is killed; its jobs queued behind another
+  call's in a worker run when their turn comes (only short ones are ever pipelined). Such late answers
+  settle nothing, but the I/O layer keeps a deferred task's: its log says it ran, not that it stopped.
 """
 
 from __future__ import annotations
@@ -346,8 +346,9 @@ class Machine:
         slot.phase, slot.leave, slot.deadline = Phase.LEAVING, Leave.START_FAILED, now + STOP_GRACE
         self._start_failure(error, slot, now)
 
-    def answered(self, slot: Slot, task_id: int, now: float) -> Job | None:
-        """A worker answered a task: return its job to settle, or None when its call was cancelled.
+    def answered(self, slot: Slot, task_id: int, now: float) -> Job:
+        """A worker answered a task: return its job. If its call was cancelled (``job.call.cancelled``),
+        the answer came late: nobody waits for it, but it says that the task ran to its end.
 
         Raises:
             Mismatch: the answer does not name the first task the worker holds.
@@ -366,8 +367,6 @@ class Machine:
             estimates.clear()
         # One long run counts for long: the estimate halves with each shorter run after it.
         estimates[kind] = seconds if old is None or seconds > old * 0.5 else old * 0.5
-        if job.done:  # its call was cancelled: the late answer is discarded
-            return None
         job.done = True
         return job
 

@@ -62,7 +62,7 @@ from ..._closures import ClosureCache, Payload, Skeleton
 from ..._exceptions import ConcurrencyClosed, SerializationError, WorkerCrashed, WorkerStartFailed
 from ..._pickling import decode_outcome, describe_failure, pickle_group, pickle_task
 from ..._stats import Stats, TaskCounters
-from ..._tasks import Outcome, Task
+from ..._tasks import NOT_STARTED, Outcome, Task
 from ._handle import Worker, launch
 from ._machine import STOP_GRACE, Call, Failure, Job, Leave, Machine, Mismatch, Phase, Slot
 
@@ -215,6 +215,10 @@ class Pool:
                 self._after()
                 with anyio.CancelScope(shield=True):
                     await self._stopped(call)
+                if background:  # a job never sent to a worker never began: say so to the drain's log
+                    for job in jobs:
+                        if not job.sent_at and outcomes[job.index] is None:
+                            outcomes[job.index] = NOT_STARTED
             raise
         finally:
             self._calls.discard(call)
@@ -501,11 +505,13 @@ class Pool:
                 tag, body = message
                 if tag in _ANSWERS and len(body) >= _ID_SIZE:
                     job = machine.answered(slot, _ID.unpack_from(body)[0], now)
-                    if job is not None:
-                        call: _Call = job.call  # type: ignore[assignment]
+                    call: _Call = job.call  # type: ignore[assignment]
+                    if not call.cancelled:
                         outcome = decode_outcome(tag, memoryview(body)[_ID_SIZE:], call.tasks[job.index])
                         counters.record(outcome, job.seconds)
                         call.settle(job.index, outcome)
+                    elif call.background:  # a late answer: the deferred batch's log says it ran after all
+                        call.settle(job.index, decode_outcome(tag, memoryview(body)[_ID_SIZE:], call.tasks[job.index]))
                 else:
                     self._handle(worker, slot, tag, body, now)
         except (_protocol.ProtocolError, Mismatch) as exc:
