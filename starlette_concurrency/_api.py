@@ -21,7 +21,6 @@ from ._drivers.base import Driver
 from ._exceptions import ConfigurationError, DriverError, TaskTimeout
 from ._host import refuse_in_event_loop
 from ._options import DeprecatedKeywords, DriverOptions, with_deprecated_keywords
-from ._pickling import dumps_task
 from ._runtime import DriverFactory, Runtime
 from ._stats import Stats
 from ._tasks import Batch, Outcome, Tasks
@@ -514,19 +513,17 @@ class Concurrency:
         driver = runtime.driver(self._name)
         if not batch.tasks:
             return
-        if driver.pickles:
-            # A closure that cannot travel fails here, where the handler can react, not after the response
-            # (where it would be logged, and the client told all went well).
-            for task in batch.tasks:
-                dumps_task(task)
+        # Pickled (or checked) once, here: a closure that cannot travel fails where the handler can react,
+        # not after the response (where it would be logged, and the client told all went well).
+        prepared = driver.prepare(batch.tasks)
         # Checked and counted in one step with the state: a drain that has stopped accepting is not fed.
         with runtime.lock():
             runtime.accepting("defer()", in_request=request is not None)
-            runtime.work.reserve(len(batch.tasks))
+            runtime.work.reserve(len(prepared))
             if request is None:
-                runtime.work.launch(self._name, batch.tasks, None, join=False)  # never waits: hands over, or logs
+                runtime.work.launch(self._name, prepared, None, join=False)  # never waits: hands over, or logs
         if request is not None:
-            request.add(Deferred(self._name, batch.tasks, always))
+            request.add(Deferred(self._name, prepared, always))
 
     def request_batch(self, *, method: str | None = None, path: str | None = None) -> RequestBatch:
         """Open a batch that collects what `defer()` is given while it is active — for integrations.

@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from contextvars import ContextVar, Token
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import anyio
@@ -75,6 +75,7 @@ class RequestBatch:
         self.disconnect: DisconnectWatch | None = None
         self._work = work
         self._entries: list[Deferred] = []
+        self._calls = 0  # defer() calls joined so far
         self._lock = threading.Lock()
         self._outcome: bool | None = None  # None while the request is open; then whether it succeeded
         work.opened(self)
@@ -90,6 +91,9 @@ class RequestBatch:
     def add(self, entry: Deferred) -> None:
         """Join a `defer()` call to the batch, or start it at once if the response is already out."""
         with self._lock:
+            self._calls += 1
+            if self._calls > 1:  # its keys repeat the first call's: its labels say which call
+                entry = Deferred(entry.driver, [replace(task, call=self._calls) for task in entry.tasks], entry.always)
             outcome = self._outcome
             if outcome is None:
                 self._entries.append(entry)

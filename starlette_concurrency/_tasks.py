@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Hashable, Iterable, Mapping, Set as AbstractSet
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 __all__ = ["NOT_STARTED", "Batch", "Outcome", "Task"]
@@ -25,19 +25,27 @@ class Task:
     Attributes:
         key: the index in the input sequence, or the key in the input mapping.
         fn: the callable to run.
+        prepared: what the driver's `prepare()` made of it when `defer()` accepted it (the process
+            driver: its pickled callable), or None.
+        call: which `defer()` call of its request it came from, counted from 2 on (0 otherwise): two
+            calls each have a ``task 0``, and the logs must tell them apart.
     """
 
     key: Hashable
     fn: Callable[[], Any]
+    prepared: Any = field(default=None, compare=False, repr=False)
+    call: int = 0
 
     @property
     def label(self) -> str:
-        """Name the task the way error messages and logs do: ``task 0 (count_rows)``, ``task 'users' (<lambda>)``.
+        """Name the task the way error messages and logs do: ``task 0 (count_rows)``, ``task 'users' (<lambda>)``,
+        ``task 0 (<lambda>) of defer() #2`` (the second `defer()` call of a request).
 
         Never raises, whatever the key's `repr` or the callable's attributes do: a label is built while
         reporting another error, which it must not hide.
         """
-        return f"task {_short_repr(self.key)} ({function_name(self.fn)})"
+        label = f"task {_short_repr(self.key)} ({function_name(self.fn)})"
+        return f"{label} of defer() #{self.call}" if self.call else label
 
 
 def function_name(fn: object) -> str:

@@ -39,6 +39,11 @@ def mark(name: str, seconds: float = 0.0) -> str:
     return name
 
 
+def mark_state(name: str, state: dict[str, object]) -> None:
+    """A deferred task: record ``state["value"]`` as the worker got it."""
+    (markers() / f"{name}.json").write_text(json.dumps(state["value"]))
+
+
 def report_and_mark(name: str, seconds: float) -> str:
     """A `run()` task: say which worker took it, sleep (uncooperatively), then record that it finished."""
     (markers() / f"{name}.pid.tmp").write_text(str(os.getpid()))

@@ -6,6 +6,7 @@ import functools
 import json
 import logging
 import os
+import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -125,6 +126,34 @@ def deferring_app(concurrency: Concurrency, seconds: list[float]) -> Starlette:
     return Starlette(
         routes=[Route("/", defer)], middleware=[Middleware(ConcurrencyMiddleware, concurrency=concurrency)]
     )
+
+
+@pytest.mark.parametrize("driver_name", ["process", "dask"])
+async def test_deferred_tasks_run_their_state_at_defer_time_and_never_sink_each_other(
+    driver_name: str, markers: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Pickled once, when defer() accepts them: what the handler does to the captured state afterwards (here,
+    # it puts a lock in, which would not pickle) changes nothing, for that task nor for the request's others.
+    # The second defer() call's tasks are labelled apart from the first's (both have a "task 0").
+    concurrency = Concurrency(driver_name, workers=2, env_file=None)
+
+    async def handler(request: Request) -> Response:
+        state: dict[str, object] = {"value": "at defer()"}
+        concurrency.defer([functools.partial(apps.mark_state, "first", state)])
+        concurrency.defer([functools.partial(helpers.fail, "second call")])
+        state["value"] = threading.Lock()
+        return PlainTextResponse("deferred")
+
+    app = Starlette(
+        routes=[Route("/", handler)], middleware=[Middleware(ConcurrencyMiddleware, concurrency=concurrency)]
+    )
+    with caplog.at_level(logging.ERROR, logger="starlette_concurrency"):
+        async with lifespan(app), client(app) as http:
+            assert (await http.get("/")).text == "deferred"
+    assert json.loads((markers / "first.json").read_text()) == "at defer()"
+    assert [record.getMessage() for record in caplog.records] == [
+        "deferred task 0 (partial(fail)) of defer() #2 failed"
+    ]
 
 
 async def test_the_drain_log_tells_tasks_never_started_from_tasks_stopped_while_running(

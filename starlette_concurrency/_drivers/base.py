@@ -5,6 +5,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
+from .._pickling import dumps_task
 from .._stats import Stats
 from .._tasks import Outcome, Task
 
@@ -33,6 +34,22 @@ class Driver(ABC):
 
     async def start(self) -> None:
         """Acquire what the driver needs: called before the first `execute()`, and again after each `aclose()`."""
+
+    def prepare(self, tasks: list[Task]) -> list[Task]:
+        """Make deferred tasks ready to travel, once, when `defer()` accepts them (in its caller's thread).
+
+        What it returns is what `execute_deferred()` gets later, after the response: a driver that keeps
+        each task's pickled form in `Task.prepared` runs the state the task had at `defer()` time, which
+        nothing done to its captured objects since can break. By default, a driver whose tasks must
+        pickle (`pickles`) checks that each does and keeps the tasks as they are; others keep them.
+
+        Raises:
+            SerializationError: a task cannot be pickled for this driver; the handler can still react.
+        """
+        if self.pickles:
+            for task in tasks:
+                dumps_task(task)
+        return tasks
 
     @abstractmethod
     async def execute(self, tasks: Sequence[Task], outcomes: list[Outcome | None]) -> None:

@@ -38,6 +38,7 @@ a local user who made it first could plant modules there.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import os
 import pickle
@@ -232,6 +233,10 @@ class DaskDriver(Driver):
         """The embedded cluster's private scratch directory while it runs (``None``: none, or an external cluster)."""
         return self._scratch
 
+    def prepare(self, tasks: list[Task]) -> list[Task]:
+        """Pickle deferred tasks once, when `defer()` accepts them: the cluster runs their state of then."""
+        return [dataclasses.replace(task, prepared=dumps_task(task)) for task in tasks]
+
     async def execute(self, tasks: Sequence[Task], outcomes: list[Outcome | None]) -> None:
         """Run the tasks on the cluster; see `Driver.execute`."""
         if self._closed:
@@ -240,7 +245,7 @@ class DaskDriver(Driver):
             await self.start()
         payloads = []
         for index, task in enumerate(tasks):
-            payloads.append(dumps_task(task))
+            payloads.append(task.prepared if isinstance(task.prepared, bytes) else dumps_task(task))
             if index % 512 == 511:
                 await anyio.lowlevel.checkpoint()
         client = self._client

@@ -29,6 +29,7 @@ untrusted code, pickled or not. Payloads and results are never logged by the dri
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pickle
 import subprocess
@@ -36,10 +37,11 @@ import sys
 from collections.abc import Sequence
 
 from ... import _protocol, _worker
+from ..._closures import Payload
 from ..._config import Settings, check_workers, default_workers
 from ..._exceptions import ConfigurationError
 from ..._options import ProcessOptions
-from ..._pickling import dumps
+from ..._pickling import dumps, dumps_task
 from ..._stats import Stats
 from ..._tasks import Outcome, Task
 from .._child import run_in_spawn_thread
@@ -132,6 +134,15 @@ class ProcessDriver(Driver):
     async def execute(self, tasks: Sequence[Task], outcomes: list[Outcome | None]) -> None:
         """Run the tasks on the pool; see `Driver.execute`."""
         await self._pool.execute(tasks, outcomes, background=False)
+
+    def prepare(self, tasks: list[Task]) -> list[Task]:
+        """Pickle deferred tasks once, when `defer()` accepts them: the workers run their state of then.
+
+        Each on its own (plain cloudpickle, not through the function cache, which belongs to the pool's
+        loop while `defer()` may be called from any thread): one task that would not pickle later can
+        never sink the others of its request.
+        """
+        return [dataclasses.replace(task, prepared=Payload(dumps_task(task), ())) for task in tasks]
 
     async def execute_deferred(self, tasks: Sequence[Task], outcomes: list[Outcome | None]) -> None:
         """Run deferred tasks on the pool: behind `run()` tasks, on at most ``workers - 1`` workers.

@@ -242,6 +242,8 @@ class Pool:
         Tasks of a long call are pickled in groups, one dump each (see `pickle_group`): the dispatch
         cuts chunks for the workers as it goes, so a group is small enough that it seldom straddles two.
         """
+        if all(isinstance(task.prepared, Payload) for task in tasks):  # deferred: pickled when accepted
+            return [(task.prepared, -1) for task in tasks]
         group = min(_MAX_GROUP, len(tasks) // (8 * self.size))
         step = 256 // group * group if group >= _MIN_GROUP else 256  # whole groups between two checkpoints
         payloads: list[tuple[Payload, int]] = []
