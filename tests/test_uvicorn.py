@@ -147,7 +147,10 @@ def test_a_client_that_goes_away_stops_its_run_call(server: Server, markers: Pat
     assert not (markers / "left.json").exists()  # its side effect never happens: its process is gone
     assert httpx.get(f"{server.url}/run").json()["results"]["b"] == 4  # the pool serves on
     server.stop()
-    assert "Exception in ASGI application" not in server.output()  # the middleware took ClientDisconnected
+    output = server.output()
+    assert "Exception in ASGI application" not in output  # the middleware took ClientDisconnected
+    # A client leaving is normal: the worker killed for it is logged at INFO, which default logging hides.
+    assert "retired" not in output, output
 
 
 def test_cancel_on_disconnect_can_be_turned_off(markers: Path, tmp_path: Path) -> None:

@@ -87,29 +87,27 @@ class Leave(enum.Enum):
     """Why a worker leaves the pool: whether it is killed at once, how loudly it is logged.
 
     `kill`: SIGKILL its process group now (else its task pipe is closed and it exits by itself, and is
-    killed only after `STOP_GRACE`). `level`: the logging level of the line that says it left (0: none).
-    `gentle`: an expected departure (not a crash nor a kill).
+    killed only after `STOP_GRACE`). `level`: the logging level of the line that says it left (0: none);
+    WARNING only for faults: a client that goes away (a cancelled call) or a timeout is a normal event.
+    `gentle`: the worker left by itself or was let go (a recycle, an idle exit, a close), so what its
+    task may have started need not be killed with it.
     """
 
-    CRASHED = ("crashed", False, logging.WARNING)  # it exited or closed its pipe by itself
-    PROTOCOL_ERROR = ("broke the protocol", True, logging.WARNING)
-    CANCELLED = ("killed: a cancelled or timed-out task outlived its grace", True, logging.WARNING)
-    RECYCLE_TASKS = ("recycled: ran max_tasks_per_worker tasks", False, logging.INFO)
-    RECYCLE_MEMORY = ("recycled: over max_worker_memory", False, logging.INFO)
-    IDLE = ("exited after its idle timeout", False, logging.INFO)
-    START_FAILED = ("failed to start", False, 0)  # logged by the start failure itself
-    CLOSING = ("closing", False, 0)
-    CLOSING_BUSY = ("closing while busy", True, 0)
+    CRASHED = ("crashed", False, logging.WARNING, False)  # it exited or closed its pipe by itself
+    PROTOCOL_ERROR = ("broke the protocol", True, logging.WARNING, False)
+    CANCELLED = ("killed: a cancelled or timed-out task outlived its grace", True, logging.INFO, False)
+    RECYCLE_TASKS = ("recycled: ran max_tasks_per_worker tasks", False, logging.INFO, True)
+    RECYCLE_MEMORY = ("recycled: over max_worker_memory", False, logging.INFO, True)
+    IDLE = ("exited after its idle timeout", False, logging.INFO, True)
+    START_FAILED = ("failed to start", False, 0, True)  # logged by the start failure itself
+    CLOSING = ("closing", False, 0, True)
+    CLOSING_BUSY = ("closing while busy", True, 0, True)
 
-    def __init__(self, text: str, kill: bool, level: int) -> None:
+    def __init__(self, text: str, kill: bool, level: int, gentle: bool) -> None:
         self.text = text
         self.kill = kill
         self.level = level
-
-    @property
-    def gentle(self) -> bool:
-        """Whether this departure is part of a normal life (a recycle, an idle exit, a close)."""
-        return self.level != logging.WARNING
+        self.gentle = gentle
 
 
 class Failure(enum.Enum):
