@@ -7,6 +7,7 @@ import functools
 import os
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
+from contextvars import ContextVar
 from types import TracebackType
 from typing import Any, Literal, Self, TypeVar, Unpack, overload
 
@@ -15,6 +16,7 @@ import anyio
 from ._as_completed import AsCompleted
 from ._checks import positive
 from ._config import Settings, options_list
+from ._context import Carrier
 from ._deferred import Deferred, RequestBatch
 from ._disconnect import watched
 from ._drivers.base import Driver
@@ -57,9 +59,14 @@ class Concurrency:
         env_file: a `.env` file to read ``CONCURRENCY_*`` settings from (real environment variables
             take precedence). A missing default ``.env`` is ignored; a missing file given explicitly
             warns.
+        context: context variables (`contextvars.ContextVar`) whose values travel with the tasks: each
+            `run()` and `defer()` takes the values they have in its caller, and the task runs with them
+            set, on every driver (a request id, a tenant). For the `process` and `dask` drivers each must
+            be a global of an importable module (workers import it to find it) and its value must pickle.
 
     Raises:
         ConfigurationError: an unknown driver, an invalid option or ``CONCURRENCY_*`` variable.
+        TypeError: an entry of `context` is not a `ContextVar`.
 
     Use it as an async context manager (or ``with`` from sync code), or register
     `ConcurrencyMiddleware`, which does that in the app's lifespan. Without either, the pool starts
@@ -83,6 +90,7 @@ class Concurrency:
         max_pending_deferred: int | None = None,
         options: DriverOptions | Iterable[DriverOptions] | None = None,
         env_file: str | os.PathLike[str] | None = ".env",
+        context: Iterable[ContextVar[Any]] = (),
         **deprecated: Unpack[DeprecatedKeywords],
     ) -> None:
         if driver is not None and not isinstance(driver, str | Driver):
@@ -97,6 +105,7 @@ class Concurrency:
             max_pending_deferred=max_pending_deferred,
         )
         self._runtime = Runtime(settings, driver if isinstance(driver, Driver) else settings.driver)
+        self._runtime.context = Carrier(context)
         self._name = self._runtime.default
         self._runtime.facades[self._name] = self
 
@@ -248,7 +257,7 @@ class Concurrency:
                 type, with the worker's traceback as ``__cause__``, a note naming the task, and
                 notes summarising the other failures.
         """
-        batch = Batch.of(tasks)
+        batch = self._accept(tasks)
         timeout = self._timeout(timeout)
         if not batch.tasks:
             return batch.results([], return_exceptions=return_exceptions)
@@ -288,6 +297,16 @@ class Concurrency:
                 "store an Outcome for every task (see Driver.execute); fix the driver"
             )
         return [outcome for outcome in outcomes if outcome is not None]
+
+    def _accept(self, tasks: object) -> Batch:
+        """Check what a call was given; take the context variables' values of its caller along."""
+        batch = Batch.of(tasks)
+        carrier = self._runtime.context
+        if carrier and batch.tasks:
+            context = carrier.capture(pickles=self._runtime.driver(self._name).pickles)
+            if context:
+                batch = batch.carrying(context)
+        return batch
 
     def _timeout(self, timeout: float | None) -> float | None:
         if timeout is not None:
@@ -381,7 +400,7 @@ class Concurrency:
             WrongContext: called on a thread that runs an event loop; use ``await run()`` there.
             Exception: as `run()`.
         """
-        batch = Batch.of(tasks)
+        batch = self._accept(tasks)
         timeout = self._timeout(timeout)
         refuse_in_event_loop("run_blocking()", "await concurrency.run(...)")
         if not batch.tasks:
@@ -484,7 +503,7 @@ class Concurrency:
             Exception: a task's exception, when the loop reaches it (its own type, the worker's
                 traceback as ``__cause__``, a note naming the task); the other tasks are stopped.
         """
-        batch = Batch.of(tasks)
+        batch = self._accept(tasks)
         return AsCompleted(self._runtime, self._name, batch, self._timeout(timeout), return_exceptions)
 
     def defer(self, tasks: Tasks, *, always: bool = False) -> None:
@@ -505,7 +524,7 @@ class Concurrency:
             DeferralRejected: more than `max_pending_deferred` deferred tasks would be pending.
             ConcurrencyClosed: the facade was closed, or is shutting down.
         """
-        batch = Batch.of(tasks)
+        batch = self._accept(tasks)
         runtime = self._runtime
         request = runtime.work.current.get()
         with runtime.lock():

@@ -54,6 +54,7 @@ import threading
 import types
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from typing import Any
 
 import cloudpickle  # type: ignore[import-untyped]
@@ -61,6 +62,7 @@ from cloudpickle import cloudpickle as _cp
 
 from ._closure_records import SUPPORTED, Record, function_state, reference_check, split_globals
 from ._closure_store import WORKER_BYTES, WORKER_ENTRIES, Skeleton, WorkerMirror, WorkerStore, check_bounds
+from ._context import reduce_variable
 from ._locations import code_reduce, dumps as located_dumps
 
 __all__ = ["ClosureCache", "Payload", "Skeleton", "WorkerMirror", "WorkerStore"]
@@ -229,6 +231,7 @@ class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
         self.table_size = len(copyreg.dispatch_table)
         self.dispatch_table = dict(cloudpickle.Pickler.dispatch_table)  # the ChainMap's precedence
         self.dispatch_table[types.CodeType] = code_reduce  # by-value code keeps its file name (see _locations)
+        self.dispatch_table[ContextVar] = reduce_variable  # as where a worker finds it (see _context)
         super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
         self.file = file
         self.cache = cache

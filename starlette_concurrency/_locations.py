@@ -1,5 +1,7 @@
 """Code objects that keep their file name when pickled, so that a worker's traceback names the user's line.
 
+(Our picklers also send a context variable as where a worker finds it: see `_context.reduce_variable`.)
+
 cloudpickle sends a lambda, a closure or a `__main__` function by value: its code object is rebuilt in
 the worker. From 3.1.2 on, cloudpickle rebuilds it with the file name ``"<dynamic-code>"`` (so that its
 payloads do not depend on where a function was defined); 3.0 to 3.1.1 kept the real one. A traceback in a worker then
@@ -16,9 +18,12 @@ import io
 import pickle
 import types
 from collections import ChainMap
+from contextvars import ContextVar
 from typing import Any, ClassVar
 
 import cloudpickle  # type: ignore[import-untyped]
+
+from ._context import reduce_variable
 
 __all__ = ["code_reduce", "dumps", "located_pickler"]
 
@@ -60,7 +65,7 @@ class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
     # Ours first, then cloudpickle's ChainMap of its reducers and copyreg's (live: a reducer registered
     # later counts). A class attribute: the C pickler reads its table once, in __init__.
     dispatch_table: ClassVar[ChainMap[Any, Any]] = ChainMap(
-        {types.CodeType: code_reduce}, cloudpickle.Pickler.dispatch_table
+        {types.CodeType: code_reduce, ContextVar: reduce_variable}, cloudpickle.Pickler.dispatch_table
     )
 
 

@@ -47,7 +47,7 @@ def dumps_task(task: Task) -> bytes:
         SerializationError: it cannot be pickled (it captures a lock, a socket, an open file...).
     """
     try:
-        return _task_pickler().dumps(task.fn)
+        return _task_pickler().dumps(task.target)
     except Exception as exc:
         raise _unpicklable(task, exc) from exc
 
@@ -66,7 +66,7 @@ def pickle_task(task: Task, cache: ClosureCache) -> Payload:
         SerializationError: it cannot be pickled (it captures a lock, a socket, an open file...).
     """
     try:
-        return cache.dumps(task.fn)
+        return cache.dumps(task.target)
     except Exception as exc:
         raise _unpicklable(task, exc) from exc
 
@@ -90,7 +90,7 @@ def pickle_group(tasks: Sequence[Task], cache: ClosureCache) -> Payload | None:
         SerializationError: a task cannot be pickled; it names the first such task.
     """
     try:
-        return cache.dumps([task.fn for task in tasks])
+        return cache.dumps([task.target for task in tasks])
     except Exception:
         pass
     for task in tasks:  # which one? (the error of the group's dump would not say)

@@ -53,6 +53,7 @@ import sniffio
 from anyio.from_thread import BlockingPortal
 
 from ._config import Settings
+from ._context import Carrier
 from ._deferred import DeferredWork, HostStopping
 from ._drivers.base import Driver
 from ._exceptions import ConcurrencyClosed, ConfigurationError
@@ -125,6 +126,7 @@ class Runtime:
         self.factories: dict[str, DriverFactory | str] = dict(BUILTIN_DRIVERS)
         self.drivers: dict[str, Driver] = {}
         self.facades: dict[str, object] = {}  # the facade of each driver name handed out, the default first
+        self.context = Carrier(())  # the context variables its calls carry (set by the facade)
         self.state = State.NOT_STARTED
         self.host: Host | None = None
         self.closed_by: str | None = None  # set by aclose()/close() or the process's shutdown: refuse work

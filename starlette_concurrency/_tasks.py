@@ -29,12 +29,24 @@ class Task:
             driver: its pickled callable), or None.
         call: which `defer()` call of its request it came from, counted from 2 on (0 otherwise): two
             calls each have a ``task 0``, and the logs must tell them apart.
+        context: the context variables captured for it (``Concurrency(context=[...])``), pickled when
+            they go to a worker; see `target`.
     """
 
     key: Hashable
     fn: Callable[[], Any]
     prepared: Any = field(default=None, compare=False, repr=False)
     call: int = 0
+    context: tuple[Any, ...] | bytes = field(default=(), compare=False, repr=False)
+
+    @property
+    def target(self) -> Callable[[], Any]:
+        """What a driver calls (or pickles) to run the task: `fn`, with its captured context variables set."""
+        if not self.context:
+            return self.fn
+        from ._context import with_context  # _context needs this module: imported on first use
+
+        return with_context(self.fn, self.context)
 
     @property
     def label(self) -> str:
@@ -88,6 +100,10 @@ class Batch:
 
     tasks: list[Task]
     shape: type[object]  # `object` for a single callable, `list` or `dict` otherwise
+
+    def carrying(self, context: tuple[Any, ...] | bytes) -> Batch:
+        """The same batch, its tasks to run with the context variables `context` captured."""
+        return Batch([Task(task.key, task.fn, task.prepared, task.call, context) for task in self.tasks], self.shape)
 
     @classmethod
     def of(cls, tasks: object, argument: str = "tasks") -> Batch:

@@ -9,7 +9,7 @@
           os.pipe(); os.fork() ──────────────────────────────────────────────────▶ forget the server: signal handlers,
                                                                                    wakeup fd, other children's pipes,
                                                                                    event loops; gc.freeze()
-                                                                                   frame = result_frame(ti.fn)
+                                                                                   frame = result_frame(ti.target)
           read the pipe (anyio.wait_readable) ◀── RESULT frame (the one write) ── write it, os._exit(0)
           waitpid: reap it
           outcome[i] = decode(frame)
@@ -204,7 +204,7 @@ class ForkDriver(Driver):
 
     async def _run(self, task: Task) -> Outcome:
         try:
-            child = _fork(task.fn)
+            child = _fork(task.target)
         except OSError as exc:  # EAGAIN, ENOMEM: this task could not start, the others may
             return Outcome(error=exc)
         self._children.add(child)

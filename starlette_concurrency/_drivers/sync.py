@@ -67,7 +67,7 @@ class SyncDriver(Driver):
 
 async def _run(task: Task) -> Outcome:
     try:
-        value = task.fn()
+        value = task.target()
         if inspect.isawaitable(value):
             value = await value
     except Exception as exc:

@@ -1,0 +1,28 @@
+"""Context variables and tasks that read them, in an importable module (workers import it to find them)."""
+
+from __future__ import annotations
+
+import os
+from contextvars import ContextVar
+from pathlib import Path
+
+import anyio
+import anyio.lowlevel
+
+request_id: ContextVar[str] = ContextVar("request_id")
+tenant: ContextVar[str] = ContextVar("tenant", default="no tenant")
+
+
+def read() -> tuple[str, str, int]:
+    """What a task sees: both variables, and the process it runs in."""
+    return request_id.get("-"), tenant.get(), os.getpid()
+
+
+async def read_after_awaiting() -> tuple[str, str]:
+    await anyio.lowlevel.checkpoint()
+    return request_id.get("-"), tenant.get()
+
+
+def write(path: str) -> None:
+    """A deferred task: record what it saw."""
+    Path(path).write_text(f"{request_id.get('-')} {tenant.get()}")
