@@ -1,4 +1,4 @@
-"""What each worker is doing, for the live dashboard: tasks wrapped in `traced` leave a note per worker.
+"""What each worker is doing, for the live dashboard: a note per worker, written when it starts and by `traced` tasks.
 
 Stdlib only: workers import this module by name to run the tasks. A note is a small JSON file per
 worker pid in a directory the app chooses; the app reads them on each poll. (The package's own
@@ -7,6 +7,7 @@ worker pid in a directory the app chooses; the app reads them on each poll. (The
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -24,15 +25,27 @@ def _write(directory: str, note: dict[str, Any]) -> None:
     os.replace(temporary, path)  # atomic: the app never reads half a note
 
 
+def note_start(directory: str) -> None:
+    """Note in `directory` that this worker has started: the pool's initializer, so that every worker shows.
+
+    A worker that replaces a crashed one is listed at once, before it runs any task. Never raises: a
+    worker must start even where the notes cannot be written.
+    """
+    with contextlib.suppress(OSError):
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        _write(directory, {"pid": os.getpid(), "started": time.time(), "task": None, "since": time.time(), "done": 0})
+
+
 def traced(directory: str, label: str, fn: Callable[..., T], *args: Any) -> T:
     """Run ``fn(*args)``, noting in `directory` that this worker runs `label`, then how long it took."""
     path = Path(directory) / f"{os.getpid()}.json"
     try:
-        done = json.loads(path.read_text()).get("done", 0)
+        before = json.loads(path.read_text())
     except (OSError, ValueError):
-        done = 0
+        before = {}
+    done, began = before.get("done", 0), before.get("started")
     started = time.time()
-    _write(directory, {"pid": os.getpid(), "task": label, "since": started, "done": done})
+    _write(directory, {"pid": os.getpid(), "started": began, "task": label, "since": started, "done": done})
     outcome = "failed"
     try:
         result = fn(*args)
@@ -41,7 +54,7 @@ def traced(directory: str, label: str, fn: Callable[..., T], *args: Any) -> T:
     finally:
         _write(
             directory,
-            {"pid": os.getpid(), "task": None, "since": time.time(), "done": done + 1,
+            {"pid": os.getpid(), "started": began, "task": None, "since": time.time(), "done": done + 1,
              "last": label, "last_seconds": time.time() - started, "last_outcome": outcome},
         )  # fmt: skip
 

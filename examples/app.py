@@ -18,7 +18,7 @@ from contextlib import asynccontextmanager
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Mount, Route
 
 from starlette_concurrency import Concurrency, ConcurrencyMiddleware
@@ -27,7 +27,9 @@ from starlette_concurrency.metrics import health_endpoint
 from . import live
 from .work import METRICS_LOG, count_primes, count_rows, report
 
-concurrency = Concurrency()  # the driver comes from CONCURRENCY_DRIVER, "process" by default
+# The driver comes from CONCURRENCY_DRIVER, "process" by default; with it, each worker notes that it
+# started, for the dashboard's workers table.
+concurrency = Concurrency(options=live.worker_options())
 
 
 async def dashboard_data() -> dict[str, object]:
@@ -52,23 +54,32 @@ async def dashboard_data() -> dict[str, object]:
 
 
 async def dashboard(request: Request) -> Response:
-    data = await dashboard_data()
-    rows = "".join(
-        f"<tr><td>{html.escape(name)}</td><td>{value['count']}</td><td>{value['pid']}</td></tr>"
-        for name, value in data["counts"].items()  # type: ignore[attr-defined]
-    )
-    return HTMLResponse(
-        f"""<!doctype html><title>Dashboard</title><link rel="icon" href="data:,">
+    async def body() -> AsyncIterator[str]:
+        # First what the server knows now (the pool, live): the browser paints it at once and its
+        # script starts polling, while the four counts run.
+        yield f"""<!doctype html><title>Dashboard</title><link rel="icon" href="data:,">
 <h1>Dashboard</h1>
-<p>Four slow things (three 300 ms queries and a CPU-bound count) ran at the same time in worker
-processes: {data["elapsed_seconds"]} s in all. Server pid {data["server_pid"]}.</p>
-<table border=1 cellpadding=4><tr><th>what</th><th>count</th><th>worker pid</th></tr>{rows}</table>
-<p>Two metrics are reported after this page was sent: see <a href="/metrics">/metrics</a>.
-Also: <a href="/api/dashboard">/api/dashboard</a> (JSON), <a href="/api/quick">/api/quick</a>,
+<p>Also: <a href="/api/dashboard">/api/dashboard</a> (JSON), <a href="/api/quick">/api/quick</a>,
 <a href="/workers">/workers</a>, <a href="/api/progress">/api/progress</a> (server-sent events),
-<a href="/healthz">/healthz</a>, <a href="/prometheus">/prometheus</a>.</p>
-{live.PAGE}"""
-    )
+<a href="/metrics">/metrics</a>, <a href="/healthz">/healthz</a>, <a href="/prometheus">/prometheus</a>.</p>
+{live.page(live.snapshot(concurrency))}
+<h2>Four slow things at once</h2>
+<p id="counting">Three 300 ms queries and a CPU-bound count, at the same time in worker processes: their
+results follow here when they are ready (the rest of this page did not wait for them).</p>
+"""
+        # Then the counts, in the same response.
+        data = await dashboard_data()
+        rows = "".join(
+            f"<tr><td>{html.escape(name)}</td><td>{value['count']}</td><td>{value['pid']}</td></tr>"
+            for name, value in data["counts"].items()  # type: ignore[attr-defined]
+        )
+        yield f"""<table id="counts" border=1 cellpadding=4>
+<tr><th>what</th><th>count</th><th>worker pid</th></tr>{rows}</table>
+<p>{data["elapsed_seconds"]} s in all. Server pid {data["server_pid"]}. Two metrics are reported after
+this page was sent: see <a href="/metrics">/metrics</a>.</p>
+"""
+
+    return StreamingResponse(body(), media_type="text/html")
 
 
 async def api_dashboard(request: Request) -> Response:

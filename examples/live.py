@@ -1,12 +1,15 @@
-"""The live half of the example dashboard: the pool's `stats()` as JSON, buttons that start work, and the page.
+"""The live half of the example dashboard: the pool's state, rendered at once then polled; buttons that start work.
 
-The page is plain HTML with a small inline script that polls ``/api/stats`` once a second and draws
-its charts on a canvas: no build step, nothing fetched from elsewhere.
+The server renders the page with the pool's state of the moment (counters, health, the workers
+table), so that it shows at once; a small inline script then polls ``/api/stats`` once a second and
+draws the charts on a canvas. The workers table is rendered by the server only, for the page and for
+each poll. No build step, nothing fetched from elsewhere.
 """
 
 from __future__ import annotations
 
 import functools
+import html
 import math
 import os
 import tempfile
@@ -19,18 +22,39 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from starlette_concurrency import Concurrency
+from starlette_concurrency import Concurrency, ProcessOptions
 from starlette_concurrency.metrics import health
 
 from . import activity
 from .work import count_primes
 
-__all__ = ["ACTIVITY_DIR", "PAGE", "routes"]
+__all__ = ["ACTIVITY_DIR", "page", "routes", "snapshot", "worker_options"]
 
 ACTIVITY_DIR = Path(
     os.environ.get("EXAMPLE_ACTIVITY_DIR")
     or Path(tempfile.gettempdir(), f"starlette-concurrency-example-{os.getpid()}")
 )
+
+# The counter cards: label, key in the stats.
+CARDS = [
+    ("workers", "workers"),
+    ("busy", "busy"),
+    ("queued", "queued"),
+    ("deferred pending", "deferred_pending"),
+    ("completed", "tasks_completed"),
+    ("failed", "tasks_failed"),
+    ("crashed", "tasks_crashed"),
+    ("timed out", "tasks_timed_out"),
+    ("restarts", "worker_restarts"),
+    ("p50", "task_time_p50"),
+    ("p99", "task_time_p99"),
+]
+
+
+def worker_options() -> ProcessOptions:
+    """The process driver's options: each worker notes that it started, so that every worker shows, replacements too."""
+    ACTIVITY_DIR.mkdir(parents=True, exist_ok=True)
+    return ProcessOptions(initializer=functools.partial(activity.note_start, str(ACTIVITY_DIR)))
 
 
 def _traced(label: str, fn: Callable[..., Any], *args: Any) -> Callable[[], Any]:
@@ -41,36 +65,87 @@ def _finite(value: float | None) -> float | None:
     return None if value is None or math.isnan(value) else value
 
 
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1000:.{2 if seconds < 0.01 else 0}f} ms"
+
+
+def _workers_rows(now: float, stats: dict[str, Any], notes: list[dict[str, Any]]) -> str:
+    """The workers table's rows: one per live worker, then a line that agrees with the counters."""
+    rows = []
+    for note in notes:
+        started = note.get("started")
+        if note.get("task"):
+            doing, when = f"running {note['task']}", f"{now - note['since']:.1f} s"
+        elif note.get("last"):
+            doing, when = f"idle (last: {note['last']}, {note['last_outcome']})", _ms(note["last_seconds"])
+        else:
+            doing, when = "idle (no task from the buttons yet)", "-"
+        cells = [note["pid"], "-" if started is None else f"{max(0.0, now - started):.0f} s ago", doing, when]
+        cells.append(note.get("done", 0))
+        row = "".join(f"<td>{html.escape(str(cell))}</td>" for cell in cells)
+        rows.append(f'<tr data-pid="{int(note["pid"])}">{row}</tr>')
+    # Only the buttons' tasks say which worker runs them; the counters count every task.
+    finished = stats["tasks_completed"] + stats["tasks_failed"] + stats["tasks_crashed"] + stats["tasks_timed_out"]
+    if finished == 0 and stats["busy"] == 0:
+        summary = "no task has run yet"
+    else:
+        summary = (
+            f"{finished} task(s) finished, {stats['busy']} running in all (the counters above);"
+            " a worker's row shows the buttons' tasks only"
+        )
+    rows.append(f'<tr><td colspan="5"><i>{summary}</i></td></tr>')
+    return "".join(rows)
+
+
+def _waiting(stats: dict[str, Any]) -> str:
+    # Deferred work uses at most workers - 1 workers, so that a run() never waits behind it: say so
+    # when deferred tasks wait while a worker is idle.
+    if not (stats["deferred_pending"] > 0 and stats["queued"] > 0 and stats["busy"] < stats["workers"]):
+        return ""
+    return (
+        f"{stats['queued']} deferred task(s) waiting while a worker is idle: deferred work uses at most"
+        f" {max(1, stats['workers'] - 1)} of the {stats['workers']} workers,"
+        " so that a run() call never waits behind it."
+    )
+
+
+def snapshot(concurrency: Concurrency) -> dict[str, Any]:
+    """Return the pool's state now, as ``/api/stats`` sends it: stats, health, and the workers table rendered."""
+    now, stats = time.time(), concurrency.stats()
+    ok, detail = health(concurrency)
+    numbers = {
+        "driver": stats.driver,
+        "workers": stats.workers,
+        "busy": stats.busy,
+        "queued": stats.queued,
+        "deferred_pending": stats.deferred_pending,
+        "tasks_completed": stats.tasks_completed,
+        "tasks_failed": stats.tasks_failed,
+        "tasks_crashed": stats.tasks_crashed,
+        "tasks_timed_out": stats.tasks_timed_out,
+        "worker_restarts": stats.worker_restarts,
+        "task_time_p50": _finite(stats.task_time_p50),
+        "task_time_p99": _finite(stats.task_time_p99),
+    }
+    notes = activity.read_notes(ACTIVITY_DIR)
+    return {
+        "time": now,
+        "server_pid": os.getpid(),
+        "stats": numbers,
+        "healthy": ok,
+        "problems": [problem for driver in detail["drivers"].values() for problem in driver["problems"]],
+        "activity": notes,
+        "workers_html": _workers_rows(now, numbers, notes),
+        "waiting": _waiting(numbers),
+    }
+
+
 def routes(concurrency: Concurrency) -> list[Route]:
     """The live dashboard's endpoints, on the app's facade."""
     ACTIVITY_DIR.mkdir(parents=True, exist_ok=True)
 
     async def stats(request: Request) -> Response:
-        snapshot = concurrency.stats()
-        ok, detail = health(concurrency)
-        return JSONResponse(
-            {
-                "time": time.time(),
-                "server_pid": os.getpid(),
-                "stats": {
-                    "driver": snapshot.driver,
-                    "workers": snapshot.workers,
-                    "busy": snapshot.busy,
-                    "queued": snapshot.queued,
-                    "deferred_pending": snapshot.deferred_pending,
-                    "tasks_completed": snapshot.tasks_completed,
-                    "tasks_failed": snapshot.tasks_failed,
-                    "tasks_crashed": snapshot.tasks_crashed,
-                    "tasks_timed_out": snapshot.tasks_timed_out,
-                    "worker_restarts": snapshot.worker_restarts,
-                    "task_time_p50": _finite(snapshot.task_time_p50),
-                    "task_time_p99": _finite(snapshot.task_time_p99),
-                },
-                "healthy": ok,
-                "problems": [problem for driver in detail["drivers"].values() for problem in driver["problems"]],
-                "activity": activity.read_notes(ACTIVITY_DIR),
-            }
-        )
+        return JSONResponse(snapshot(concurrency))
 
     async def work(request: Request) -> Response:
         kind = request.path_params["kind"]
@@ -101,33 +176,16 @@ def routes(concurrency: Concurrency) -> list[Route]:
     return [Route("/api/stats", stats), Route("/api/work/{kind}", work, methods=["POST"])]
 
 
-PAGE = """
-<h2>The pool, live</h2>
-<style>
+_STYLE = """<style>
   .cards { display: flex; flex-wrap: wrap; gap: 8px; font-family: sans-serif; }
   .card { border: 1px solid #ccc; border-radius: 6px; padding: 6px 12px; min-width: 90px; }
   .card b { display: block; font-size: 1.6em; }
   .ok { color: #070; } .bad { color: #b00; }
   canvas { border: 1px solid #ccc; margin: 4px 8px 4px 0; }
   td, th { padding: 2px 8px; text-align: left; }
-</style>
-<p>Driver <b id="driver">…</b>, health <b id="health">…</b> <span id="problems"></span>,
-updated <span id="updated">never</span> (poll <span id="polls">0</span>).</p>
-<p id="waiting"></p>
-<div class="cards">
-  <div class="card">workers<b id="workers">…</b></div>
-  <div class="card">busy<b id="busy">…</b></div>
-  <div class="card">queued<b id="queued">…</b></div>
-  <div class="card">deferred pending<b id="deferred_pending">…</b></div>
-  <div class="card">completed<b id="tasks_completed">…</b></div>
-  <div class="card">failed<b id="tasks_failed">…</b></div>
-  <div class="card">crashed<b id="tasks_crashed">…</b></div>
-  <div class="card">timed out<b id="tasks_timed_out">…</b></div>
-  <div class="card">restarts<b id="worker_restarts">…</b></div>
-  <div class="card">p50<b id="task_time_p50">…</b></div>
-  <div class="card">p99<b id="task_time_p99">…</b></div>
-</div>
-<p>
+</style>"""
+
+_BUTTONS = """<p>
   <button data-work="run">Run 8 counts</button>
   <button data-work="burst">Burst of 40 tasks</button>
   <button data-work="defer">Defer 6 slow tasks</button>
@@ -138,11 +196,36 @@ updated <span id="updated">never</span> (poll <span id="polls">0</span>).</p>
 <div>
   <canvas id="throughput" width="480" height="140"></canvas>
   <canvas id="latency" width="480" height="140"></canvas>
+</div>"""
+
+
+def page(data: dict[str, Any]) -> str:
+    """Render the live dashboard with `data` (a `snapshot`): it shows at once, then its script polls for more."""
+    stats, ok = data["stats"], data["healthy"]
+    cards = "\n".join(
+        f'  <div class="card">{label}<b id="{key}">'
+        f"{html.escape(_ms(stats[key]) if key.startswith('task_time') else str(stats[key]))}</b></div>"
+        for label, key in CARDS
+    )
+    updated = time.strftime("%H:%M:%S", time.localtime(data["time"]))
+    return f"""
+<h2>The pool, live</h2>
+{_STYLE}
+<p>Driver <b id="driver">{html.escape(stats["driver"])}</b>, health <b id="health" class="{"ok" if ok else "bad"}">\
+{"ok" if ok else "stuck"}</b> <span id="problems">{html.escape("; ".join(data["problems"]))}</span>,
+updated <span id="updated">{updated}</span> (poll <span id="polls">0</span>).</p>
+<p id="waiting">{html.escape(data["waiting"])}</p>
+<div class="cards">
+{cards}
 </div>
+{_BUTTONS}
 <h3>Workers</h3>
-<table><thead><tr><th>pid</th><th>doing</th><th>for / took</th><th>tasks done</th></tr></thead>
-<tbody id="activity"><tr><td colspan="4">…</td></tr></tbody></table>
-<script>
+<table><thead><tr><th>pid</th><th>started</th><th>doing</th><th>for / took</th><th>tasks done</th></tr></thead>
+<tbody id="activity">{data["workers_html"]}</tbody></table>
+{_SCRIPT}"""
+
+
+_SCRIPT = """<script>
 "use strict";
 const WINDOW = 300;  // seconds of history in the charts
 const history = [];  // {t, finished, p50, p99}
@@ -150,8 +233,6 @@ let polls = 0;
 const $ = (id) => document.getElementById(id);
 const ms = (s) => (s === null ? "-" : (s * 1000).toFixed(s < 0.01 ? 2 : 0) + " ms");
 const finishedOf = (s) => s.tasks_completed + s.tasks_failed + s.tasks_crashed + s.tasks_timed_out;
-
-function text(cell, value) { const td = document.createElement("td"); td.textContent = value; cell.appendChild(td); }
 
 function chart(canvas, title, series, unit) {
   const g = canvas.getContext("2d"), w = canvas.width, h = canvas.height;
@@ -183,35 +264,10 @@ function render(data) {
   $("health").textContent = data.healthy ? "ok" : "stuck";
   $("health").className = data.healthy ? "ok" : "bad";
   $("problems").textContent = data.problems.join("; ");
-  // Deferred work uses at most workers - 1 workers, so that a run() never waits behind it: say so
-  // when deferred tasks wait while a worker is idle.
-  const waiting = s.deferred_pending > 0 && s.queued > 0 && s.busy < s.workers;
-  $("waiting").textContent = waiting
-    ? `${s.queued} deferred task(s) waiting while a worker is idle: deferred work uses at most ` +
-      `${Math.max(1, s.workers - 1)} of the ${s.workers} workers, so that a run() call never waits behind it.`
-    : "";
+  $("waiting").textContent = data.waiting;
   $("updated").textContent = new Date(data.time * 1000).toLocaleTimeString();
   $("polls").textContent = ++polls;
-  const rows = data.activity.map((note) => {
-    const tr = document.createElement("tr");
-    text(tr, note.pid);
-    if (note.task) {
-      text(tr, "running " + note.task); text(tr, (data.time - note.since).toFixed(1) + " s");
-    } else {
-      text(tr, `idle (last: ${note.last}, ${note.last_outcome})`); text(tr, ms(note.last_seconds));
-    }
-    text(tr, note.done);
-    return tr;
-  });
-  if (!rows.length) {
-    // Only the buttons' tasks say which worker runs them; the counters above count every task.
-    const finished = finishedOf(s), tr = document.createElement("tr"), td = document.createElement("td");
-    td.colSpan = 4;
-    td.textContent = finished === 0 && s.busy === 0 ? "no task has run yet"
-      : `${finished} task(s) finished, ${s.busy} running: none from the buttons below, which show per worker`;
-    tr.appendChild(td); rows.push(tr);
-  }
-  $("activity").replaceChildren(...rows);
+  $("activity").innerHTML = data.workers_html;  // rendered by the server, escaped there
   history.push({ t: data.time, finished: finishedOf(s), p50: s.task_time_p50, p99: s.task_time_p99 });
   while (history.length > WINDOW) history.shift();
   const rate = history.map((p, i) => {
@@ -245,5 +301,4 @@ document.querySelectorAll("button[data-work]").forEach((button) => {
   });
 });
 poll();
-</script>
-"""
+</script>"""

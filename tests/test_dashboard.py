@@ -7,15 +7,24 @@ CI=true: a dashboard nobody has looked at in a browser is not tested.
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import signal
+import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
+import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from .asgi import Server, example_server
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Page
 
 CHROMIUM = "/usr/bin/chromium"
 # No sandbox: the tests run as root in a container; nothing of the browser's own reaches the network.
@@ -132,3 +141,175 @@ def test_the_example_serves_health_and_prometheus_over_http(example: Server) -> 
         "starlette_concurrency_task_duration_recent_seconds",
     } <= names
     assert 'starlette_concurrency_tasks_total{driver="process",outcome="completed"}' in scrape.text
+
+
+# The worker pids the page's workers table lists (rows of live workers carry their pid).
+TABLE_PIDS = "Array.from(document.querySelectorAll('#activity tr[data-pid]'), (row) => Number(row.dataset.pid))"
+TABLE_ROWS = "Array.from(document.querySelectorAll('#activity tr[data-pid]'), (row) => row.textContent)"
+
+# Installed before the page loads: when the workers' rows first appear and how many polls the page had
+# made by then, and the first contentful paint.
+FIRST_SEEN = """
+window.firstSeen = { rows: null, polls: null, rowsAt: null, paint: null };
+new PerformanceObserver((list) => {
+  for (const entry of list.getEntries()) {
+    if (entry.name === "first-contentful-paint") window.firstSeen.paint = entry.startTime;
+  }
+}).observe({ type: "paint", buffered: true });
+new MutationObserver(() => {
+  const rows = document.querySelectorAll("#activity tr[data-pid]");
+  if (window.firstSeen.rows === null && rows.length) {
+    window.firstSeen.rows = Array.from(rows, (row) => Number(row.dataset.pid));
+    window.firstSeen.polls = document.getElementById("polls").textContent;
+    window.firstSeen.rowsAt = performance.now();
+  }
+}).observe(document, { childList: true, subtree: true });
+"""
+
+
+def worker_pids(example: Server) -> set[int]:
+    """The server's worker processes, as the operating system sees them."""
+    return {child.pid for child in psutil.Process(example.process.pid).children()}
+
+
+def wait_for_workers(example: Server, count: int) -> set[int]:
+    """Wait until the server has `count` workers and each has noted its start; return their pids."""
+    deadline = time.monotonic() + 60
+    while True:
+        pids = worker_pids(example)
+        noted = {note["pid"] for note in httpx.get(f"{example.url}/api/stats", timeout=30).json()["activity"]}
+        if len(pids) == count and noted == pids:
+            return pids
+        assert time.monotonic() < deadline, (pids, noted)
+        time.sleep(0.1)
+
+
+@contextmanager
+def browser_page(example: Server) -> Iterator[tuple[Page, list[str]]]:
+    """A fresh Chromium page, with `FIRST_SEEN` installed; yield it and the errors it logs."""
+    from playwright.sync_api import sync_playwright
+
+    executable = chromium()
+    errors: list[str] = []
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.set_default_timeout(60_000)
+            page.add_init_script(FIRST_SEEN)
+            page.on("pageerror", lambda error: errors.append(str(error)))
+            page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
+            yield page, errors
+        finally:
+            browser.close()
+
+
+def test_the_first_response_already_shows_the_pool(example: Server) -> None:
+    pids = wait_for_workers(example, 2)
+    # The start of the page, up to the end of its live part's script: the counters and the workers table
+    # are in it, not "…" for a script to fill in later. (The four slow counts follow in the same response.)
+    with httpx.stream("GET", example.url, timeout=60) as response:
+        chunks = response.iter_raw()
+        first = ""
+        while "</script>" not in first:
+            first += next(chunks).decode()
+        rest = b"".join(chunks).decode()
+    cards = dict(re.findall(r'<b id="(\w+)">([^<]*)</b>', first))
+    assert cards["workers"] == "2", cards
+    for field in ("busy", "queued", "deferred_pending", "tasks_completed", "worker_restarts"):
+        assert cards[field].isdigit(), (field, cards)
+    assert '<b id="driver">process</b>' in first
+    assert {int(pid) for pid in re.findall(r'<tr data-pid="(\d+)">', first)} == pids
+    assert '<table id="counts"' in first + rest  # the counts, after the live part
+    assert (first + rest).index('id="activity"') < (first + rest).index('<table id="counts"')
+
+    # In the browser: the workers' rows are there before the page's script has polled even once.
+    with browser_page(example) as (page, errors):
+        started = time.monotonic()
+        page.goto(example.url, wait_until="commit")
+        page.wait_for_function("window.firstSeen.rows !== null && window.firstSeen.paint !== null")
+        shown = (time.monotonic() - started) * 1000
+        seen = page.evaluate("window.firstSeen")
+        assert seen["polls"] == "0", seen  # rendered by the server, not by a poll
+        assert set(seen["rows"]) == pids, seen
+        page.wait_for_selector("#counts")
+        timing = page.evaluate(
+            "(() => { const n = performance.getEntriesByType('navigation')[0];"
+            " return { response: n.responseStart, dcl: n.domContentLoadedEventEnd }; })()"
+        )
+    assert errors == []
+    # Measured, not asserted (a busy machine is slow): printed for the record, `pytest -s` shows it.
+    print(
+        f"\nfirst contentful paint {seen['paint']:.0f} ms, workers' rows at {seen['rowsAt']:.0f} ms, first byte"
+        f" {timing['response']:.0f} ms, DOMContentLoaded (after the counts) {timing['dcl']:.0f} ms;"
+        f" seen by the test after {shown:.0f} ms"
+    )
+
+
+def test_the_dashboard_in_each_state(example: Server, tmp_path: Path) -> None:
+    wait_for_workers(example, 2)
+    shots = tmp_path / "screenshots"  # evidence, kept under the test's tmp_path; the assertions are the test
+    with browser_page(example) as (page, errors):
+        page.goto(example.url)
+
+        # Idle: both workers listed (no task from the buttons yet), nothing busy, queued or pending.
+        page.wait_for_function("Number(document.getElementById('polls').textContent) >= 1")
+        page.wait_for_function(
+            "['busy', 'queued', 'deferred_pending'].every((id) => document.getElementById(id).textContent === '0')"
+        )
+        assert set(page.evaluate(TABLE_PIDS)) == worker_pids(example)
+        rows = page.locator("#activity tr[data-pid]").all_text_contents()
+        assert len(rows) == 2, rows
+        assert all("idle (no task from the buttons yet)" in row for row in rows), rows
+        assert page.text_content("#waiting") == ""
+        page.screenshot(path=str(shots / "1-idle.png"))
+
+        # Work running: a burst bigger than the pool: both workers busy with it, the rest queued.
+        page.click("button[data-work=burst]")
+        page.wait_for_function(
+            "document.getElementById('busy').textContent === '2'"
+            " && Number(document.getElementById('queued').textContent) > 0"
+            f" && {TABLE_ROWS}.every((row) => row.includes('running task') && row.includes('(nap)'))"
+        )
+        assert len(page.evaluate(TABLE_PIDS)) == 2
+        page.screenshot(path=str(shots / "2-running.png"))
+        page.wait_for_function("document.getElementById('message').textContent.startsWith('40 naps')")
+        page.wait_for_function("document.getElementById('busy').textContent === '0'")
+
+        # A worker SIGKILLed: the table drops it and lists its replacement, which has run nothing yet.
+        before = set(page.evaluate(TABLE_PIDS))
+        victim = min(before)
+        os.kill(victim, signal.SIGKILL)
+        page.wait_for_function("Number(document.getElementById('worker_restarts').textContent) >= 1")
+        page.wait_for_function(
+            f"(() => {{ const pids = {TABLE_PIDS}; return pids.length === 2 && !pids.includes({victim}); }})()"
+        )
+        after = set(page.evaluate(TABLE_PIDS))
+        assert after == worker_pids(example), (after, worker_pids(example))
+        [replacement] = after - before
+        assert before - after == {victim}
+        row = page.text_content(f"#activity tr[data-pid='{replacement}']") or ""
+        assert "idle (no task from the buttons yet)" in row, row
+        assert page.text_content("#health") == "ok"
+        page.screenshot(path=str(shots / "3-replaced.png"))
+
+        # Deferred work waiting: one worker runs it, the other stays free for run(), and the page says so.
+        page.click("button[data-work=defer]")
+        page.wait_for_function(
+            f"(() => {{ const rows = {TABLE_ROWS};"
+            " return document.getElementById('waiting').textContent"
+            ".includes('deferred work uses at most 1 of the 2 workers')"
+            " && Number(document.getElementById('deferred_pending').textContent) > 1"
+            " && rows.length === 2"
+            " && rows.filter((row) => row.includes('running task') && row.includes('(nap, deferred)')).length === 1"
+            " && rows.filter((row) => row.includes('idle')).length === 1; })()"
+        )
+        page.screenshot(path=str(shots / "4-deferred-waiting.png"))
+        page.wait_for_function("document.getElementById('deferred_pending').textContent === '0'")
+    assert errors == []
+    assert sorted(path.name for path in shots.iterdir()) == [
+        "1-idle.png",
+        "2-running.png",
+        "3-replaced.png",
+        "4-deferred-waiting.png",
+    ]
