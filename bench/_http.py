@@ -4,8 +4,12 @@ Two phases, each endpoint loaded on its own while the others idle:
 
 1. ``run()`` under closed-loop load (`--concurrency` clients, as fast as the server answers; one
    table per value, 16 and 64 by default): ``/plain``, ``/run/ours``, ``/run/ppe``,
-   ``/run/anyio``, in an order that rotates each round. Then the mixed-load row: ``/run/ours``
-   again while `bench/loadgen.py` keeps the pool busy with deferred CPU work (``/defer`` at
+   ``/run/anyio``, behind `ConcurrencyMiddleware`, and ``/bare/plain``, ``/bare/run/ours``,
+   ``/bare/run/reference`` (a minimal multiplexed pool, `_reference_pool.py`) without it, in an
+   order that rotates each round. Around each measured load the script reads from /proc the CPU
+   time of the server process and of its children (the pools' workers, those that exited
+   included), and reports both per request served. Then the mixed-load row: ``/run/ours`` again
+   while `bench/loadgen.py` keeps the pool busy with deferred CPU work (``/defer`` at
    `--mixed-rate` requests a second), compared with its idle p50.
 2. deferred work under open-loop load (`--rate` requests a second, on a fixed schedule, latency
    measured from when each request was due): ``/plain``, ``/defer``, ``/background``. Between
@@ -31,10 +35,20 @@ from dataclasses import dataclass, field
 
 import httpx
 
+from . import _proc
 from ._stats import fmt, machine, median, table, verdict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RUN_ENDPOINTS = ["/plain", "/run/ours", "/run/ppe", "/run/anyio"]
+RUN_ENDPOINTS = [
+    "/plain",
+    "/bare/plain",
+    "/run/ours",
+    "/bare/run/ours",
+    "/bare/run/reference",
+    "/run/ppe",
+    "/run/anyio",
+]
+TASKS_PER_REQUEST = 2  # every /run endpoint runs two closures
 DEFER_ENDPOINTS = ["/plain", "/defer", "/background"]
 CLEARLY_BETTER = 0.75  # "a clearly better p99": at most this fraction of BackgroundTasks'
 
@@ -97,12 +111,29 @@ def drain(base: str, timeout: float) -> float:
     return math.nan
 
 
-def httpx_load(url: str, args: argparse.Namespace, *, rate: float = 0.0) -> dict[str, float]:
-    command = [sys.executable, "-m", "bench.loadgen", url, "--warmup", str(args.warmup)]
+def per_request(result: dict[str, float], before: _proc.Snapshot | None, server: int | None) -> dict[str, float]:
+    """`result`, with the CPU microseconds the server and its children spent per request since `before`."""
+    if before is None or server is None:
+        return result
+    server_seconds, children_seconds = _proc.spent(before, _proc.snapshot(server))
+    requests = result["requests"] or math.nan
+    return {**result, "server_us": server_seconds / requests * 1e6, "workers_us": children_seconds / requests * 1e6}
+
+
+def httpx_load(url: str, args: argparse.Namespace, *, rate: float = 0.0, server: int | None = None) -> dict[str, float]:
+    """Load `url` with bench/loadgen.py: open loop at `rate`, or closed loop (CPU measured when `server` is given)."""
+    command = [sys.executable, "-m", "bench.loadgen", url]
     if rate:
-        command += ["--rate", str(rate), "--duration", str(args.defer_duration)]
-    else:
-        command += ["--concurrency", str(args.connections), "--duration", str(args.duration)]
+        command += ["--rate", str(rate), "--duration", str(args.defer_duration), "--warmup", str(args.warmup)]
+        return _loadgen(command)
+    command += ["--concurrency", str(args.connections), "--warmup", "0"]
+    if args.warmup > 0:  # a run of its own, so that the CPU measured is the measured load's only
+        _loadgen([*command, "--duration", str(args.warmup)])
+    before = _proc.snapshot(server) if server is not None else None
+    return per_request(_loadgen([*command, "--duration", str(args.duration)]), before, server)
+
+
+def _loadgen(command: list[str]) -> dict[str, float]:
     output = subprocess.run(command, cwd=ROOT, check=True, capture_output=True, text=True, timeout=180).stdout
     result: dict[str, float] = json.loads(output.strip().splitlines()[-1])
     return result
@@ -111,9 +142,11 @@ def httpx_load(url: str, args: argparse.Namespace, *, rate: float = 0.0) -> dict
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3}
 
 
-def wrk_load(url: str, args: argparse.Namespace) -> dict[str, float]:
+def wrk_load(url: str, args: argparse.Namespace, server: int | None = None) -> dict[str, float]:
+    """Load `url` with wrk, closed loop, after a warm-up (CPU measured when `server` is given)."""
     base = ["wrk", "-t1", f"-c{args.connections}"]
     subprocess.run([*base, f"-d{max(1, round(args.warmup))}s", url], check=True, capture_output=True, timeout=60)
+    before = _proc.snapshot(server) if server is not None else None
     output = subprocess.run(
         [*base, f"-d{max(1, round(args.duration))}s", "--latency", url],
         check=True,
@@ -130,7 +163,7 @@ def wrk_load(url: str, args: argparse.Namespace) -> dict[str, float]:
     requests = re.search(r"(\d+) requests in", output)
     errors = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", output)
     socket_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output)
-    return {
+    result = {
         "requests": float(requests[1]) if requests else math.nan,
         "errors": (float(errors[1]) if errors else 0)
         + (sum(map(float, socket_errors.groups())) if socket_errors else 0),
@@ -139,14 +172,15 @@ def wrk_load(url: str, args: argparse.Namespace) -> dict[str, float]:
         "p99_ms": latency("99"),
         "max_ms": math.nan,
     }
+    return per_request(result, before, server)
 
 
 def ratio(a: float, b: float) -> str:
     return fmt(a / b) + "x" if b and not math.isnan(a) and not math.isnan(b) else "n/a"
 
 
-def load(url: str, args: argparse.Namespace, generator: str) -> dict[str, float]:
-    return wrk_load(url, args) if generator == "wrk" else httpx_load(url, args)
+def load(url: str, args: argparse.Namespace, generator: str, server: int | None = None) -> dict[str, float]:
+    return wrk_load(url, args, server) if generator == "wrk" else httpx_load(url, args, server=server)
 
 
 def mixed(base: str, args: argparse.Namespace, generator: str) -> dict[str, float]:
@@ -168,6 +202,9 @@ LABELS = {
     "/run/ours": "concurrency.run()",
     "/run/ppe": "run_in_executor(ProcessPoolExecutor)",
     "/run/anyio": "anyio.to_process.run_sync",
+    "/bare/plain": "no work, no middleware",
+    "/bare/run/ours": "concurrency.run(), no middleware",
+    "/bare/run/reference": "reference pool (_reference_pool.py)",
     "/defer": "concurrency.defer()",
     "/background": "Starlette BackgroundTasks",
 }
@@ -178,13 +215,90 @@ def _row(label: str, m: Measured) -> list[str]:
     return [label, fmt(m.get("rps"), 0), fmt(m.get("p50_ms"), 2), fmt(m.get("p99_ms"), 2), f"{m.total('errors'):.0f}"]
 
 
+def _added(runs: dict[str, Measured], endpoint: str, baseline: str) -> float:
+    """Server CPU microseconds per request `endpoint` costs over the no-work `baseline`."""
+    return runs[endpoint].get("server_us") - runs[baseline].get("server_us")
+
+
+def _baseline(endpoint: str) -> str:
+    """The no-work endpoint behind the same middleware (or none) as `endpoint`."""
+    return "/bare/plain" if endpoint.startswith("/bare/") else "/plain"
+
+
+def report_cpu(args: argparse.Namespace, runs: dict[str, Measured]) -> None:
+    print(f"\nCPU per request from /proc, {args.connections} connections (microseconds, medians of the rounds):\n")
+    reference = runs["/bare/run/reference"]
+    ref_added = _added(runs, "/bare/run/reference", "/bare/plain")
+    rows = []
+    for endpoint, m in runs.items():
+        added = _added(runs, endpoint, _baseline(endpoint)) if "/run/" in endpoint else math.nan
+        workers = m.get("workers_us")
+        rows.append(
+            [
+                f"{endpoint} — {LABELS[endpoint]}",
+                fmt(m.get("server_us"), 1),
+                fmt(added, 1),
+                fmt(workers, 1),
+                fmt(workers / TASKS_PER_REQUEST, 1) if "/run/" in endpoint else "",
+                ratio(added, ref_added) if "/run/" in endpoint else "",
+                ratio(workers, reference.get("workers_us")) if "/run/" in endpoint else "",
+            ]
+        )
+    headers = ["endpoint", "server", "server added", "workers", "workers per task"]
+    print(table([*headers, "added ÷ reference", "workers ÷ reference"], rows))
+    print(
+        "\nserver: the uvicorn process; workers: all its child processes (every pool's workers, exited ones\n"
+        "included; only the loaded endpoint's pool is busy); added: server CPU over the no-work endpoint\n"
+        "behind the same middleware (/plain) or none (/bare/plain)."
+    )
+
+
 def report_phase1(args: argparse.Namespace, runs: dict[str, Measured], busy: Measured) -> None:
     print(f"\nrun() of two trivial closures per request, {args.connections} connections:\n")
     rows = [_row(f"{endpoint} — {LABELS[endpoint]}", m) for endpoint, m in runs.items()]
     rows.append(_row(f"/run/ours beside deferred work ({args.mixed_rate:g} x /defer per s)", busy))
     print(table(["endpoint", "req/s", "p50 ms", "p99 ms", "errors"], rows))
-    ours, plain, aio = runs["/run/ours"], runs["/plain"], runs["/run/anyio"]
+    ours, bare, reference = runs["/run/ours"], runs["/bare/run/ours"], runs["/bare/run/reference"]
+    aio, plain = runs["/run/anyio"], runs["/plain"]
+    print("\nours / peer (ours: /run/ours against the peers behind the middleware, /bare/run/ours against the")
+    print("reference pool; CPU: the server's added over its no-work endpoint, the workers' per request):\n")
+
+    def line(label: str, key: str, added: bool = False) -> list[str]:
+        def value(endpoint: str) -> float:
+            return _added(runs, endpoint, _baseline(endpoint)) if added else runs[endpoint].get(key)
+
+        mine = value("/run/ours")
+        cells = [ratio(mine, value("/run/ppe")), ratio(mine, value("/run/anyio"))]
+        return [label, *cells, ratio(value("/bare/run/ours"), value("/bare/run/reference"))]
+
+    print(
+        table(
+            ["metric", "run_in_executor(PPE)", "anyio.to_process", "reference pool"],
+            [
+                line("req/s (higher is better)", "rps"),
+                line("p50 (lower is better)", "p50_ms"),
+                line("p99 (lower is better)", "p99_ms"),
+                line("server CPU added per request (lower is better)", "server_us", added=True),
+                line("workers' CPU per request (lower is better)", "workers_us"),
+            ],
+        )
+    )
+    report_cpu(args, runs)
+    ref_added = _added(runs, "/bare/run/reference", "/bare/plain")
     print(f"\nGoals at {args.connections} connections:")
+    value = _added(runs, "/bare/run/ours", "/bare/plain") / ref_added
+    print(f"  {verdict(value <= 1.2):6}  run() server CPU added per request ≤ 1.2x the reference pool's: {fmt(value)}x")
+    value = _added(runs, "/run/ours", "/bare/plain") / ref_added
+    print(
+        f"  {verdict(value <= 1.3):6}  the same behind the middleware (over /bare/plain) ≤ 1.3x the reference's: "
+        f"{fmt(value)}x"
+    )
+    value = bare.get("workers_us") / reference.get("workers_us")
+    value_mw = ours.get("workers_us") / reference.get("workers_us")
+    print(
+        f"  {verdict(value <= 1.2):6}  run() workers' CPU per task ≤ 1.2x the reference pool's: {fmt(value)}x "
+        f"({fmt(value_mw)}x behind the middleware)"
+    )
     value = ours.get("rps") / aio.get("rps")
     print(f"  {verdict(value >= 2):6}  run() req/s ≥ 2x anyio.to_process's: {fmt(value)}x")
     value = ours.get("rps") / plain.get("rps")
@@ -195,7 +309,7 @@ def report_phase1(args: argparse.Namespace, runs: dict[str, Measured], busy: Mea
     print(f"  {verdict(value <= 2):6}  run() p50 beside deferred work ≤ 2x its idle p50: {fmt(value)}x")
 
 
-def report(args: argparse.Namespace, generator: str, runs: dict[str, Measured], deferred: dict[str, Measured]) -> None:
+def report(args: argparse.Namespace, generator: str, deferred: dict[str, Measured]) -> None:
     print()
     print(machine())
     print(
@@ -206,34 +320,6 @@ def report(args: argparse.Namespace, generator: str, runs: dict[str, Measured], 
     )
     if args.load_at_start > 0.5:
         print(f"WARNING: the machine was busy before the run (load average {args.load_at_start:.2f}).")
-    print("\nrun() of two trivial closures per request:\n")
-    rows = [_row(f"{endpoint} — {LABELS[endpoint]}", m) for endpoint, m in runs.items()]
-    print(table(["endpoint", "req/s", "p50 ms", "p99 ms", "errors"], rows))
-    ours, ppe, aio = runs["/run/ours"], runs["/run/ppe"], runs["/run/anyio"]
-    print("\nours / peer:\n")
-    print(
-        table(
-            ["metric", "run_in_executor(PPE)", "anyio.to_process"],
-            [
-                [
-                    "req/s (higher is better)",
-                    ratio(ours.get("rps"), ppe.get("rps")),
-                    ratio(ours.get("rps"), aio.get("rps")),
-                ],
-                [
-                    "p50 (lower is better)",
-                    ratio(ours.get("p50_ms"), ppe.get("p50_ms")),
-                    ratio(ours.get("p50_ms"), aio.get("p50_ms")),
-                ],
-                [
-                    "p99 (lower is better)",
-                    ratio(ours.get("p99_ms"), ppe.get("p99_ms")),
-                    ratio(ours.get("p99_ms"), aio.get("p99_ms")),
-                ],
-            ],
-        )
-    )
-
     print(f"\nDeferred work, open loop at {args.rate:g} requests/s:\n")
     rows = [
         [
@@ -295,6 +381,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     base = f"http://127.0.0.1:{port}"
     print(f"starting uvicorn on {base} ...", flush=True)
     server = start_server(port, args.defer_ms)
+    measured = server.pid if _proc.available(server.pid) else None  # CPU time from /proc: Linux only
     phase1: list[tuple[argparse.Namespace, dict[str, Measured], Measured]] = []
     try:
         for connections in [int(value) for value in str(args.concurrency).split(",")]:
@@ -305,7 +392,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 order = RUN_ENDPOINTS[turn % len(RUN_ENDPOINTS) :] + RUN_ENDPOINTS[: turn % len(RUN_ENDPOINTS)]
                 for endpoint in order:
                     print(f"phase 1, {connections} connections, round {turn + 1}: {endpoint} ...", flush=True)
-                    runs[endpoint].runs.append(load(base + endpoint, args, generator))
+                    runs[endpoint].runs.append(load(base + endpoint, args, generator, measured))
                 print(f"phase 1, {connections} connections, round {turn + 1}: mixed ...", flush=True)
                 busy.runs.append(mixed(base, args, generator))
             phase1.append((args, runs, busy))
@@ -317,7 +404,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             deferred[endpoint].drains.append(drain(base, args.drain_timeout))
     finally:
         stop_server(server)
-    report(args, generator, runs, deferred)
+    report(args, generator, deferred)
     for one_args, one_runs, one_busy in phase1:
         report_phase1(one_args, one_runs, one_busy)
     return 0
