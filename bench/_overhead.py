@@ -32,7 +32,7 @@ import loky
 import psutil
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from starlette_concurrency import Concurrency, ConcurrencyMiddleware
+from starlette_concurrency import Concurrency, ConcurrencyMiddleware, ProcessOptions
 
 from . import _work
 from ._stats import fmt, machine, median, percentile, table, verdict
@@ -169,6 +169,10 @@ async def steady_state(args: argparse.Namespace, loops: int, unavailable: dict[s
                 continue
             peers.append(Peer(f"{driver} (partial)", run_ours(concurrency), ours=True))
             peers.append(Peer(f"{driver} (lambda)", run_ours(concurrency), ours=True, lambdas=True))
+        # What log forwarding (on by default) costs a call that logs nothing: the same pool without it.
+        quiet = Concurrency("process", workers=WORKERS, env_file=None, options=ProcessOptions(forward_logs=False))
+        await stack.enter_async_context(quiet)
+        peers.append(Peer("process, logs not forwarded (lambda)", run_ours(quiet), ours=True, lambdas=True))
         ppe = concurrent.futures.ProcessPoolExecutor(WORKERS)
         stack.callback(ppe.shutdown)
         loky_pool = loky.ProcessPoolExecutor(WORKERS)

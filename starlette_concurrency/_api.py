@@ -299,13 +299,18 @@ class Concurrency:
         return [outcome for outcome in outcomes if outcome is not None]
 
     def _accept(self, tasks: object) -> Batch:
-        """Check what a call was given; take the context variables' values of its caller along."""
+        """Check what a call was given; take along the context variables' values of its caller, and
+        its request's method and path (for the tasks' log records)."""
         batch = Batch.of(tasks)
-        carrier = self._runtime.context
-        if carrier and batch.tasks:
-            context = carrier.capture(pickles=self._runtime.driver(self._name).pickles)
-            if context:
-                batch = batch.carrying(context)
+        if not batch.tasks:
+            return batch
+        runtime = self._runtime
+        carrier = runtime.context
+        context = carrier.capture(pickles=runtime.driver(self._name).pickles) if carrier else ()
+        request = runtime.work.current.get()
+        origin = (request.method, request.path) if request is not None else None
+        if context or origin is not None:
+            batch = batch.carrying(context, origin)
         return batch
 
     def _timeout(self, timeout: float | None) -> float | None:

@@ -44,6 +44,9 @@ class ProcessOptions(DriverOptions):
             worker lives on (default 0.1).
         start_timeout: seconds tasks wait for a worker while none can start (each failed start is
             logged and tried again with a backoff); then they fail with `WorkerStartFailed` (default 10).
+        forward_logs: send what tasks log (the `logging` module's records) to the server's loggers of
+            the same names, with the task's label, key, worker pid and request as record attributes
+            (default True). False: a worker's records go to its own handlers (stderr by default).
 
     Raises:
         ConfigurationError: an option is not a positive number, not callable, or not module names;
@@ -57,6 +60,7 @@ class ProcessOptions(DriverOptions):
     preload: Sequence[str] = ()
     cancel_grace: float = 0.1
     start_timeout: float = 10.0
+    forward_logs: bool = True
 
     def __post_init__(self) -> None:
         for name, kind in [("max_tasks_per_worker", int), ("idle_timeout", float), ("max_worker_memory", int)]:
@@ -70,6 +74,8 @@ class ProcessOptions(DriverOptions):
             raise ConfigurationError(
                 f"ProcessOptions.initializer must be callable, not {type(self.initializer).__name__}"
             )
+        if not isinstance(self.forward_logs, bool):
+            raise ConfigurationError(f"ProcessOptions.forward_logs must be True or False, got {self.forward_logs!r}")
         preload: Any = self.preload
         modules = () if preload is None else tuple(preload) if not isinstance(preload, str | bytes) else None
         if modules is None or not all(isinstance(module, str) and module.strip() for module in modules):

@@ -10,10 +10,12 @@ of a length that waits forever.
 ```
  parent → worker   INIT   pickled configuration (sys.path, initializer, preload, idle timeout)
                    TASKS  definitions blob, then entries (first task id, count, start, payload) — see tasks_frame()
+                   LEVELS the levels of the server's loggers (before a worker's first TASKS, and when they change)
  worker → parent   READY  its pid                     START_FAILED  why it could not start
                    IDLE_EXIT  leaving on its idle timeout (nothing of a later frame ran)
                    OK / ERROR / REMOTE / UNPICKLABLE / LOAD_FAILED   one answer per task:
                           task id (8 bytes) | pickled result, exception or description
+                   LOG  a log record: task id (8 bytes) of the task running when it was emitted | its fields
                    RESEND  a group payload would not load: task id (8 bytes) | count (4 bytes);
                            none of those tasks ran, the parent sends them again one by one
 ```
@@ -34,7 +36,9 @@ __all__ = [
     "IDLE_EXIT",
     "ID_SIZE",
     "INIT",
+    "LEVELS",
     "LOAD_FAILED",
+    "LOG",
     "OK",
     "READY",
     "REMOTE",
@@ -69,6 +73,7 @@ SINGLE = 0xFFFFFFFF  # an entry's start when its payload is one callable, not a 
 # Parent → worker.
 INIT = b"C"  # body: pickled configuration
 TASKS = b"T"  # body: see tasks_frame()
+LEVELS = b"V"  # body: pickled {logger name: level} of the server's loggers ("" is the root); see _logs.py
 
 # Worker → parent.
 READY = b"R"  # start-up done; body: the worker's pid
@@ -81,6 +86,7 @@ UNPICKLABLE = b"S"  # the task returned something that would not pickle; body: p
 LOAD_FAILED = b"L"  # the task itself would not unpickle here; body: pickled (type name, str, traceback)
 RESEND = b"P"  # a group payload would not load; body: first task id (8 bytes), count (4 bytes); none of them ran
 SLOW_IMPORT = b"W"  # before the first answer: loading the first task took long; body: "<seconds> <module>,<module>…"
+LOG = b"G"  # a log record emitted in the worker; body: task id (8 bytes) of the task running then | pickled fields
 ANSWERS = frozenset((OK, ERROR, REMOTE, UNPICKLABLE, LOAD_FAILED))
 
 

@@ -31,6 +31,7 @@ class Task:
             calls each have a ``task 0``, and the logs must tell them apart.
         context: the context variables captured for it (``Concurrency(context=[...])``), pickled when
             they go to a worker; see `target`.
+        origin: the method and path of the request that made the call, if any (for log records).
     """
 
     key: Hashable
@@ -38,6 +39,7 @@ class Task:
     prepared: Any = field(default=None, compare=False, repr=False)
     call: int = 0
     context: tuple[Any, ...] | bytes = field(default=(), compare=False, repr=False)
+    origin: tuple[str | None, str | None] | None = field(default=None, compare=False, repr=False)
 
     @property
     def target(self) -> Callable[[], Any]:
@@ -101,9 +103,11 @@ class Batch:
     tasks: list[Task]
     shape: type[object]  # `object` for a single callable, `list` or `dict` otherwise
 
-    def carrying(self, context: tuple[Any, ...] | bytes) -> Batch:
-        """The same batch, its tasks to run with the context variables `context` captured."""
-        return Batch([Task(task.key, task.fn, task.prepared, task.call, context) for task in self.tasks], self.shape)
+    def carrying(self, context: tuple[Any, ...] | bytes, origin: tuple[str | None, str | None] | None) -> Batch:
+        """The same batch, its tasks to run with the context variables `context` captured, made by the
+        request `origin` (method, path)."""
+        tasks = [Task(task.key, task.fn, task.prepared, task.call, context, origin) for task in self.tasks]
+        return Batch(tasks, self.shape)
 
     @classmethod
     def of(cls, tasks: object, argument: str = "tasks") -> Batch:

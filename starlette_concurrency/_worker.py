@@ -101,6 +101,8 @@ def main(argv: list[str]) -> int:
 
     import cloudpickle  # type: ignore[import-untyped]  # imported before READY so that the first task does not pay for it
 
+    if config.get("log_levels") is not None:  # before the initializer: what it logs is forwarded too
+        forward_logs(writer, config["log_levels"])
     try:
         for module in config["preload"]:
             __import__(module)
@@ -124,6 +126,9 @@ def main(argv: list[str]) -> int:
         if message is None:
             return 0
         tag, body = message
+        if tag == _protocol.LEVELS:
+            set_levels(pickle.loads(body))
+            continue
         if tag != _protocol.TASKS:
             raise _protocol.ProtocolError(f"unexpected frame tag {tag!r}")
         definitions, entries = _protocol.parse_tasks(body)
@@ -156,6 +161,7 @@ def main(argv: list[str]) -> int:
                 for offset in range(count):
                     fn = fns[start + offset]
                     fns[start + offset] = None  # let it go once it ran
+                    _running[0] = first + offset
                     _answer(writer, first + offset, outcome(fn, cloudpickle.dumps))
                     del fn
                 del fns
@@ -165,6 +171,7 @@ def main(argv: list[str]) -> int:
             except BaseException as exc:
                 _answer(writer, first, (_protocol.LOAD_FAILED, _describe(exc)))
             else:
+                _running[0] = first
                 _answer(writer, first, outcome(fn, cloudpickle.dumps))
                 del fn
             finally:
@@ -335,15 +342,93 @@ def _describe(exc: BaseException, text: str | None = None) -> bytes:
     return pickle.dumps((_protocol.exception_type_name(exc), _protocol.exception_str(exc), text))
 
 
+_running = [0]  # the id of the task this worker runs (or last ran): the one its log records belong to
+# Frames are written whole under this lock: a task's threads may log while the main thread answers.
+_write_lock = threading.Lock()
+
+
 def _write(writer: BinaryIO, data: bytes) -> None:
     # Straight to the fd, whole: a buffered writer's write-then-flush costs two layers per answer.
     fd = writer.fileno()
     try:
-        written = os.write(fd, data)
-        while written < len(data):  # a blocking pipe writes all of it but for a signal; be exact anyway
-            written += os.write(fd, memoryview(data)[written:])
+        with _write_lock:
+            written = os.write(fd, data)
+            while written < len(data):  # a blocking pipe writes all of it but for a signal; be exact anyway
+                written += os.write(fd, memoryview(data)[written:])
     except BrokenPipeError:
         os._exit(0)  # the parent is gone: nobody is left to answer
+
+
+def forward_logs(writer: BinaryIO, levels: dict[str, int]) -> None:
+    """Send every log record emitted in this worker to the parent (see `_logs.py`), not to stderr.
+
+    Handlers an initializer added stay; the last-resort stderr handler is no longer used.
+    """
+    import logging
+
+    logging.root.addHandler(log_forwarder(writer))
+    set_levels(levels)
+
+
+def log_forwarder(writer: BinaryIO) -> Any:
+    """A `logging.Handler` that writes each record to `writer` in a LOG frame, as it is emitted.
+
+    The frame names the task running then; the record's message is formatted and its exception
+    rendered as text here, so that its args and exc_info need not pickle.
+    """
+    import logging
+
+    standard = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
+    scalars = (str, int, float, bool, type(None))
+    exceptions = logging.Formatter()
+
+    class LogForwarder(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            try:
+                fields = {key: value for key, value in record.__dict__.items() if key not in standard}
+                fields = {key: value for key, value in fields.items() if isinstance(value, scalars)}  # extra=
+                fields.update(
+                    name=record.name,
+                    levelno=record.levelno,
+                    levelname=record.levelname,
+                    msg=record.getMessage(),
+                    pathname=record.pathname,
+                    filename=record.filename,
+                    module=record.module,
+                    lineno=record.lineno,
+                    funcName=record.funcName,
+                    created=record.created,
+                    msecs=record.msecs,
+                    thread=record.thread,
+                    threadName=record.threadName,
+                    process=record.process,
+                    processName=record.processName,
+                    exc_text=exceptions.formatException(record.exc_info) if record.exc_info else record.exc_text,
+                    stack_info=record.stack_info,
+                )
+                body = pickle.dumps(fields, pickle.HIGHEST_PROTOCOL)
+                _write(writer, _protocol.answer(_protocol.LOG, _running[0], body))
+            except RecursionError:
+                raise
+            except Exception:
+                self.handleError(record)
+
+    return LogForwarder()
+
+
+_levels_set: set[str] = set()  # the loggers set_levels gave a level: it takes it back when the server does
+
+
+def set_levels(levels: dict[str, int]) -> None:
+    """Give this process's loggers the levels the server's have (LEVELS), so that what it drops is not sent."""
+    import logging
+
+    for name in _levels_set - levels.keys():
+        logging.getLogger(name).setLevel(logging.NOTSET)
+    for name, level in levels.items():
+        (logging.getLogger(name) if name else logging.root).setLevel(level)
+    _levels_set.clear()
+    _levels_set.update(name for name in levels if name)
 
 
 def _flush_stdio() -> None:

@@ -10,6 +10,7 @@
                                                                                    wakeup fd, other children's pipes,
                                                                                    event loops; gc.freeze()
                                                                                    frame = result_frame(ti.target)
+          log records: to the server's loggers ◀── LOG frames (as they are logged)
           read the pipe (anyio.wait_readable) ◀── RESULT frame (the one write) ── write it, os._exit(0)
           waitpid: reap it
           outcome[i] = decode(frame)
@@ -29,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import logging
 import os
 import pickle
 import signal
@@ -45,10 +47,12 @@ import anyio.lowlevel
 
 from .._config import Settings, check_workers, default_workers
 from .._exceptions import ConcurrencyClosed, ConfigurationError, WorkerCrashed
+from .._logs import handle as handle_record, load as load_record, task_extra
 from .._pickling import decode_outcome, dumps
+from .._protocol import LOG
 from .._stats import Stats, TaskCounters
 from .._tasks import Outcome, Task
-from .._worker import die_with_parent, result_frame
+from .._worker import die_with_parent, log_forwarder, result_frame
 from ._child import Child
 from .base import Driver
 
@@ -210,6 +214,9 @@ class ForkDriver(Driver):
         self._children.add(child)
         try:
             message = await child.receive()
+            while message is not None and message[0] == LOG:  # what the task logged, ahead of its result
+                handle_record(load_record(message[1]), task_extra(self.name, child.pid, task))
+                message = await child.receive()
             await child.reap()
         except BaseException:  # cancelled (a timeout, the caller went away): the task must not go on
             child.kill()
@@ -293,6 +300,7 @@ def _child_main(fn: Callable[[], Any], write_end: int, mask: Iterable[int], pare
             os.setpgid(0, 0)  # a group of its own: stopping it stops what the task started
         die_with_parent(parent)
         _forget_the_server(mask)
+        _forward_logs(write_end)
         message = result_frame(fn, _dumps_by_reference)
         for stream in (sys.stdout, sys.stderr):  # only what the task printed: the server flushed before the fork
             try:
@@ -345,6 +353,27 @@ def _forget_the_server(mask: Iterable[int]) -> None:
     # flushes a file or closes a connection a second time. Also keeps the copy-on-write pages shared.
     gc.freeze()
     _forget_event_loops()
+
+
+def _forward_logs(write_end: int) -> None:
+    """Send what the task logs to the server, ahead of its result, instead of through the server's handlers.
+
+    The child has the server's loggers, levels and handlers; run here, a handler that buffers (a
+    queue, an error tracker's client) would never send before `os._exit`. So every logger that has
+    handlers gets the forwarder instead, and stops there: each record is sent once, and the server's
+    logger of its name hands it to the same handlers, in the server.
+    """
+    forwarder = log_forwarder(os.fdopen(write_end, "wb", closefd=False))
+    loggers = [
+        logging.root,
+        *(node for node in logging.Logger.manager.loggerDict.values() if isinstance(node, logging.Logger)),
+    ]
+    for logger in loggers:
+        if logger.handlers:
+            logger.handlers = [forwarder]
+            logger.propagate = False
+    if not logging.root.handlers:
+        logging.root.handlers = [forwarder]
 
 
 def _forget_event_loops() -> None:

@@ -40,6 +40,7 @@ from ... import _protocol, _worker
 from ..._closures import Payload
 from ..._config import Settings, check_workers, default_workers
 from ..._exceptions import ConfigurationError
+from ..._logs import Levels
 from ..._options import ProcessOptions
 from ..._pickling import dumps, dumps_task
 from ..._stats import Stats
@@ -94,13 +95,16 @@ class ProcessDriver(Driver):
             "initializer": dumps(initializer) if initializer is not None else None,
             "idle_timeout": self.options.idle_timeout,
         }
+        self._levels = Levels() if self.options.forward_logs else None
         self._init_frame = self._build_init_frame()
         self._pool = self._new_pool()
 
     def _build_init_frame(self) -> bytes:
         # sys.path as it is when the pool starts, not when the driver was built: an app may extend it
         # between the two, and cwd and the environment are the ones of the moment a worker starts too.
-        return _protocol.frame(_protocol.INIT, pickle.dumps({**self._config, "sys_path": list(sys.path)}))
+        config: dict[str, object] = {**self._config, "sys_path": list(sys.path)}
+        config["log_levels"] = self._levels.current() if self._levels is not None else None
+        return _protocol.frame(_protocol.INIT, pickle.dumps(config))
 
     def _new_pool(self) -> Pool:
         return Pool(
@@ -111,6 +115,7 @@ class ProcessDriver(Driver):
             over_memory=self._over_memory if self.options.max_worker_memory is not None else None,
             cancel_grace=self.options.cancel_grace,
             start_timeout=self.options.start_timeout,
+            levels=self._levels,
         )
 
     @property

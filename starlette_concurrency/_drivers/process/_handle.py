@@ -77,6 +77,7 @@ class Worker(Child):
         self._on_frames: Callable[[Worker], None] | None = None
         self._on_gone: Callable[[Worker], None] | None = None
         self.mirror = WorkerMirror()  # the function skeletons this process was sent: none yet
+        self.levels_version = -1  # the version of the server's logger levels it was sent (-1: none yet)
         self.outbox = bytearray()
         self.wake_writer: anyio.Event | None = None
         self.loop: object = None  # the event loop its reader runs in

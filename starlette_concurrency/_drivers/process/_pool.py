@@ -60,6 +60,7 @@ import anyio.lowlevel
 from ... import _protocol
 from ..._closures import ClosureCache, Payload, Skeleton
 from ..._exceptions import ConcurrencyClosed, SerializationError, WorkerCrashed, WorkerStartFailed
+from ..._logs import Levels, handle as handle_record, load as load_record, task_extra
 from ..._pickling import decode_outcome, describe_failure, pickle_group, pickle_task
 from ..._stats import Stats, TaskCounters
 from ..._tasks import NOT_STARTED, Outcome, Task
@@ -128,6 +129,7 @@ class Pool:
         over_memory: whether a worker is over its memory ceiling.
         cancel_grace: seconds a cancelled task may still run before its worker is killed.
         start_timeout: seconds queued tasks wait while no worker can start.
+        levels: the server's logger levels, for workers that forward their log records (None: they do not).
     """
 
     def __init__(
@@ -140,8 +142,10 @@ class Pool:
         over_memory: Callable[[Worker], bool] | None = None,
         cancel_grace: float = 0.1,
         start_timeout: float = 10.0,
+        levels: Levels | None = None,
     ) -> None:
         self.size = size
+        self.levels = levels
         self.name = name
         self._spawn_worker = spawn
         self.counters = TaskCounters()
@@ -531,6 +535,9 @@ class Pool:
         self.machine.protocol_error(worker.slot, now)
 
     def _handle(self, worker: Worker, slot: Slot, tag: bytes, body: bytes, now: float) -> None:
+        if tag == _protocol.LOG:  # also before READY: what the initializer logged
+            self._log(worker, slot, body)
+            return
         if not worker.ready:
             if tag == _protocol.READY:
                 worker.ready = True
@@ -551,6 +558,13 @@ class Pool:
             raise _protocol.ProtocolError("an answer too short to name its task")
         else:
             raise _protocol.ProtocolError(f"unknown tag {tag!r}")
+
+    def _log(self, worker: Worker, slot: Slot, body: bytes) -> None:
+        """A record a worker logged: to the server's logger of its name, with its task's attributes."""
+        fields, inflight = load_record(body), slot.inflight
+        job = inflight[0] if inflight and inflight[0].id == _protocol.answer_id(body) else None
+        task = job.call.tasks[job.index] if job is not None else None  # type: ignore[attr-defined]
+        handle_record(fields, task_extra(self.name, worker.pid, task))
 
     def _resend(self, slot: Slot, body: bytes, now: float) -> None:
         """A group's payload would not load in the worker: queue its tasks again, each pickled on its own.
@@ -611,7 +625,16 @@ class Pool:
                 skeletons.extend(payload.skeletons)
             entries.append((job.id, 1, _protocol.SINGLE if job.slot < 0 else job.slot, payload.data))
             last = job
-        return _protocol.tasks_frame(worker.mirror.prepare(skeletons), entries)
+        tasks = _protocol.tasks_frame(worker.mirror.prepare(skeletons), entries)
+        levels = self.levels
+        if levels is None:
+            return tasks
+        # Before a worker's first tasks, and after the server's logger levels changed: the levels.
+        levels_frame = levels.frame(time.monotonic())
+        if worker.levels_version == levels.version:
+            return tasks
+        worker.levels_version = levels.version
+        return levels_frame + tasks
 
     # The timer -----------------------------------------------------------------------------------
 
