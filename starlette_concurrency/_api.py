@@ -13,6 +13,7 @@ from typing import Any, Literal, Self, TypeVar, Unpack, overload
 
 import anyio
 
+from . import _tracing as tracing
 from ._as_completed import AsCompleted
 from ._checks import positive
 from ._config import Settings, options_list
@@ -278,12 +279,16 @@ class Concurrency:
         driver = await self._runtime.started_driver(self._name)
         outcomes: list[Outcome | None] = [None] * len(batch.tasks)
         timed_out = False
-        if timeout is None:  # no cancel scope to enter and leave: a few microseconds of every call
-            await driver.execute(batch.tasks, outcomes)
-        else:
-            with anyio.move_on_after(timeout) as scope:
+        try:
+            if timeout is None:  # no cancel scope to enter and leave: a few microseconds of every call
                 await driver.execute(batch.tasks, outcomes)
-            timed_out = scope.cancelled_caught
+            else:
+                with anyio.move_on_after(timeout) as scope:
+                    await driver.execute(batch.tasks, outcomes)
+                timed_out = scope.cancelled_caught
+        finally:
+            if batch.tasks and batch.tasks[0].trace is not None:
+                tracing.end(batch.tasks, outcomes, "timed out" if timed_out else "cancelled")
         missing = [task.label for task, outcome in zip(batch.tasks, outcomes, strict=True) if outcome is None]
         if missing:
             listed = f"{', '.join(missing[:10])}{', ...' if len(missing) > 10 else ''}"
@@ -298,9 +303,10 @@ class Concurrency:
             )
         return [outcome for outcome in outcomes if outcome is not None]
 
-    def _accept(self, tasks: object) -> Batch:
-        """Check what a call was given; take along the context variables' values of its caller, and
-        its request's method and path (for the tasks' log records)."""
+    def _accept(self, tasks: object, kind: str = "run") -> Batch:
+        """Check what a call was given; take along the context variables' values of its caller, its
+        request's method and path (for the tasks' log records), and a span per task if one is active
+        (`kind`: ``run`` or ``defer``, for the spans' names)."""
         batch = Batch.of(tasks)
         if not batch.tasks:
             return batch
@@ -311,7 +317,8 @@ class Concurrency:
         origin = (request.method, request.path) if request is not None else None
         if context or origin is not None:
             batch = batch.carrying(context, origin)
-        return batch
+        traced = tracing.start(batch.tasks, kind, self._name)
+        return batch if traced is None else Batch(traced, batch.shape)
 
     def _timeout(self, timeout: float | None) -> float | None:
         if timeout is not None:
@@ -529,23 +536,27 @@ class Concurrency:
             DeferralRejected: more than `max_pending_deferred` deferred tasks would be pending.
             ConcurrencyClosed: the facade was closed, or is shutting down.
         """
-        batch = self._accept(tasks)
+        batch = self._accept(tasks, "defer")
         runtime = self._runtime
         request = runtime.work.current.get()
-        with runtime.lock():
-            runtime.accepting("defer()", in_request=request is not None)
-        driver = runtime.driver(self._name)
-        if not batch.tasks:
-            return
-        # Pickled (or checked) once, here: a closure that cannot travel fails where the handler can react,
-        # not after the response (where it would be logged, and the client told all went well).
-        prepared = driver.prepare(batch.tasks)
-        # Checked and counted in one step with the state: a drain that has stopped accepting is not fed.
-        with runtime.lock():
-            runtime.accepting("defer()", in_request=request is not None)
-            runtime.work.reserve(len(prepared))
-            if request is None:
-                runtime.work.launch(self._name, prepared, None, join=False)  # never waits: hands over, or logs
+        try:
+            with runtime.lock():
+                runtime.accepting("defer()", in_request=request is not None)
+            driver = runtime.driver(self._name)
+            if not batch.tasks:
+                return
+            # Pickled (or checked) once, here: a closure that cannot travel fails where the handler can
+            # react, not after the response (where it would be logged, and the client told all went well).
+            prepared = driver.prepare(batch.tasks)
+            # Checked and counted in one step with the state: a drain that has stopped accepting is not fed.
+            with runtime.lock():
+                runtime.accepting("defer()", in_request=request is not None)
+                runtime.work.reserve(len(prepared))
+                if request is None:
+                    runtime.work.launch(self._name, prepared, None, join=False)  # never waits: hands over, or logs
+        except BaseException:
+            tracing.end(batch.tasks, [None] * len(batch.tasks), "refused")
+            raise
         if request is not None:
             request.add(Deferred(self._name, prepared, always))
 

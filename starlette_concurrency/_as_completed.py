@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from . import _tracing as tracing
 from ._exceptions import ConcurrencyClosed, DriverError, TaskTimeout
 from ._tasks import Batch, Outcome
 
@@ -216,6 +217,7 @@ class _Call:
                     return
                 send.send_nowait(_End(self.missing(outcomes, timed_out)))
         finally:
+            tracing.end(tasks, outcomes, "timed out" if timed_out else "cancelled")
             assert self.stopped is not None
             self.stopped.set()
 

@@ -24,6 +24,7 @@ from typing import Any, Protocol
 
 import anyio
 
+from . import _tracing as tracing
 from ._drivers.base import Driver
 from ._exceptions import ConcurrencyClosed, DeferralRejected
 from ._tasks import NOT_STARTED, Outcome, Task
@@ -223,6 +224,11 @@ class DeferredWork:
             else:
                 skipped += len(entry.tasks)
         if skipped:
+            tracing.end(
+                [task for entry in entries if not entry.always for task in entry.tasks],
+                [None] * skipped,
+                "not run: its request failed",
+            )
             self._settle(skipped, launched=False)
         for driver, tasks in chosen.items():
             self.launch(driver, tasks, origin)
@@ -240,6 +246,7 @@ class DeferredWork:
             await self.run_batch(driver, tasks, origin)
 
         def failed(exc: BaseException) -> None:
+            tracing.end(tasks, [None] * len(tasks), "could not be started")
             for task in tasks:
                 logger.error(
                     "deferred %s dropped (not run): it could not be started (%s)",
@@ -257,6 +264,7 @@ class DeferredWork:
         with self._lock:
             self._running.add(running)
         under_way = False
+        unfinished = "stopped"  # what became of a task left without an outcome, for its span
         try:
             with running.scope:
                 driver = await self._driver(driver_name)
@@ -265,6 +273,7 @@ class DeferredWork:
                     # The one place deferred tasks reach a driver.
                     await driver.execute_deferred(tasks, running.outcomes)
                 if timeout.cancelled_caught:
+                    unfinished = "timed out"
                     for index, (task, outcome) in enumerate(zip(tasks, running.outcomes, strict=True)):
                         if outcome is None or outcome is NOT_STARTED:
                             logger.error(
@@ -278,6 +287,7 @@ class DeferredWork:
         except HostStopping:  # handed to a host whose drain was forced before the batch began
             running.abandoned_because = self._stop_reason or "its host stopped before it began"
         except Exception as exc:  # the batch could not run at all: pickling, a pool that cannot start...
+            unfinished = f"could not run: {exc}"
             for index, (task, outcome) in enumerate(zip(tasks, running.outcomes, strict=True)):
                 if outcome is None:
                     logger.error(
@@ -289,6 +299,7 @@ class DeferredWork:
                 running.abandoned_because = "its event loop ended (or the host was cancelled) before it finished"
             raise
         finally:
+            tracing.end(tasks, running.outcomes, running.abandoned_because or unfinished)
             if self._claim(running):
                 self._fates(running, under_way)
 

@@ -32,6 +32,8 @@ class Task:
         context: the context variables captured for it (``Concurrency(context=[...])``), pickled when
             they go to a worker; see `target`.
         origin: the method and path of the request that made the call, if any (for log records).
+        trace: its OpenTelemetry span and trace context (a `_tracing.TaskTrace`), if a span was active
+            where the call was made; see `target`.
     """
 
     key: Hashable
@@ -40,15 +42,24 @@ class Task:
     call: int = 0
     context: tuple[Any, ...] | bytes = field(default=(), compare=False, repr=False)
     origin: tuple[str | None, str | None] | None = field(default=None, compare=False, repr=False)
+    trace: Any = field(default=None, compare=False, repr=False)
 
     @property
     def target(self) -> Callable[[], Any]:
-        """What a driver calls (or pickles) to run the task: `fn`, with its captured context variables set."""
-        if not self.context:
-            return self.fn
-        from ._context import with_context  # _context needs this module: imported on first use
+        """What a driver calls (or pickles) to run the task: `fn`, with its captured context variables set
+        and its trace context current."""
+        fn = self.fn
+        if self.context:
+            from ._context import with_context  # _context needs this module: imported on first use
 
-        return with_context(self.fn, self.context)
+            fn = with_context(fn, self.context)
+        if self.trace is not None:
+            fn = self.trace.wrap(fn)
+        return fn
+
+    def with_trace(self, trace: Any) -> Task:
+        """The same task, with its span (`_tracing.TaskTrace`)."""
+        return Task(self.key, self.fn, self.prepared, self.call, self.context, self.origin, trace)
 
     @property
     def label(self) -> str:
