@@ -26,3 +26,21 @@ async def read_after_awaiting() -> tuple[str, str]:
 def write(path: str) -> None:
     """A deferred task: record what it saw."""
     Path(path).write_text(f"{request_id.get('-')} {tenant.get()}")
+
+
+def set_and_read() -> tuple[str, str]:
+    """Read the tenant, then set both variables: the caller must not see them change."""
+    before = tenant.get()
+    request_id.set("set by the task")
+    tenant.set("changed by the task")
+    return before, request_id.get()
+
+
+async def set_and_read_after_awaiting() -> tuple[str, str]:
+    import anyio
+
+    before = tenant.get()
+    request_id.set("set by the task")
+    tenant.set("changed by the task")
+    await anyio.lowlevel.checkpoint()
+    return before, request_id.get()

@@ -114,3 +114,17 @@ async def test_a_lambda_reading_a_global_variable_pickles_without_a_context_sett
     # cloudpickle sends a lambda by value, its globals too: a ContextVar among them travels by its place.
     async with Concurrency(workers=1, env_file=None) as concurrency:
         assert await concurrency.run(lambda: targets.request_id.get("unset there")) == "unset there"
+
+
+async def test_the_sync_driver_runs_a_task_in_a_copy_of_the_callers_context() -> None:
+    # As asyncio.to_thread does: the task sees every variable of the caller (registered or not), and
+    # what it sets, in a function or a coroutine, stays its own.
+    async with Concurrency("sync", env_file=None) as concurrency:
+        token = targets.tenant.set("acme")
+        try:
+            seen = await concurrency.run([targets.set_and_read, targets.set_and_read_after_awaiting])
+            assert targets.tenant.get() == "acme"
+            assert targets.request_id.get("unset") == "unset"
+        finally:
+            targets.tenant.reset(token)
+    assert seen == [("acme", "set by the task"), ("acme", "set by the task")]

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextvars
 import inspect
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
+from typing import Any
 
 import anyio
 import anyio.lowlevel
@@ -66,10 +68,12 @@ class SyncDriver(Driver):
 
 
 async def _run(task: Task) -> Outcome:
+    # In a copy of the caller's context, as asyncio.to_thread runs a function: the task sees the
+    # caller's context variables, and what it sets stays its own (the caller's are not changed).
     try:
-        value = task.target()
+        value = contextvars.copy_context().run(task.target)
         if inspect.isawaitable(value):
-            value = await value
+            value = await _in_a_task_of_its_own(value)
     except Exception as exc:
         return Outcome(error=exc)
     except anyio.get_cancelled_exc_class():
@@ -80,6 +84,27 @@ async def _run(task: Task) -> Outcome:
         text = "".join(traceback.format_exception(exc))
         return Outcome(error=RemoteError(exception_type_name(exc), exception_str(exc), text))
     return Outcome(value=value)
+
+
+async def _in_a_task_of_its_own(awaitable: Awaitable[Any]) -> Any:
+    """Await `awaitable` in a child task: a coroutine runs in the context of the task that awaits it,
+    and a child task has a copy of the caller's."""
+    result: list[Any] = []
+    error: list[BaseException] = []
+
+    async def child() -> None:
+        try:
+            result.append(await awaitable)
+        except anyio.get_cancelled_exc_class():
+            raise
+        except BaseException as exc:  # raised below as itself, not inside the task group's ExceptionGroup
+            error.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(child)
+    if error:
+        raise error[0]
+    return result[0]
 
 
 def create(settings: Settings) -> SyncDriver:
