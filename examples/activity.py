@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -16,6 +17,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+
+# What a task logs here reaches the server's logging (the process and fork drivers forward it), where
+# the dashboard's task log shows it with the request and the worker.
+log = logging.getLogger("examples.activity")
 
 
 def _write(directory: str, note: dict[str, Any]) -> None:
@@ -47,10 +52,15 @@ def traced(directory: str, label: str, fn: Callable[..., T], *args: Any) -> T:
     started = time.time()
     _write(directory, {"pid": os.getpid(), "started": began, "task": label, "since": started, "done": done})
     outcome = "failed"
+    log.info("%s started", label)
     try:
         result = fn(*args)
         outcome = "completed"
+        log.info("%s completed in %.0f ms", label, (time.time() - started) * 1000)
         return result
+    except Exception:
+        log.exception("%s failed", label)
+        raise
     finally:
         _write(
             directory,
@@ -88,4 +98,5 @@ def fail(message: str) -> None:
 
 def crash() -> None:
     """Kill the worker running this, as a segfault or an OOM kill would."""
+    log.warning("about to end this worker (pid %d) the hard way", os.getpid())  # it still reaches the log
     os._exit(70)

@@ -3,13 +3,17 @@
 The server renders the page with the pool's state of the moment (counters, health, the workers
 table), so that it shows at once; a small inline script then polls ``/api/stats`` once a second and
 draws the charts on a canvas. The workers table is rendered by the server only, for the page and for
-each poll. No build step, nothing fetched from elsewhere.
+each poll. Below it, the task log: what the buttons' tasks logged in the workers, which the process
+driver forwards to the server's logging with the task's request and worker (`TaskLog`, a handler on
+the ``examples.activity`` logger). No build step, nothing fetched from elsewhere.
 """
 
 from __future__ import annotations
 
+import collections
 import functools
 import html
+import logging
 import math
 import os
 import tempfile
@@ -28,7 +32,7 @@ from starlette_concurrency.metrics import health
 from . import activity
 from .work import count_primes
 
-__all__ = ["ACTIVITY_DIR", "page", "routes", "snapshot", "worker_options"]
+__all__ = ["ACTIVITY_DIR", "TASK_LOG", "page", "routes", "snapshot", "worker_options"]
 
 ACTIVITY_DIR = Path(
     os.environ.get("EXAMPLE_ACTIVITY_DIR")
@@ -49,6 +53,40 @@ CARDS = [
     ("p50", "task_time_p50"),
     ("p99", "task_time_p99"),
 ]
+
+
+class TaskLog(logging.Handler):
+    """The last records tasks logged (forwarded from the workers, each with its task, worker and request)."""
+
+    def __init__(self, size: int = 40) -> None:
+        super().__init__(logging.INFO)
+        self.records: collections.deque[logging.LogRecord] = collections.deque(maxlen=size)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if hasattr(record, "task"):  # a task's record; the server's own go their usual way
+            self.records.append(record)
+
+    def rows(self) -> str:
+        """The task log's rows, newest first, escaped."""
+        if not self.records:
+            return '<tr><td colspan="5"><i>nothing logged by a task yet: press a button</i></td></tr>'
+        rows = []
+        for record in reversed(self.records):
+            request = " ".join(filter(None, [getattr(record, "method", None), getattr(record, "path", None)]))
+            message = record.getMessage() + (f" — {record.exc_text.splitlines()[-1]}" if record.exc_text else "")
+            when = time.strftime("%H:%M:%S", time.localtime(record.created)) + f".{int(record.msecs):03d}"
+            cells = [when, record.levelname, request or "-", f"pid {record.process}", message]
+            rows.append(
+                f'<tr class="{record.levelname.lower()}">'
+                + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells)
+                + "</tr>"
+            )
+        return "".join(rows)
+
+
+TASK_LOG = TaskLog()
+logging.getLogger("examples.activity").addHandler(TASK_LOG)
+logging.getLogger("examples.activity").setLevel(logging.INFO)  # workers send INFO and above of it
 
 
 def worker_options() -> ProcessOptions:
@@ -136,6 +174,7 @@ def snapshot(concurrency: Concurrency) -> dict[str, Any]:
         "problems": [problem for driver in detail["drivers"].values() for problem in driver["problems"]],
         "activity": notes,
         "workers_html": _workers_rows(now, numbers, notes),
+        "log_html": TASK_LOG.rows(),
         "waiting": _waiting(numbers),
     }
 
@@ -183,6 +222,7 @@ _STYLE = """<style>
   .ok { color: #070; } .bad { color: #b00; }
   canvas { border: 1px solid #ccc; margin: 4px 8px 4px 0; }
   td, th { padding: 2px 8px; text-align: left; }
+  tr.warning td, tr.error td { color: #b00; }
 </style>"""
 
 _BUTTONS = """<p>
@@ -222,6 +262,10 @@ updated <span id="updated">{updated}</span> (poll <span id="polls">0</span>).</p
 <h3>Workers</h3>
 <table><thead><tr><th>pid</th><th>started</th><th>doing</th><th>for / took</th><th>tasks done</th></tr></thead>
 <tbody id="activity">{data["workers_html"]}</tbody></table>
+<h3>Task log</h3>
+<p>What the buttons' tasks logged in the workers, through the server's logging (newest first).</p>
+<table><thead><tr><th>time</th><th>level</th><th>request</th><th>worker</th><th>message</th></tr></thead>
+<tbody id="log">{data["log_html"]}</tbody></table>
 {_SCRIPT}"""
 
 
@@ -268,6 +312,7 @@ function render(data) {
   $("updated").textContent = new Date(data.time * 1000).toLocaleTimeString();
   $("polls").textContent = ++polls;
   $("activity").innerHTML = data.workers_html;  // rendered by the server, escaped there
+  $("log").innerHTML = data.log_html;
   history.push({ t: data.time, finished: finishedOf(s), p50: s.task_time_p50, p99: s.task_time_p99 });
   while (history.length > WINDOW) history.shift();
   const rate = history.map((p, i) => {

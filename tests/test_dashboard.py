@@ -143,6 +143,28 @@ def test_the_example_serves_health_and_prometheus_over_http(example: Server) -> 
     assert 'starlette_concurrency_tasks_total{driver="process",outcome="completed"}' in scrape.text
 
 
+def test_the_task_log_shows_what_tasks_logged_in_the_workers(example: Server) -> None:
+    before = httpx.get(f"{example.url}/", timeout=60).text
+    assert "nothing logged by a task yet" in before
+    assert httpx.post(f"{example.url}/api/work/fail", timeout=60).status_code == 200
+    assert httpx.post(f"{example.url}/api/work/crash", timeout=60).status_code == 200
+    log = httpx.get(f"{example.url}/api/stats", timeout=60).json()["log_html"]
+    rows = re.findall(r"<tr[^>]*>(.*?)</tr>", log)
+    texts = [re.sub(r"<[^>]+>", " | ", row) for row in rows]
+    # Newest first: the crash's last words (written just before the worker died), then the failure
+    # with its exception, then "started"; each with the request and the worker that ran it.
+    assert "about to end this worker" in texts[0]
+    assert "POST /api/work/crash" in texts[0]
+    failed = next(text for text in texts if "task 0 (fail) failed" in text)
+    assert "ERROR" in failed
+    assert "POST /api/work/fail" in failed
+    assert "RuntimeError: boom" in failed
+    assert re.search(r"\| pid \d+ \|", failed)
+    assert any("task 0 (fail) started" in text for text in texts)
+    page = httpx.get(f"{example.url}/", timeout=60).text  # the first paint has them too
+    assert "about to end this worker" in page
+
+
 # The worker pids the page's workers table lists (rows of live workers carry their pid).
 TABLE_PIDS = "Array.from(document.querySelectorAll('#activity tr[data-pid]'), (row) => Number(row.dataset.pid))"
 TABLE_ROWS = "Array.from(document.querySelectorAll('#activity tr[data-pid]'), (row) => row.textContent)"
