@@ -73,6 +73,13 @@ class TaskTrace:
     span: Span
     carrier: dict[str, str] = field(default_factory=dict)
     ended: bool = False
+    started: float = field(default_factory=time.monotonic)
+    worker_pid: int | None = None  # told by the process and fork drivers when the task answers
+    run_time: float | None = None
+
+    def ran(self, pid: int, seconds: float) -> None:
+        """The driver's word: which process ran the task, and for how long (the rest was waiting)."""
+        self.worker_pid, self.run_time = pid, seconds
 
     def wrap(self, fn: Callable[[], Any]) -> Callable[[], Any]:
         """`fn`, to be called with this span as the current one."""
@@ -114,6 +121,11 @@ def end(tasks: Sequence[Task], outcomes: Sequence[Outcome | None], unfinished: s
             continue
         task_trace.ended = True
         span = task_trace.span
+        if task_trace.worker_pid is not None and task_trace.run_time is not None:
+            span.set_attribute("concurrency.worker_pid", task_trace.worker_pid)
+            span.set_attribute("concurrency.run_time", task_trace.run_time)
+            waited = time.monotonic() - task_trace.started - task_trace.run_time
+            span.set_attribute("concurrency.queue_time", max(0.0, waited))
         if outcome is None or outcome is NOT_STARTED:
             what = "never started" if outcome is NOT_STARTED else unfinished
             span.set_attribute("concurrency.outcome", what)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -62,6 +63,10 @@ async def test_each_task_gets_a_span_child_of_the_callers_and_runs_in_it(
         assert span.attributes["concurrency.driver"] == driver_name
         assert span.attributes["concurrency.outcome"] == "ok"
         assert span.status.status_code is StatusCode.UNSET
+        if driver_name in ("process", "fork"):  # they say which worker ran it, for how long, after what wait
+            assert span.attributes["concurrency.worker_pid"] not in (None, os.getpid())
+            assert 0 <= span.attributes["concurrency.run_time"] <= (span.end_time - span.start_time) / 1e9  # type: ignore[operator]
+            assert span.attributes["concurrency.queue_time"] >= 0  # type: ignore[operator]
 
 
 async def test_a_failed_task_records_its_exception(spans: InMemorySpanExporter, concurrency: Concurrency) -> None:

@@ -207,6 +207,7 @@ class ForkDriver(Driver):
             self._running -= 1
 
     async def _run(self, task: Task) -> Outcome:
+        began = time.monotonic()
         try:
             child = _fork(task.target)
         except OSError as exc:  # EAGAIN, ENOMEM: this task could not start, the others may
@@ -227,6 +228,8 @@ class ForkDriver(Driver):
             self._children.discard(child)
             child.close()
         if message is not None:
+            if task.trace is not None:  # its span says where it ran, and for how long
+                task.trace.ran(child.pid, time.monotonic() - began)
             return decode_outcome(*message, task)
         child.kill()  # it crashed: what its task started (its process group) goes with it
         what = f"the child process (pid {child.pid}) running {task.label}"
