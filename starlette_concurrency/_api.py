@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import os
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -29,6 +30,8 @@ from ._stats import Stats
 from ._tasks import Batch, Outcome, Tasks
 
 __all__ = ["Concurrency", "DriverFactory"]
+
+logger = logging.getLogger("starlette_concurrency")
 
 T = TypeVar("T")
 K = TypeVar("K")
@@ -539,6 +542,8 @@ class Concurrency:
         batch = self._accept(tasks, "defer")
         runtime = self._runtime
         request = runtime.work.current.get()
+        if request is None and not runtime.warned_unwrapped:
+            self._warn_if_serving_a_request()
         try:
             with runtime.lock():
                 runtime.accepting("defer()", in_request=request is not None)
@@ -559,6 +564,23 @@ class Concurrency:
             raise
         if request is not None:
             request.add(Deferred(self._name, prepared, always))
+
+    def _warn_if_serving_a_request(self) -> None:
+        """Warn once if `defer()` was called while an app serves a request without the middleware."""
+        from ._middleware import request_being_served  # it imports this module
+
+        served = request_being_served()
+        if served is None:
+            return
+        self._runtime.warned_unwrapped = True
+        logger.warning(
+            "defer() was called while serving %s, but no ConcurrencyMiddleware (nor ConcurrencyWSGIMiddleware) "
+            "with this facade wraps that request: its tasks start now, before the response is sent and even if "
+            "the request fails. Wrap the app: app.add_middleware(ConcurrencyMiddleware, concurrency=concurrency). "
+            "(Said once per facade.)",
+            served,
+            extra={"driver": self._name},
+        )
 
     def request_batch(self, *, method: str | None = None, path: str | None = None) -> RequestBatch:
         """Open a batch that collects what `defer()` is given while it is active — for integrations.

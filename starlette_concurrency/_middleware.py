@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import threading
+import types
 from collections import deque
 
 import anyio
@@ -289,6 +291,34 @@ class _DisconnectWatch:
                     more = message["type"] == "http.request" and bool(message.get("more_body", False))
             finally:
                 reader.release()
+
+
+_STACK_DEPTH = 60  # frames looked through for a request being served: a framework's stack is shallower
+
+
+def request_being_served() -> str | None:
+    """The request (``GET /path``) an ASGI or WSGI app on the call stack is serving, if any.
+
+    For `defer()` called outside any request batch: if a request is being served all the same, the
+    app is not wrapped by `ConcurrencyMiddleware` (or `ConcurrencyWSGIMiddleware`) with that facade,
+    and the tasks will start at once instead of after the response. Looks for an ASGI ``scope`` or a
+    WSGI ``environ`` among the callers' arguments (their names are the specifications').
+    """
+    frame: types.FrameType | None = sys._getframe(1)
+    for _ in range(_STACK_DEPTH):
+        if frame is None:
+            return None
+        names = frame.f_code.co_varnames
+        if "scope" in names:
+            scope = frame.f_locals.get("scope")
+            if isinstance(scope, dict) and scope.get("type") in ("http", "websocket"):
+                return f"{scope.get('method', 'WEBSOCKET')} {scope.get('path', '?')}"
+        if "environ" in names:
+            environ = frame.f_locals.get("environ")
+            if isinstance(environ, dict) and "wsgi.version" in environ:
+                return f"{environ.get('REQUEST_METHOD', '?')} {environ.get('PATH_INFO', '?')}"
+        frame = frame.f_back
+    return None
 
 
 def _cannot_start(concurrency: Concurrency, exc: BaseException) -> str:

@@ -12,6 +12,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import anyio
+import httpx
 import pytest
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -545,3 +546,34 @@ async def test_new_requests_get_a_503_once_the_process_is_shutting_down() -> Non
         response = await http.get("/")
     assert response.status_code == 503
     assert response.headers["connection"] == "close"
+
+
+async def test_defer_in_a_request_no_middleware_wraps_warns_once(caplog: pytest.LogCaptureFixture) -> None:
+    # Without the middleware, defer() in a handler runs its tasks at once, even for a failing request:
+    # say so, once, naming the request.
+    concurrency = Concurrency("sync", env_file=None)
+    ran: list[str] = []
+
+    async def endpoint(request: Request) -> PlainTextResponse:
+        concurrency.defer(lambda: ran.append(request.url.path))
+        return PlainTextResponse("ok")
+
+    app = Starlette(routes=[Route("/signup", endpoint, methods=["POST"]), Route("/other", endpoint)])
+    async with concurrency, httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+        with caplog.at_level(logging.WARNING, logger="starlette_concurrency"):
+            assert (await client.post("/signup")).status_code == 200
+            assert (await client.get("/other")).status_code == 200
+            concurrency.defer(lambda: ran.append("outside a request"))  # a script's use: no warning
+            await concurrency.run(lambda: None)
+    warnings = [r.getMessage() for r in caplog.records if "no ConcurrencyMiddleware" in r.getMessage()]
+    assert len(warnings) == 1
+    assert "while serving POST /signup" in warnings[0]
+    assert sorted(ran) == ["/other", "/signup", "outside a request"]
+
+
+async def test_defer_outside_any_request_does_not_warn(caplog: pytest.LogCaptureFixture) -> None:
+    async with Concurrency("sync", env_file=None) as concurrency:
+        with caplog.at_level(logging.WARNING, logger="starlette_concurrency"):
+            concurrency.defer(lambda: None)
+            await concurrency.run(lambda: None)
+    assert not [r for r in caplog.records if "no ConcurrencyMiddleware" in r.getMessage()]

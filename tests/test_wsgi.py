@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -18,6 +19,7 @@ from typing import Any
 
 import httpx
 import psutil
+import pytest
 from flask import Flask
 
 from starlette_concurrency import Concurrency, ConcurrencyWSGIMiddleware
@@ -259,3 +261,24 @@ def test_waitress_sigterm_drains_or_names_every_deferred_task(tmp_path: Path) ->
     assert len(abandoned) == long, output  # each long task named once, none of the short ones
     assert all("the 5.0 s drain timeout ran out" in line for line in abandoned), output
     assert code == -signal.SIGTERM  # then it ends as SIGTERM would have ended it
+
+
+def test_defer_in_a_flask_view_no_middleware_wraps_warns_once(caplog: pytest.LogCaptureFixture) -> None:
+    concurrency = Concurrency("sync", env_file=None)
+    flask_app = Flask(__name__)
+    ran: list[str] = []
+
+    @flask_app.post("/orders")
+    def orders() -> str:
+        concurrency.defer(lambda: ran.append("deferred"))
+        return "ok"
+
+    with concurrency, caplog.at_level(logging.WARNING, logger="starlette_concurrency"):
+        client = flask_app.test_client()
+        assert client.post("/orders").status_code == 200
+        assert client.post("/orders").status_code == 200
+        concurrency.run_blocking(lambda: None)
+    warnings = [r.getMessage() for r in caplog.records if "no ConcurrencyMiddleware" in r.getMessage()]
+    assert len(warnings) == 1
+    assert "while serving POST /orders" in warnings[0]
+    assert ran == ["deferred", "deferred"]
