@@ -144,7 +144,9 @@ class _Call:
         self.batch = batch
         self.timeout = timeout
         self.started = False
-        self.scope = anyio.CancelScope()  # the producer's; cancelled on the host loop only
+        # The producer's, cancelled on the host loop only; made there, in next(): a cancel scope belongs
+        # to the async library it is made under, and the caller may run another one in another thread.
+        self.scope: anyio.CancelScope | None = None
         self.stopped: anyio.Event | None = None  # set by the producer when it returns (host loop)
         self.receive: MemoryObjectReceiveStream[tuple[int, Outcome] | _End] | None = None
 
@@ -159,6 +161,7 @@ class _Call:
             assert host is not None  # on_host runs this on it
             send, self.receive = anyio.create_memory_object_stream[tuple[int, Outcome] | _End](math.inf)
             self.stopped = anyio.Event()
+            self.scope = anyio.CancelScope()
             self.started = True
             host.task_group.start_soon(self.produce, send)
         assert self.receive is not None
@@ -187,7 +190,8 @@ class _Call:
 
     def close(self) -> None:
         """On the host loop: stop the producer, and close the stream."""
-        self.scope.cancel()
+        if self.scope is not None:
+            self.scope.cancel()
         if self.receive is not None:
             self.receive.close()
 
@@ -199,6 +203,7 @@ class _Call:
 
     async def produce(self, send: MemoryObjectSendStream[tuple[int, Outcome] | _End]) -> None:
         """On the host loop: run every task in one driver call; report each outcome, then the end."""
+        assert self.scope is not None  # made with the producer, in next()
         tasks = self.batch.tasks
         outcomes = _Reporting(len(tasks), send.send_nowait)
         timed_out = False
