@@ -50,6 +50,10 @@ class Concurrency:
             ``CONCURRENCY_DRAIN_TIMEOUT``, else the default of `Settings.drain_timeout`.
         max_pending_deferred: how many deferred tasks may be pending at once; past it `defer()`
             raises `DeferralRejected`. Default: no bound.
+        journal: an SQLite file to make deferred work durable: each batch is written there before it
+            starts and removed as it finishes, and what a crash left is replayed (at least once) when a
+            facade next starts on the file. Needs a driver that pickles tasks (``process``, ``dask``).
+            Default: ``CONCURRENCY_JOURNAL``, else none (a crash loses deferred work not yet run).
         options: a driver's options object, or a list of them (one per driver): `ProcessOptions`
             (worker recycling, idle timeout, memory ceiling, initializer, preload), `DaskOptions` (the
             scheduler address and TLS), or a custom driver's `DriverOptions`. Each is checked when it
@@ -65,7 +69,8 @@ class Concurrency:
             be a global of an importable module (workers import it to find it) and its value must pickle.
 
     Raises:
-        ConfigurationError: an unknown driver, an invalid option or ``CONCURRENCY_*`` variable.
+        ConfigurationError: an unknown driver, an invalid option or ``CONCURRENCY_*`` variable, or a
+            journal that cannot be used (the message names the file and the remedy).
         TypeError: an entry of `context` is not a `ContextVar`.
 
     Use it as an async context manager (or ``with`` from sync code), or register
@@ -88,6 +93,7 @@ class Concurrency:
         timeout: float | None = None,
         drain_timeout: float | None = None,
         max_pending_deferred: int | None = None,
+        journal: str | os.PathLike[str] | None = None,
         options: DriverOptions | Iterable[DriverOptions] | None = None,
         env_file: str | os.PathLike[str] | None = ".env",
         context: Iterable[ContextVar[Any]] = (),
@@ -103,6 +109,7 @@ class Concurrency:
             timeout=timeout,
             drain_timeout=drain_timeout,
             max_pending_deferred=max_pending_deferred,
+            journal=journal,
         )
         self._runtime = Runtime(settings, driver if isinstance(driver, Driver) else settings.driver)
         self._runtime.context = Carrier(context)
@@ -514,8 +521,9 @@ class Concurrency:
         has been sent, and only if the status is below 400 unless `always` is true. Outside a
         request the tasks start right away in the background. Failures are logged on the
         ``starlette_concurrency`` logger with the task's key and traceback; they never reach the
-        client, and one failing task does not stop the others. Deferred work is not durable: it is
-        lost if the server crashes. At shutdown it is drained (see `drain_timeout`).
+        client, and one failing task does not stop the others. Deferred work is durable only with a
+        journal (``Concurrency(journal=...)``): otherwise it is lost if the server crashes. At shutdown
+        it is drained (see `drain_timeout`).
 
         Raises:
             TypeError: `tasks` is not a callable, a sequence or a mapping of callables.
@@ -576,7 +584,16 @@ class Concurrency:
         """
         driver = self._runtime.drivers.get(self._name)
         stats = driver.stats() if driver is not None else Stats(driver=self._name)
-        return dataclasses.replace(stats, deferred_pending=self._runtime.work.pending)
+        work, journal = self._runtime.work, self._runtime.journal
+        if journal is None:
+            return dataclasses.replace(stats, deferred_pending=work.pending)
+        return dataclasses.replace(
+            stats,
+            deferred_pending=work.pending,
+            journal_pending=journal.pending,
+            journal_dead=journal.dead_count,
+            replayed=work.replayed,
+        )
 
     # Lifecycle: each method says what it means; `Runtime` does it. ----------------------------------
 

@@ -8,13 +8,17 @@ whole interface between a middleware and the facade.
 
 `DeferredWork` keeps count of what was accepted and not yet finished, runs each batch (the one
 place deferred tasks reach a driver), logs failures and drops by name with structured fields, and
-drains at shutdown.
+drains at shutdown. With a journal (see `_journal`) it writes each batch there before it starts, and
+settles each entry once the batch has finished: done (it ran, or raised), dead (it would not load
+in the worker, or crashed its worker `max_attempts` times), or left pending for the next start (the
+drain stopped it, or the process is exiting).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import sqlite3
 import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
@@ -24,9 +28,12 @@ from typing import Any, Protocol
 
 import anyio
 
+from ._closures import Payload
 from ._drivers.base import Driver
-from ._exceptions import ConcurrencyClosed, DeferralRejected
-from ._tasks import NOT_STARTED, Outcome, Task
+from ._exceptions import ConcurrencyClosed, DeferralRejected, WorkerCrashed
+from ._journal import Entry, Journal, NewEntry, PayloadKind
+from ._pickling import TaskLoadFailed
+from ._tasks import NOT_STARTED, Outcome, Task, function_name
 
 __all__ = ["Deferred", "DeferredWork", "DisconnectWatch", "HostStopping", "RequestBatch"]
 
@@ -138,6 +145,7 @@ class _Running:
     scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
     abandoned_because: str | None = None  # set by the drain when it stops the batch
     logged: set[int] = field(default_factory=set)  # tasks whose fate was logged already (timed out, could not run)
+    entries: list[int | None] | None = None  # each task's journal entry (None: not journaled)
 
 
 Submit = Callable[[Callable[[], Coroutine[Any, Any, None]], Callable[[BaseException], None], bool, int], None]
@@ -177,6 +185,8 @@ class DeferredWork:
         self._open: set[RequestBatch] = set()
         self._running: set[_Running] = set()
         self._stop_reason = ""  # why a batch that begins on a stopping host does not run (for its log line)
+        self.journal: Journal | None = None  # set by the runtime when the facade has one
+        self.replayed = 0  # journal entries of earlier runs (or gone owners) handed to a host
 
     def opened(self, batch: RequestBatch) -> None:
         with self._lock:
@@ -227,17 +237,28 @@ class DeferredWork:
         for driver, tasks in chosen.items():
             self.launch(driver, tasks, origin)
 
-    def launch(self, driver: str, tasks: list[Task], origin: RequestBatch | None, *, join: bool = True) -> None:
+    def launch(
+        self,
+        driver: str,
+        tasks: list[Task],
+        origin: RequestBatch | None,
+        *,
+        join: bool = True,
+        entries: list[int | None] | None = None,
+    ) -> None:
         """Hand accepted tasks to the host loop without waiting; if that is impossible, log each by name.
 
         `join`: a host that drains takes them into its drain (a request's batch, accepted before the
-        drain); otherwise they wait for the next host.
+        drain); otherwise they wait for the next host. `entries`: the tasks' journal entries when they
+        are replayed; otherwise, with a journal, the tasks are written to it here, before they start.
         """
+        if entries is None and self.journal is not None:
+            entries = self._write(driver, tasks, origin)
         with self._lock:
             self.launched += len(tasks)
 
         async def run() -> None:
-            await self.run_batch(driver, tasks, origin)
+            await self.run_batch(driver, tasks, origin, entries)
 
         def failed(exc: BaseException) -> None:
             for task in tasks:
@@ -251,9 +272,56 @@ class DeferredWork:
 
         self._submit(run, failed, join, len(tasks))
 
-    async def run_batch(self, driver_name: str, tasks: list[Task], origin: RequestBatch | None) -> None:
+    def _write(self, driver: str, tasks: list[Task], origin: RequestBatch | None) -> list[int | None] | None:
+        """Write a batch to the journal in one transaction; on failure log it and run the batch unjournaled."""
+        journal = self.journal
+        assert journal is not None
+        method, path = (origin.method, origin.path) if origin is not None else (None, None)
+        new: list[NewEntry] = []
+        positions: list[int] = []
+        for index, task in enumerate(tasks):
+            prepared = task.prepared
+            if isinstance(prepared, Payload) and not prepared.skeletons:
+                kind, data = PayloadKind.PAYLOAD, prepared.data
+            elif isinstance(prepared, bytes):
+                kind, data = PayloadKind.BYTES, prepared
+            else:  # a driver that keeps no pickled form: nothing to replay from
+                continue
+            key = _entry_key(task.key)
+            new.append(NewEntry(driver, kind, data, task.label, key, function_name(task.fn), task.call, method, path))
+            positions.append(index)
+        if not new:
+            return None
+        try:
+            ids = journal.append(new)
+        except sqlite3.Error as exc:  # a full disk, a file removed under us: run the work anyway, and say so
+            logger.error(
+                "deferred batch of %d task(s) could not be written to the journal %r (%s): it runs, but a crash "
+                "before it finishes loses it; free disk space or fix the file",
+                len(tasks),
+                journal.path,
+                exc,
+                extra={"driver": driver, "method": method, "path": path},
+            )
+            return None
+        entries: list[int | None] = [None] * len(tasks)
+        for index, entry_id in zip(positions, ids, strict=True):
+            entries[index] = entry_id
+        return entries
+
+    def replay(self, driver: str, entries: list[Entry]) -> None:
+        """Run journal entries left by an earlier run (or a gone owner) as deferred work, outside any request."""
+        tasks = [replay_task(entry) for entry in entries]
+        with self._lock:
+            self.pending += len(tasks)
+            self.replayed += len(tasks)
+        self.launch(driver, tasks, None, join=False, entries=[entry.id for entry in entries])
+
+    async def run_batch(
+        self, driver_name: str, tasks: list[Task], origin: RequestBatch | None, entries: list[int | None] | None = None
+    ) -> None:
         """Run one deferred batch, log how it went, and never raise."""
-        running = _Running(driver_name, tasks, origin, [None] * len(tasks))
+        running = _Running(driver_name, tasks, origin, [None] * len(tasks), entries=entries)
         with self._lock:
             self._running.add(running)
         under_way = False
@@ -302,22 +370,82 @@ class DeferredWork:
 
     def _fates(self, running: _Running, under_way: bool) -> None:
         """Log what became of each task of a finished batch (once), and count the batch out."""
+        entries = running.entries or [None] * len(running.tasks)
+        done: list[int] = []
+        settled: list[tuple[int, Task, BaseException]] = []  # journal entries that crashed or would not load
         for index, (task, outcome) in enumerate(zip(running.tasks, running.outcomes, strict=True)):
+            entry = entries[index]
             if index in running.logged:
+                if entry is not None:
+                    done.append(entry)
                 continue
             if outcome is None or outcome is NOT_STARTED:
                 began = under_way and outcome is None  # as far as anyone can tell: it may have
                 logger.error(
                     "deferred %s abandoned, %s: %s; raise drain_timeout (and the server's graceful timeout "
-                    "above it) or make the task shorter",
+                    "above it) or make the task shorter%s",
                     task.label,
                     "stopped unfinished (it may have done part of its work)" if began else "never started",
                     running.abandoned_because or "it was stopped",
+                    "; it stays in the journal and runs at the next start" if entry is not None else "",
                     extra={**self._extra(task, running), "under_way": began},
                 )
-            elif outcome.error is not None:
-                logger.error("deferred %s failed", task.label, exc_info=outcome.error, extra=self._extra(task, running))
+            elif entry is not None and isinstance(outcome.error, TaskLoadFailed | WorkerCrashed):
+                settled.append((entry, task, outcome.error))
+            else:
+                if outcome.error is not None:
+                    logger.error(
+                        "deferred %s failed", task.label, exc_info=outcome.error, extra=self._extra(task, running)
+                    )
+                if entry is not None:
+                    done.append(entry)
+        again = self._settle_journal(running, done, settled)
         self._settle(len(running.tasks), launched=True)
+        if again:
+            with self._lock:
+                self.pending += len(again)
+            self.launch(running.driver, [task for _, task in again], None, join=False, entries=[e for e, _ in again])
+
+    def _settle_journal(
+        self, running: _Running, done: list[int], settled: list[tuple[int, Task, BaseException]]
+    ) -> list[tuple[int | None, Task]]:
+        """Remove finished entries; bury the poison; return the crashed tasks to run again."""
+        journal = self.journal
+        if journal is None or not (done or settled):
+            return []
+        again: list[tuple[int | None, Task]] = []
+        try:
+            journal.done(done)
+            for entry, task, error in settled:
+                if isinstance(error, TaskLoadFailed):
+                    reason = f"it would not load in the worker (its function renamed or removed?): {error}"
+                else:
+                    attempts = journal.crashed(entry)
+                    if attempts < journal.max_attempts:
+                        logger.error(
+                            "deferred %s crashed its worker (%s); it runs again (attempt %d of %d)",
+                            task.label,
+                            error,
+                            attempts + 1,
+                            journal.max_attempts,
+                            extra=self._extra(task, running),
+                        )
+                        again.append((entry, task))
+                        continue
+                    reason = f"it crashed its worker {attempts} times, the last: {error}"
+                journal.dead(entry, reason)
+                logger.error(
+                    "deferred %s moved to the journal's dead entries (entry %d): %s; see `python -m "
+                    "starlette_concurrency journal %s list`",
+                    task.label,
+                    entry,
+                    reason,
+                    journal.path,
+                    extra=self._extra(task, running),
+                )
+        except sqlite3.Error as exc:  # the entries stay pending: run again at the next start (at least once)
+            logger.error("the journal %r could not be updated (%s); its entries run again later", journal.path, exc)
+        return again
 
     def _extra(self, task: Task, running: _Running) -> dict[str, Any]:
         extra = _extra(task, running.driver, running.origin)
@@ -415,6 +543,38 @@ class DeferredWork:
         self.pending = self.launched = 0
         self._open.clear()
         self._running.clear()
+
+
+class _StoredKey(str):
+    """A task key read back from the journal: its repr is the original key's repr (for the label)."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return str(self)
+
+
+class _Replayed:
+    """The `fn` of a task rebuilt from the journal: it names the original callable; its pickle is what runs."""
+
+    def __init__(self, name: str) -> None:
+        self.__qualname__ = name
+
+    def __call__(self) -> None:  # pragma: no cover - drivers run `prepared`
+        raise RuntimeError(f"{self.__qualname__} was replayed from the journal: only its pickled form can run")
+
+
+def replay_task(entry: Entry) -> Task:
+    """Rebuild a task from a journal entry, its pickled callable in `prepared` (sent as it is)."""
+    prepared: object = Payload(entry.payload, ()) if entry.kind is PayloadKind.PAYLOAD else entry.payload
+    return Task(_StoredKey(entry.task_key), _Replayed(entry.function), prepared, entry.call)
+
+
+def _entry_key(key: object) -> str:
+    try:
+        return repr(key)
+    except Exception:
+        return f"<{type(key).__name__}>"
 
 
 def _extra(task: Task, driver: str | None, origin: RequestBatch | None) -> dict[str, Any]:
