@@ -420,19 +420,22 @@ class DeferredWork:
                 if isinstance(error, TaskLoadFailed):
                     reason = f"it would not load in the worker (its function renamed or removed?): {error}"
                 else:
-                    attempts = journal.crashed(entry)
-                    if attempts < journal.max_attempts:
+                    attempt = journal.restart(entry)
+                    if attempt is not None:
                         logger.error(
                             "deferred %s crashed its worker (%s); it runs again (attempt %d of %d)",
                             task.label,
                             error,
-                            attempts + 1,
+                            attempt,
                             journal.max_attempts,
                             extra=self._extra(task, running),
                         )
                         again.append((entry, task))
                         continue
-                    reason = f"it crashed its worker {attempts} times, the last: {error}"
+                    reason = (
+                        f"started {journal.max_attempts} times without finishing (max_attempts), the last time it "
+                        f"crashed its worker: {error}"
+                    )
                 journal.dead(entry, reason)
                 logger.error(
                     "deferred %s moved to the journal's dead entries (entry %d): %s; see `python -m "

@@ -308,12 +308,18 @@ class Journal:
             self.pending = max(0, self.pending - 1)
             self.dead_count += 1
 
-    def crashed(self, entry_id: int) -> int:
-        """Count one more start of an entry whose worker died under it; return its attempts so far."""
+    def restart(self, entry_id: int) -> int | None:
+        """Count one more start of an entry whose worker died under it, unless it had `max_attempts` already.
+
+        Returns:
+            The attempt it starts now, or ``None`` when it has been started `max_attempts` times (bury it).
+        """
         with self._lock:
-            self._db.execute("UPDATE entries SET attempts = attempts + 1 WHERE id = ?", (entry_id,))
             row = self._db.execute("SELECT attempts FROM entries WHERE id = ?", (entry_id,)).fetchone()
-        return int(row[0]) if row else self.max_attempts
+            if row is None or row[0] >= self.max_attempts:
+                return None
+            self._db.execute("UPDATE entries SET attempts = attempts + 1 WHERE id = ?", (entry_id,))
+        return int(row[0]) + 1
 
     # Ownership -----------------------------------------------------------------------------------
 

@@ -1,0 +1,198 @@
+"""The journal: deferred work that survives a crash (SIGKILL), replayed by the next process, exactly one owner."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import anyio
+import pytest
+
+from starlette_concurrency import Concurrency, ConfigurationError
+from starlette_concurrency._journal import SCHEMA_VERSION, Journal, NewEntry, PayloadKind
+from starlette_concurrency._pickling import dumps_task
+from starlette_concurrency._tasks import Task
+
+from . import journal_targets
+
+ROOT = Path(__file__).parent.parent
+
+
+def server(mode: str, journal: Path, out: Path, backend: str) -> subprocess.Popen[str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen(
+        [sys.executable, "-m", "tests.journal_server", mode, str(journal), str(out), backend],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+
+
+def lines(out: Path) -> list[tuple[str, int, int]]:
+    fields = (line.split() for line in out.read_text().splitlines())
+    return [(tag, int(number), int(pid)) for tag, number, pid in fields]
+
+
+def fill(journal: Path, tasks: list[Callable[[], object]]) -> None:
+    """Write entries as a process that has since gone would have left them."""
+    store = Journal(journal)
+    entries = [
+        NewEntry("process", PayloadKind.PAYLOAD, dumps_task(Task(0, task)), f"task 0 ({i})", "0", str(i), 0, None, None)
+        for i, task in enumerate(tasks)
+    ]
+    store.append(entries)
+    store.release()
+    store.close()
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_a_killed_server_s_unfinished_tasks_run_in_the_next_one(tmp_path: Path, backend: str) -> None:
+    journal, out = tmp_path / "deferred.db", tmp_path / "out.txt"
+    out.touch()
+    Path(str(out) + ".hold").touch()
+    first = server("crash", journal, out, backend)
+    try:
+        assert first.stdout is not None
+        assert first.stdout.readline().strip() == "READY"
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.communicate(timeout=30)
+    Path(str(out) + ".hold").unlink()
+    second = server("replay", journal, out, backend)
+    output, _ = second.communicate(timeout=180)
+    assert second.returncode == 0, output
+    seen = lines(out)
+    quick = Counter(number for tag, number, _ in seen if tag == "quick")
+    assert quick == {0: 1, 1: 1, 2: 1}  # finished before the kill: never replayed
+    ends = {number for tag, number, pid in seen if tag == "end" and pid == second.pid}
+    assert ends == {0, 1, 2}  # every slow task ran to its end after the restart
+    started_before = {number for tag, number, pid in seen if tag == "start" and pid == first.pid}
+    assert started_before  # one was under way at the kill: it runs again (at least once)
+    assert "PENDING 0 DEAD 0" in output
+    replayed = int(output.split()[1])
+    assert replayed == 3
+
+
+def test_two_live_processes_claim_each_entry_once(tmp_path: Path) -> None:
+    journal, out = tmp_path / "deferred.db", tmp_path / "out.txt"
+    out.touch()
+    fill(journal, [functools.partial(journal_targets.record, str(out), "entry", i) for i in range(40)])
+    both = [server("replay", journal, out, "asyncio") for _ in range(2)]
+    outputs = [process.communicate(timeout=180)[0] for process in both]
+    assert [process.returncode for process in both] == [0, 0], outputs
+    counts = Counter(number for _, number, _ in lines(out))
+    assert counts == dict.fromkeys(range(40), 1)
+    assert sum(int(output.split()[1]) for output in outputs) == 40
+
+
+@pytest.mark.anyio
+async def test_poison_entries_go_to_the_dead_table_and_the_others_run(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    journal, out = tmp_path / "deferred.db", tmp_path / "out.txt"
+
+    def vanished() -> None:  # pickled by reference, as a deploy that renamed it would leave it
+        pass
+
+    vanished.__module__, vanished.__qualname__ = journal_targets.__name__, "vanished"
+    journal_targets.vanished = vanished  # type: ignore[attr-defined]
+    try:
+        fill(
+            journal,
+            [
+                functools.partial(journal_targets.record, str(out), "good", 1),
+                vanished,
+                journal_targets.crash,
+                functools.partial(journal_targets.record, str(out), "good", 2),
+            ],
+        )
+    finally:
+        del journal_targets.vanished  # type: ignore[attr-defined]
+    caplog.set_level(logging.INFO, "starlette_concurrency")
+    async with Concurrency(workers=2, journal=journal, env_file=None) as concurrency:
+        with anyio.fail_after(120):
+            while concurrency.stats().journal_dead < 2 or concurrency.stats().journal_pending:  # noqa: ASYNC110
+                await anyio.sleep(0.05)
+        await concurrency.wait_deferred(60)
+        stats = concurrency.stats()
+    assert sorted(number for _, number, _ in lines(out)) == [1, 2]
+    assert (stats.journal_pending, stats.journal_dead, stats.replayed) == (0, 2, 4)
+    # Its first start was in the process that left it (attempt 1), then attempts 2 and 3 here.
+    assert stats.tasks_crashed == 2
+    dead = {entry.function: entry.reason for entry in Journal(journal).dead_entries()}
+    assert "would not load in the worker" in (dead["1"] or "")
+    assert "started 3 times without finishing" in (dead["2"] or "")
+    assert "replaying 4 deferred task(s) left by a previous run" in caplog.text
+    assert caplog.text.count("moved to the journal's dead entries") == 2
+
+
+def test_a_corrupt_file_is_refused_naming_it(tmp_path: Path) -> None:
+    journal = tmp_path / "deferred.db"
+    journal.write_bytes(b"not a database, certainly not a journal" * 100)
+    with pytest.raises(ConfigurationError, match=r"deferred\.db.*move it aside"):
+        Concurrency(journal=journal, env_file=None)
+
+
+def test_a_journal_of_a_newer_release_is_refused(tmp_path: Path) -> None:
+    journal = tmp_path / "deferred.db"
+    Journal(journal).close()
+    with sqlite3.connect(journal) as db:
+        db.execute("UPDATE meta SET value = ? WHERE name = 'schema_version'", (str(SCHEMA_VERSION + 1),))
+    with pytest.raises(ConfigurationError, match=r"deferred\.db.*newer release"):
+        Concurrency(journal=str(journal), env_file=None)
+
+
+def test_an_unwritable_place_is_refused_naming_it(tmp_path: Path) -> None:
+    with pytest.raises(ConfigurationError, match=r"missing/deferred\.db.*writable"):
+        Concurrency(journal=tmp_path / "missing" / "deferred.db", env_file=None)
+
+
+@pytest.mark.parametrize("driver", ["fork", "sync"])
+def test_drivers_that_do_not_pickle_refuse_a_journal(tmp_path: Path, driver: str) -> None:
+    with pytest.raises(ConfigurationError, match=f"the '{driver}' driver cannot use a journal"):
+        Concurrency(driver, journal=tmp_path / "deferred.db", env_file=None)
+    concurrency = Concurrency(journal=tmp_path / "deferred.db", env_file=None)
+    with pytest.raises(ConfigurationError, match=f"the '{driver}' driver cannot use a journal"):
+        concurrency.driver(driver)
+
+
+def test_the_journal_comes_from_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CONCURRENCY_JOURNAL", str(tmp_path / "env.db"))
+    assert Concurrency(env_file=None).settings.journal == str(tmp_path / "env.db")
+    assert Concurrency(journal=tmp_path / "arg.db", env_file=None).settings.journal == str(tmp_path / "arg.db")
+    monkeypatch.setenv("CONCURRENCY_JOURNAL", "")
+    assert Concurrency(env_file=None).settings.journal is None  # empty: unset, like the other variables
+    monkeypatch.setenv("CONCURRENCY_JOURNAL", " ")
+    with pytest.raises(ConfigurationError, match="CONCURRENCY_JOURNAL must be a file path"):
+        Concurrency(env_file=None)
+    monkeypatch.setenv("CONCURRENCY_JOURNAL", ":memory:")
+    with pytest.raises(ConfigurationError, match="CONCURRENCY_JOURNAL must be a file"):
+        Concurrency(env_file=None)
+    monkeypatch.delenv("CONCURRENCY_JOURNAL")
+    with pytest.raises(ConfigurationError, match="journal must be a file path"):
+        Concurrency(journal=42, env_file=None)  # type: ignore[arg-type]
+
+
+@pytest.mark.anyio
+async def test_finished_entries_leave_the_journal_and_a_clean_close_leaves_none(tmp_path: Path) -> None:
+    journal, out = tmp_path / "deferred.db", tmp_path / "out.txt"
+    async with Concurrency(workers=2, journal=journal, env_file=None) as concurrency:
+        batch = concurrency.request_batch(method="GET", path="/")
+        token = batch.activate()
+        concurrency.defer([functools.partial(journal_targets.record, str(out), "ok", i) for i in range(3)])
+        batch.deactivate(token)
+        assert Journal(journal).pending == 0  # not written while the request is open
+        batch.finish(True)
+        await concurrency.wait_deferred(60)
+        assert concurrency.stats().journal_pending == 0
+    assert len(lines(out)) == 3
+    assert Journal(journal).pending == 0
