@@ -196,3 +196,58 @@ async def test_finished_entries_leave_the_journal_and_a_clean_close_leaves_none(
         assert concurrency.stats().journal_pending == 0
     assert len(lines(out)) == 3
     assert Journal(journal).pending == 0
+
+
+def test_the_prometheus_collector_exports_the_journal(tmp_path: Path) -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from starlette_concurrency.metrics import register_metrics
+
+    journal = tmp_path / "deferred.db"
+    fill(journal, [functools.partial(journal_targets.record, str(tmp_path / "out.txt"), "x", 1)])
+    registry = CollectorRegistry()
+    register_metrics(Concurrency(workers=1, journal=journal, env_file=None), registry)
+    text = generate_latest(registry).decode()
+    assert "starlette_concurrency_journal_pending 1.0" in text
+    assert "starlette_concurrency_journal_dead 0.0" in text
+    assert "starlette_concurrency_replayed_total 0.0" in text
+
+
+def cli(*arguments: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "starlette_concurrency", *arguments],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_the_cli_lists_retries_and_purges(tmp_path: Path) -> None:
+    journal = str(tmp_path / "deferred.db")
+    fill(Path(journal), [journal_targets.crash, journal_targets.crash, journal_targets.crash])
+    store = Journal(journal)
+    store.dead(2, "it crashed its worker")
+    store.dead(3, "it would not load")
+    store.close()
+    listed = cli("journal", journal, "list")
+    assert listed.returncode == 0, listed.stderr
+    assert "pending: 1\n  #1  task 0 (0)" in listed.stdout
+    assert "lease expired" in listed.stdout
+    assert "dead: 2\n  #2  task 0 (1)" in listed.stdout
+    assert "reason: it would not load" in listed.stdout
+    retried = cli("journal", journal, "retry", "2")
+    assert retried.returncode == 0, retried.stderr
+    assert "entry 2 is pending again" in retried.stdout
+    assert cli("journal", journal, "retry", "2").returncode == 1  # not dead any more
+    purged = cli("journal", journal, "purge")
+    assert "purged 1 dead" in purged.stdout
+    store = Journal(journal)
+    assert ([entry.id for entry, _, _ in store.entries()], store.dead_entries()) == ([1, 2], [])
+    assert [entry.attempts for entry, _, _ in store.entries()] == [1, 0]  # a retried entry starts afresh
+    store.close()
+    missing = cli("journal", str(tmp_path / "nope.db"), "list")
+    assert missing.returncode == 2
+    assert "no journal at" in missing.stderr
+    assert not (tmp_path / "nope.db").exists()
