@@ -282,8 +282,15 @@ class Journal:
         if not rows:
             return
         with self._lock:
-            cursor = self._db.executemany("DELETE FROM entries WHERE id = ?", rows)
-            self.pending = max(0, self.pending - max(0, cursor.rowcount))
+            db = self._db
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                removed = db.executemany("DELETE FROM entries WHERE id = ?", rows).rowcount
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            self.pending = max(0, self.pending - max(0, removed))
 
     def dead(self, entry_id: int, reason: str) -> None:
         """Move an entry to the dead table with `reason` (it is never run again unless retried)."""

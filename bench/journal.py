@@ -1,0 +1,98 @@
+"""What the journal costs a deferred task: the write when its request finishes, and the removal after.
+
+    .venv/bin/python bench/journal.py [--requests 2000] [--repeats 5]
+
+Prints the median, over `--repeats` rounds, of the microseconds per deferred task that the accepting
+thread spends: `defer()` + `RequestBatch.finish()` of `--requests` requests each deferring 1 (then 10)
+`functools.partial` tasks, on the process driver, with and without a journal (side by side, the order
+rotated each round; the batches run on the pool meanwhile and are waited for between rounds), and
+the journal's own `append()` and `done()` calls alone. The journal is a file in a temporary
+directory on the disk that holds /tmp.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import anyio
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench import _work  # noqa: E402
+from starlette_concurrency import Concurrency  # noqa: E402
+from starlette_concurrency._journal import Journal, NewEntry, PayloadKind  # noqa: E402
+from starlette_concurrency._pickling import dumps_task  # noqa: E402
+from starlette_concurrency._tasks import Task  # noqa: E402
+
+
+def accept(concurrency: Concurrency, requests: int, per_request: int) -> float:
+    """Seconds per deferred task spent in defer() and finish() on this thread."""
+    task = functools.partial(_work.add, 1, 2)
+    began = time.perf_counter()
+    for _ in range(requests):
+        batch = concurrency.request_batch(method="POST", path="/orders")
+        token = batch.activate()
+        concurrency.defer([task] * per_request)
+        batch.deactivate(token)
+        batch.finish(True)
+    return (time.perf_counter() - began) / (requests * per_request)
+
+
+def store_alone(path: str, requests: int, per_request: int) -> tuple[float, float]:
+    """Seconds per task of Journal.append (one transaction per request) and Journal.done (the same)."""
+    journal = Journal(path)
+    payload = dumps_task(Task(0, functools.partial(_work.add, 1, 2)))
+    entry = NewEntry(
+        "process", PayloadKind.PAYLOAD, payload, "task 0 (partial(add))", "0", "partial(add)", 0, "POST", "/orders"
+    )
+    began = time.perf_counter()
+    ids = [journal.append([entry] * per_request) for _ in range(requests)]
+    appended = time.perf_counter() - began
+    began = time.perf_counter()
+    for batch in ids:
+        journal.done([entry_id for entry_id in batch if entry_id is not None])
+    done = time.perf_counter() - began
+    journal.close()
+    return appended / (requests * per_request), done / (requests * per_request)
+
+
+async def main(requests: int, repeats: int) -> None:
+    directory = tempfile.mkdtemp(prefix="journal-bench-")
+    plain = Concurrency(workers=2, env_file=None)
+    durable = Concurrency(workers=2, journal=os.path.join(directory, "deferred.db"), env_file=None)
+    print(f"load average at start: {os.getloadavg()[0]:.2f}; {requests} requests per round, {repeats} rounds")
+    async with plain, durable:
+        for per_request in (1, 10):
+            times: dict[str, list[float]] = {"without journal": [], "with journal": []}
+            for round_number in range(repeats):
+                order = [("without journal", plain), ("with journal", durable)]
+                for name, concurrency in order if round_number % 2 else order[::-1]:
+                    times[name].append(accept(concurrency, requests, per_request))
+                    await concurrency.wait_deferred(600)
+            base, journaled = (statistics.median(values) * 1e6 for values in times.values())
+            print(
+                f"{per_request:>2} task(s)/request: defer()+finish() {base:7.1f} µs/task without journal, "
+                f"{journaled:7.1f} µs/task with (+{journaled - base:.1f} µs)"
+            )
+    for per_request in (1, 10):
+        rounds = [store_alone(os.path.join(directory, f"alone-{per_request}.db"), requests, per_request)]
+        rounds += [store_alone(os.path.join(directory, f"alone-{per_request}.db"), requests, per_request)]
+        append = statistics.median(appended for appended, _ in rounds) * 1e6
+        done = statistics.median(removed for _, removed in rounds) * 1e6
+        print(
+            f"{per_request:>2} task(s)/request: Journal.append {append:6.1f} µs/task, Journal.done {done:6.1f} µs/task"
+        )
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--repeats", type=int, default=5)
+    options = parser.parse_args()
+    anyio.run(main, options.requests, options.repeats)
