@@ -513,7 +513,7 @@ class Concurrency:
         batch = self._accept(tasks)
         return AsCompleted(self._runtime, self._name, batch, self._timeout(timeout), return_exceptions)
 
-    def defer(self, tasks: Tasks, *, always: bool = False) -> None:
+    def defer(self, tasks: Tasks, *, always: bool = False, key: str | None = None) -> None:
         """Run the tasks after the response has been sent; return at once. Callable from any thread.
 
         Inside a request handled by `ConcurrencyMiddleware` or `ConcurrencyWSGIMiddleware` the tasks
@@ -525,14 +525,27 @@ class Concurrency:
         journal (``Concurrency(journal=...)``): otherwise it is lost if the server crashes. At shutdown
         it is drained (see `drain_timeout`).
 
+        Args:
+            tasks: a zero-argument callable, a sequence of them or a mapping of key → callable.
+            always: run them even if the request fails (status 400 or above, or an exception).
+            key: names the work of a single callable (``key=f"order-{order.id}"``): while a task of that
+                key is pending (accepted and not finished, in this process, or in the journal of any
+                process sharing it), `defer()` with the same key is a no-op. The journal shows it.
+
         Raises:
-            TypeError: `tasks` is not a callable, a sequence or a mapping of callables.
+            TypeError: `tasks` is not a callable, a sequence or a mapping of callables; or `key` is
+                not a string, or is given with more than one callable.
             SerializationError: a task cannot be pickled for this driver; nothing of this call was
                 accepted (the request's other deferrals are kept).
             DeferralRejected: more than `max_pending_deferred` deferred tasks would be pending.
             ConcurrencyClosed: the facade was closed, or is shutting down.
         """
         batch = self._accept(tasks)
+        if key is not None and (not isinstance(key, str) or batch.shape is not object):
+            raise TypeError(
+                f"key must be a str naming one callable's work, got {type(key).__name__} with {len(batch.tasks)} "
+                "task(s); defer each keyed task on its own"
+            )
         runtime = self._runtime
         request = runtime.work.current.get()
         with runtime.lock():
@@ -546,11 +559,17 @@ class Concurrency:
         # Checked and counted in one step with the state: a drain that has stopped accepting is not fed.
         with runtime.lock():
             runtime.accepting("defer()", in_request=request is not None)
-            runtime.work.reserve(len(prepared))
-            if request is None:
-                runtime.work.launch(self._name, prepared, None, join=False)  # never waits: hands over, or logs
+            if key is not None and not runtime.work.hold_key(key):
+                return  # a task of this key is pending: this one would do the same work
+            try:
+                runtime.work.reserve(len(prepared))
+            except BaseException:
+                runtime.work.release_keys([key])
+                raise
+            if request is None:  # never waits: hands over, or logs
+                runtime.work.launch(self._name, prepared, None, join=False, keys=None if key is None else [key])
         if request is not None:
-            request.add(Deferred(self._name, prepared, always))
+            request.add(Deferred(self._name, prepared, always, key))
 
     def request_batch(self, *, method: str | None = None, path: str | None = None) -> RequestBatch:
         """Open a batch that collects what `defer()` is given while it is active — for integrations.

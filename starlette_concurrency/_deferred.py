@@ -50,11 +50,12 @@ class HostStopping(ConcurrencyClosed):
 
 @dataclass(frozen=True, slots=True)
 class Deferred:
-    """One `defer()` call: its tasks, the driver to run them on, and whether errors also run them."""
+    """One `defer()` call: its tasks, the driver to run them on, whether errors also run them, its key."""
 
     driver: str
     tasks: list[Task]
     always: bool
+    key: str | None = None  # `defer(fn, key=...)`: no other task of that key runs while this one is pending
 
 
 class DisconnectWatch(Protocol):
@@ -100,7 +101,7 @@ class RequestBatch:
         with self._lock:
             self._calls += 1
             if self._calls > 1:  # its keys repeat the first call's: its labels say which call
-                entry = Deferred(entry.driver, [replace(task, call=self._calls) for task in entry.tasks], entry.always)
+                entry = replace(entry, tasks=[replace(task, call=self._calls) for task in entry.tasks])
             outcome = self._outcome
             if outcome is None:
                 self._entries.append(entry)
@@ -130,6 +131,7 @@ class RequestBatch:
         tasks = [task for entry in entries for task in entry.tasks]
         if tasks:
             self._work.settle_skipped(len(tasks))
+        self._work.release_keys([entry.key for entry in entries])
         return tasks
 
 
@@ -146,6 +148,7 @@ class _Running:
     abandoned_because: str | None = None  # set by the drain when it stops the batch
     logged: set[int] = field(default_factory=set)  # tasks whose fate was logged already (timed out, could not run)
     entries: list[int | None] | None = None  # each task's journal entry (None: not journaled)
+    keys: list[str | None] | None = None  # each task's `defer(key=...)`, held until it settles
 
 
 Submit = Callable[[Callable[[], Coroutine[Any, Any, None]], Callable[[BaseException], None], bool, int], None]
@@ -183,6 +186,7 @@ class DeferredWork:
         self._submit = submit
         self._lock = threading.Lock()  # defer() is called from any thread
         self._open: set[RequestBatch] = set()
+        self._keys: set[str] = set()  # keys of `defer(key=...)` tasks accepted and not settled
         self._running: set[_Running] = set()
         self._stop_reason = ""  # why a batch that begins on a stopping host does not run (for its log line)
         self.journal: Journal | None = None  # set by the runtime when the facade has one
@@ -211,6 +215,19 @@ class DeferredWork:
                 )
             self.pending += count
 
+    def hold_key(self, key: str) -> bool:
+        """Take a `defer(key=...)` key for a task about to be accepted; False if a task of that key is pending."""
+        with self._lock:
+            if key in self._keys:
+                return False
+            self._keys.add(key)
+            return True
+
+    def release_keys(self, keys: Sequence[str | None]) -> None:
+        """Let tasks of these keys be deferred again (theirs have settled)."""
+        with self._lock:
+            self._keys.difference_update(key for key in keys if key is not None)
+
     def settle_skipped(self, count: int) -> None:
         """Count out tasks that will not be launched (their request's batch was abandoned)."""
         self._settle(count, launched=False)
@@ -225,17 +242,20 @@ class DeferredWork:
 
     def start(self, entries: list[Deferred], succeeded: bool, origin: RequestBatch | None) -> None:
         """Launch what a finished request deferred (everything, or only ``always`` entries)."""
-        chosen: dict[str, list[Task]] = {}
-        skipped = 0
+        chosen: dict[str, tuple[list[Task], list[str | None]]] = {}
+        skipped: list[Deferred] = []
         for entry in entries:
             if succeeded or entry.always:
-                chosen.setdefault(entry.driver, []).extend(entry.tasks)
+                tasks, keys = chosen.setdefault(entry.driver, ([], []))
+                tasks.extend(entry.tasks)
+                keys.extend([entry.key] * len(entry.tasks))
             else:
-                skipped += len(entry.tasks)
+                skipped.append(entry)
         if skipped:
-            self._settle(skipped, launched=False)
-        for driver, tasks in chosen.items():
-            self.launch(driver, tasks, origin)
+            self._settle(sum(len(entry.tasks) for entry in skipped), launched=False)
+            self.release_keys([entry.key for entry in skipped])
+        for driver, (tasks, keys) in chosen.items():
+            self.launch(driver, tasks, origin, keys=keys if any(keys) else None)
 
     def launch(
         self,
@@ -245,20 +265,26 @@ class DeferredWork:
         *,
         join: bool = True,
         entries: list[int | None] | None = None,
+        keys: list[str | None] | None = None,
     ) -> None:
         """Hand accepted tasks to the host loop without waiting; if that is impossible, log each by name.
 
         `join`: a host that drains takes them into its drain (a request's batch, accepted before the
         drain); otherwise they wait for the next host. `entries`: the tasks' journal entries when they
         are replayed; otherwise, with a journal, the tasks are written to it here, before they start.
+        `keys`: each task's `defer(key=...)`, released when it settles.
         """
         if entries is None and self.journal is not None:
-            entries = self._write(driver, tasks, origin)
+            written = self._write(driver, tasks, origin, keys)
+            if written is not None:
+                tasks, entries, keys = written
+                if not tasks:
+                    return
         with self._lock:
             self.launched += len(tasks)
 
         async def run() -> None:
-            await self.run_batch(driver, tasks, origin, entries)
+            await self.run_batch(driver, tasks, origin, entries, keys)
 
         def failed(exc: BaseException) -> None:
             for task in tasks:
@@ -269,11 +295,20 @@ class DeferredWork:
                     extra=_extra(task, driver, origin),
                 )
             self._settle(len(tasks), launched=True)
+            if keys is not None:
+                self.release_keys(keys)
 
         self._submit(run, failed, join, len(tasks))
 
-    def _write(self, driver: str, tasks: list[Task], origin: RequestBatch | None) -> list[int | None] | None:
-        """Write a batch to the journal in one transaction; on failure log it and run the batch unjournaled."""
+    def _write(
+        self, driver: str, tasks: list[Task], origin: RequestBatch | None, keys: list[str | None] | None
+    ) -> tuple[list[Task], list[int | None], list[str | None] | None] | None:
+        """Write a batch to the journal in one transaction; on failure log it and run the batch unjournaled.
+
+        Returns:
+            The tasks to run, their entries and keys: without those whose key is already pending in the
+            journal (another process's, or left by an earlier run); ``None`` when nothing was written.
+        """
         journal = self.journal
         assert journal is not None
         method, path = (origin.method, origin.path) if origin is not None else (None, None)
@@ -287,8 +322,21 @@ class DeferredWork:
                 kind, data = PayloadKind.BYTES, prepared
             else:  # a driver that keeps no pickled form: nothing to replay from
                 continue
-            key = _entry_key(task.key)
-            new.append(NewEntry(driver, kind, data, task.label, key, function_name(task.fn), task.call, method, path))
+            user_key = keys[index] if keys is not None else None
+            new.append(
+                NewEntry(
+                    driver,
+                    kind,
+                    data,
+                    task.label,
+                    _entry_key(task.key),
+                    function_name(task.fn),
+                    task.call,
+                    method,
+                    path,
+                    user_key,
+                )
+            )
             positions.append(index)
         if not new:
             return None
@@ -305,9 +353,25 @@ class DeferredWork:
             )
             return None
         entries: list[int | None] = [None] * len(tasks)
+        duplicates: set[int] = set()
         for index, entry_id in zip(positions, ids, strict=True):
             entries[index] = entry_id
-        return entries
+            if entry_id is None:
+                duplicates.add(index)
+        if not duplicates:
+            return tasks, entries, keys
+        assert keys is not None  # only a key makes an entry a duplicate
+        for index in sorted(duplicates):
+            logger.info(
+                "deferred %s not run: a task of key %r is already pending in the journal",
+                tasks[index].label,
+                keys[index],
+                extra=_extra(tasks[index], driver, origin),
+            )
+        self._settle(len(duplicates), launched=False)
+        self.release_keys([keys[index] for index in duplicates])
+        kept = [index for index in range(len(tasks)) if index not in duplicates]
+        return [tasks[index] for index in kept], [entries[index] for index in kept], [keys[index] for index in kept]
 
     def replay(self, driver: str, entries: list[Entry]) -> None:
         """Run journal entries left by an earlier run (or a gone owner) as deferred work, outside any request."""
@@ -318,10 +382,15 @@ class DeferredWork:
         self.launch(driver, tasks, None, join=False, entries=[entry.id for entry in entries])
 
     async def run_batch(
-        self, driver_name: str, tasks: list[Task], origin: RequestBatch | None, entries: list[int | None] | None = None
+        self,
+        driver_name: str,
+        tasks: list[Task],
+        origin: RequestBatch | None,
+        entries: list[int | None] | None = None,
+        keys: list[str | None] | None = None,
     ) -> None:
         """Run one deferred batch, log how it went, and never raise."""
-        running = _Running(driver_name, tasks, origin, [None] * len(tasks), entries=entries)
+        running = _Running(driver_name, tasks, origin, [None] * len(tasks), entries=entries, keys=keys)
         with self._lock:
             self._running.add(running)
         under_way = False
@@ -372,7 +441,7 @@ class DeferredWork:
         """Log what became of each task of a finished batch (once), and count the batch out."""
         entries = running.entries or [None] * len(running.tasks)
         done: list[int] = []
-        settled: list[tuple[int, Task, BaseException]] = []  # journal entries that crashed or would not load
+        settled: list[tuple[int, int, BaseException]] = []  # (task, entry) that crashed or would not load
         for index, (task, outcome) in enumerate(zip(running.tasks, running.outcomes, strict=True)):
             entry = entries[index]
             if index in running.logged:
@@ -391,7 +460,7 @@ class DeferredWork:
                     extra={**self._extra(task, running), "under_way": began},
                 )
             elif entry is not None and isinstance(outcome.error, TaskLoadFailed | WorkerCrashed):
-                settled.append((entry, task, outcome.error))
+                settled.append((index, entry, outcome.error))
             else:
                 if outcome.error is not None:
                     logger.error(
@@ -399,24 +468,34 @@ class DeferredWork:
                     )
                 if entry is not None:
                     done.append(entry)
-        again = self._settle_journal(running, done, settled)
+        again = self._settle_journal(running, done, settled)  # indexes of tasks to run again
+        keys = running.keys or [None] * len(running.tasks)
+        self.release_keys([key for index, key in enumerate(keys) if index not in again])
         self._settle(len(running.tasks), launched=True)
         if again:
             with self._lock:
                 self.pending += len(again)
-            self.launch(running.driver, [task for _, task in again], None, join=False, entries=[e for e, _ in again])
+            self.launch(
+                running.driver,
+                [running.tasks[index] for index in again],
+                None,
+                join=False,
+                entries=[entries[index] for index in again],
+                keys=[keys[index] for index in again],
+            )
 
     def _settle_journal(
-        self, running: _Running, done: list[int], settled: list[tuple[int, Task, BaseException]]
-    ) -> list[tuple[int | None, Task]]:
-        """Remove finished entries; bury the poison; return the crashed tasks to run again."""
+        self, running: _Running, done: list[int], settled: list[tuple[int, int, BaseException]]
+    ) -> list[int]:
+        """Remove finished entries; bury the poison; return the indexes of crashed tasks to run again."""
         journal = self.journal
         if journal is None or not (done or settled):
             return []
-        again: list[tuple[int | None, Task]] = []
+        again: list[int] = []
         try:
             journal.done(done)
-            for entry, task, error in settled:
+            for index, entry, error in settled:
+                task = running.tasks[index]
                 if isinstance(error, TaskLoadFailed):
                     reason = f"it would not load in the worker (its function renamed or removed?): {error}"
                 else:
@@ -430,7 +509,7 @@ class DeferredWork:
                             journal.max_attempts,
                             extra=self._extra(task, running),
                         )
-                        again.append((entry, task))
+                        again.append(index)
                         continue
                     reason = (
                         f"started {journal.max_attempts} times without finishing (max_attempts), the last time it "
@@ -546,6 +625,7 @@ class DeferredWork:
         self.pending = self.launched = 0
         self._open.clear()
         self._running.clear()
+        self._keys.clear()
 
 
 class _StoredKey(str):

@@ -251,3 +251,49 @@ def test_the_cli_lists_retries_and_purges(tmp_path: Path) -> None:
     assert missing.returncode == 2
     assert "no journal at" in missing.stderr
     assert not (tmp_path / "nope.db").exists()
+
+
+@pytest.mark.anyio
+async def test_a_key_dedupes_while_its_task_is_pending(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    journal, out = tmp_path / "deferred.db", tmp_path / "out.txt"
+    other = Journal(journal)  # another live facade holds a pending "order-7"
+    payload = dumps_task(Task(0, functools.partial(journal_targets.record, str(out), "other", 7)))
+    entry = NewEntry("process", PayloadKind.PAYLOAD, payload, "task 0 (x)", "0", "x", 0, None, None, "order-7")
+    other.append([entry])
+    caplog.set_level(logging.INFO, "starlette_concurrency")
+    async with Concurrency(workers=2, journal=journal, env_file=None) as concurrency:
+        batch = concurrency.request_batch(method="POST", path="/orders")
+        token = batch.activate()
+        for number in (1, 2):  # the second is a no-op: the first is pending
+            concurrency.defer(functools.partial(journal_targets.record, str(out), "first", number), key="order-42")
+        concurrency.defer(functools.partial(journal_targets.record, str(out), "mine", 7), key="order-7")
+        batch.deactivate(token)
+        batch.finish(True)
+        await concurrency.wait_deferred(60)
+        # Settled: the key is free again.
+        concurrency.defer(functools.partial(journal_targets.record, str(out), "again", 3), key="order-42")
+        await concurrency.wait_deferred(60)
+        with pytest.raises(TypeError, match="key must be a str naming one callable"):
+            concurrency.defer([print, print], key="both")
+        with pytest.raises(TypeError, match="key must be a str"):
+            concurrency.defer(print, key=42)  # type: ignore[arg-type]
+        assert concurrency.stats().deferred_pending == 0
+    assert sorted((tag, number) for tag, number, _ in lines(out)) == [("again", 3), ("first", 1)]
+    assert "task of key 'order-7' is already pending in the journal" in caplog.text
+    assert [entry.user_key for entry, _, _ in Journal(journal).entries()] == ["order-7"]
+    other.close()
+
+
+@pytest.mark.anyio
+async def test_a_key_dedupes_without_a_journal_too() -> None:
+    ran: list[int] = []
+    async with Concurrency("sync", env_file=None) as concurrency:
+        batch = concurrency.request_batch()
+        token = batch.activate()
+        concurrency.defer(lambda: ran.append(1), key="k")
+        concurrency.defer(lambda: ran.append(2), key="k")
+        batch.deactivate(token)
+        batch.finish(False)  # a failed request: not run, and its key is free again
+        concurrency.defer(lambda: ran.append(3), key="k")
+        await concurrency.wait_deferred(60)
+    assert ran == [3]
