@@ -39,6 +39,9 @@ __all__ = ["Deferred", "DeferredWork", "DisconnectWatch", "HostStopping", "Reque
 
 logger = logging.getLogger("starlette_concurrency")
 
+# What the log line of a task that did not run adds when its journal entry stays for the next start.
+_KEPT = "; it stays in the journal and runs at the next start"
+
 # How often a drain or `wait_deferred()` looks at the count: batches settle from any thread, and no
 # anyio primitive may be shared across the loops that call these.
 _POLL = 0.01
@@ -148,6 +151,7 @@ class _Running:
     abandoned_because: str | None = None  # set by the drain when it stops the batch
     logged: set[int] = field(default_factory=set)  # tasks whose fate was logged already (timed out, could not run)
     entries: list[int | None] | None = None  # each task's journal entry (None: not journaled)
+    kept: set[int] = field(default_factory=set)  # tasks logged as not run whose entries stay in the journal
     keys: list[str | None] | None = None  # each task's `defer(key=...)`, held until it settles
 
 
@@ -287,11 +291,12 @@ class DeferredWork:
             await self.run_batch(driver, tasks, origin, entries, keys)
 
         def failed(exc: BaseException) -> None:
-            for task in tasks:
+            for index, task in enumerate(tasks):
                 logger.error(
-                    "deferred %s dropped (not run): it could not be started (%s)",
+                    "deferred %s dropped (not run): it could not be started (%s)%s",
                     task.label,
                     exc,
+                    _KEPT if entries is not None and entries[index] is not None else "",
                     extra=_extra(task, driver, origin),
                 )
             self._settle(len(tasks), launched=True)
@@ -417,10 +422,18 @@ class DeferredWork:
         except Exception as exc:  # the batch could not run at all: pickling, a pool that cannot start...
             for index, (task, outcome) in enumerate(zip(tasks, running.outcomes, strict=True)):
                 if outcome is None:
+                    kept = entries is not None and entries[index] is not None  # not the task's fault: keep it
                     logger.error(
-                        "deferred %s could not run: %s", task.label, exc, exc_info=exc, extra=self._extra(task, running)
+                        "deferred %s could not run: %s%s",
+                        task.label,
+                        exc,
+                        _KEPT if kept else "",
+                        exc_info=exc,
+                        extra=self._extra(task, running),
                     )
                     running.logged.add(index)
+                    if kept:
+                        running.kept.add(index)
         except BaseException:
             if running.abandoned_because is None:
                 running.abandoned_because = "its event loop ended (or the host was cancelled) before it finished"
@@ -445,7 +458,7 @@ class DeferredWork:
         for index, (task, outcome) in enumerate(zip(running.tasks, running.outcomes, strict=True)):
             entry = entries[index]
             if index in running.logged:
-                if entry is not None:
+                if entry is not None and index not in running.kept:
                     done.append(entry)
                 continue
             if outcome is None or outcome is NOT_STARTED:
@@ -456,7 +469,7 @@ class DeferredWork:
                     task.label,
                     "stopped unfinished (it may have done part of its work)" if began else "never started",
                     running.abandoned_because or "it was stopped",
-                    "; it stays in the journal and runs at the next start" if entry is not None else "",
+                    _KEPT if entry is not None else "",
                     extra={**self._extra(task, running), "under_way": began},
                 )
             elif entry is not None and isinstance(outcome.error, TaskLoadFailed | WorkerCrashed):
@@ -475,11 +488,11 @@ class DeferredWork:
         if again:
             with self._lock:
                 self.pending += len(again)
-            self.launch(
+            self.launch(  # accepted before any drain: it joins one
                 running.driver,
                 [running.tasks[index] for index in again],
                 None,
-                join=False,
+                join=True,
                 entries=[entries[index] for index in again],
                 keys=[keys[index] for index in again],
             )

@@ -170,6 +170,7 @@ class Journal:
         self.max_attempts = max_attempts
         self.lease = lease
         self.owner = new_owner()
+        _live_owners.add(self.owner)
         self.pending = 0  # entries in the file (all owners), as of the last count or change
         self.dead_count = 0
         self.holding = False  # whether this owner renews its lease (between `hold()` and `release()`)
@@ -228,6 +229,7 @@ class Journal:
         """Close the file (idempotent)."""
         with self._lock:
             self._db.close()
+        _live_owners.discard(self.owner)
 
     # Writing -------------------------------------------------------------------------------------
 
@@ -405,6 +407,7 @@ class Journal:
         """Take a new owner id (a forked child must not renew its parent's entries)."""
         self._lock = threading.Lock()
         self.owner = new_owner()
+        _live_owners.add(self.owner)
         self._db = self._open()
 
     # Operating (the CLI) ---------------------------------------------------------------------------
@@ -449,6 +452,10 @@ class Journal:
             return int(self._db.execute("DELETE FROM dead").rowcount)
 
 
+# The owners of the journals this process has open.
+_live_owners: set[str] = set()
+
+
 def _local_process_gone(owner: str, host: str) -> bool:
     """Whether `owner` was a process of this machine that no longer exists (a reused pid: not gone, wait)."""
     parts = owner.split(":")
@@ -459,7 +466,9 @@ def _local_process_gone(owner: str, host: str) -> bool:
         return False
     pid = int(pid_text)
     if pid == os.getpid():
-        return False  # another facade of this process: alive
+        # Another facade of this process (alive), or an earlier process of the same pid: a container's
+        # pid 1 restarted.
+        return owner not in _live_owners
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -849,7 +849,11 @@ class Runtime:
         self.work.forget()
         self._journal_scope = None
         if self.journal is not None:
-            self.journal.reown()  # the parent's lease is the parent's
+            try:
+                self.journal.reown()  # the parent's lease is the parent's
+            except Exception:  # the file went away since: deferred work of this child is not durable
+                logger.exception("the journal %r could not be reopened in a forked child", self.journal.path)
+                self.journal = self.work.journal = None
 
 
 def _kind_for_caller() -> HostKind:

@@ -297,3 +297,28 @@ async def test_a_key_dedupes_without_a_journal_too() -> None:
         concurrency.defer(lambda: ran.append(3), key="k")
         await concurrency.wait_deferred(60)
     assert ran == [3]
+
+
+@pytest.mark.anyio
+async def test_what_the_drain_stops_stays_for_the_next_start(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    journal, out = tmp_path / "deferred.db", tmp_path / "out.txt"
+    out.touch()
+    hold = Path(str(out) + ".hold")
+    hold.touch()
+    caplog.set_level(logging.INFO, "starlette_concurrency")
+    concurrency = Concurrency(workers=2, journal=journal, drain_timeout=0.5, env_file=None)
+    async with concurrency:
+        concurrency.defer(functools.partial(journal_targets.slow, str(out), 1))
+        with anyio.fail_after(60):
+            while "start 1" not in out.read_text():  # noqa: ASYNC110
+                await anyio.sleep(0.05)
+    assert "it stays in the journal and runs at the next start" in caplog.text
+    assert [entry.label for entry, _, _ in Journal(journal).entries()] == ["task 0 (partial(slow))"]
+    hold.unlink()
+    async with Concurrency(workers=2, journal=journal, env_file=None) as again:  # same process: released
+        with anyio.fail_after(60):
+            while "end 1" not in out.read_text():  # noqa: ASYNC110
+                await anyio.sleep(0.05)
+        await again.wait_deferred(60)
+        assert (again.stats().replayed, again.stats().journal_pending) == (1, 0)
+    assert "replaying 1 deferred task(s) left by a previous run" in caplog.text
