@@ -322,3 +322,60 @@ async def test_what_the_drain_stops_stays_for_the_next_start(tmp_path: Path, cap
         await again.wait_deferred(60)
         assert (again.stats().replayed, again.stats().journal_pending) == (1, 0)
     assert "replaying 1 deferred task(s) left by a previous run" in caplog.text
+
+
+def killed_uvicorn(env: dict[str, str], log: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """Start uvicorn on the journal's app (to be SIGKILLed, so not `asgi.uvicorn`, which stops it gracefully)."""
+    import socket
+
+    from .asgi import free_port
+
+    port = free_port()
+    with log.open("wb") as output:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "tests.journal_app:app", "--port", str(port), "--no-access-log"],
+            cwd=ROOT,
+            env={**os.environ, **env},
+            stdout=output,
+            stderr=subprocess.STDOUT,
+        )
+    for _ in range(600):  # a bound against hangs
+        assert process.poll() is None, log.read_text()
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return process, f"http://127.0.0.1:{port}"
+        except OSError:
+            subprocess.run(["sleep", "0.05"], check=True)
+    raise AssertionError(f"uvicorn never answered:\n{log.read_text()}")
+
+
+def test_under_uvicorn_every_accepted_task_runs_after_a_sigkill(tmp_path: Path) -> None:
+    import httpx
+
+    from .asgi import uvicorn
+
+    journal, out = tmp_path / "deferred.db", tmp_path / "out.txt"
+    out.touch()
+    hold = Path(str(out) + ".hold")
+    hold.touch()
+    env = {"JOURNAL_PATH": str(journal), "JOURNAL_OUT": str(out), "PYTHONPATH": str(ROOT)}
+    first, url = killed_uvicorn(env, tmp_path / "first.log")
+    try:
+        accepted = [n for n in range(20) if httpx.post(f"{url}/orders/{n}").status_code == 200]
+        assert httpx.get(f"{url}/status/500").status_code == 500
+    finally:
+        first.send_signal(signal.SIGKILL)  # mid-storm: tasks queued, one or two running (held)
+        first.wait(30)
+    assert accepted == list(range(20))
+    hold.unlink()
+    with uvicorn("tests.journal_app:app", tmp_path / "second.log", env) as second:
+        for _ in range(1200):  # a bound against hangs, not a speed expectation
+            ends = {number for tag, number, pid in lines(out) if tag == "end" and pid == second.process.pid}
+            if ends == set(accepted):
+                break
+            subprocess.run(["sleep", "0.1"], check=True)
+        assert ends == set(accepted)  # every accepted task ran after the restart
+        assert "replaying" in second.output()
+    assert {number for tag, number, _ in lines(out) if tag == "end"} == ends  # none ended in the killed server
+    assert all(tag != "failed" for tag, _, _ in lines(out))  # a failed request's deferral is never journaled
+    assert Journal(journal).pending == 0
