@@ -454,6 +454,7 @@ class DeferredWork:
         """Log what became of each task of a finished batch (once), and count the batch out."""
         entries = running.entries or [None] * len(running.tasks)
         done: list[int] = []
+        unstarted: list[int] = []  # entries that stay, and whose start did not happen after all
         settled: list[tuple[int, int, BaseException]] = []  # (task, entry) that crashed or would not load
         for index, (task, outcome) in enumerate(zip(running.tasks, running.outcomes, strict=True)):
             entry = entries[index]
@@ -463,6 +464,8 @@ class DeferredWork:
                 continue
             if outcome is None or outcome is NOT_STARTED:
                 began = under_way and outcome is None  # as far as anyone can tell: it may have
+                if entry is not None and not began:
+                    unstarted.append(entry)
                 logger.error(
                     "deferred %s abandoned, %s: %s; raise drain_timeout (and the server's graceful timeout "
                     "above it) or make the task shorter%s",
@@ -481,7 +484,7 @@ class DeferredWork:
                     )
                 if entry is not None:
                     done.append(entry)
-        again = self._settle_journal(running, done, settled)  # indexes of tasks to run again
+        again = self._settle_journal(running, done, settled, unstarted)  # indexes of tasks to run again
         keys = running.keys or [None] * len(running.tasks)
         self.release_keys([key for index, key in enumerate(keys) if index not in again])
         self._settle(len(running.tasks), launched=True)
@@ -498,15 +501,16 @@ class DeferredWork:
             )
 
     def _settle_journal(
-        self, running: _Running, done: list[int], settled: list[tuple[int, int, BaseException]]
+        self, running: _Running, done: list[int], settled: list[tuple[int, int, BaseException]], unstarted: list[int]
     ) -> list[int]:
         """Remove finished entries; bury the poison; return the indexes of crashed tasks to run again."""
         journal = self.journal
-        if journal is None or not (done or settled):
+        if journal is None or not (done or settled or unstarted):
             return []
         again: list[int] = []
         try:
             journal.done(done)
+            journal.unstarted(unstarted)
             for index, entry, error in settled:
                 task = running.tasks[index]
                 if isinstance(error, TaskLoadFailed):

@@ -317,6 +317,13 @@ class Journal:
             self.pending = max(0, self.pending - 1)
             self.dead_count += 1
 
+    def unstarted(self, ids: Iterable[int]) -> None:
+        """Take back the start counted for entries that provably never began (the drain stopped them first)."""
+        rows = [(entry_id,) for entry_id in ids]
+        if rows:
+            with self._lock:
+                self._db.executemany("UPDATE entries SET attempts = max(0, attempts - 1) WHERE id = ?", rows)
+
     def restart(self, entry_id: int) -> int | None:
         """Count one more start of an entry whose worker died under it, unless it had `max_attempts` already.
 
