@@ -27,6 +27,10 @@ else the loop of the first async caller on the main thread (adopted: no thread h
 ends with that loop); else a thread of the facade's own. A host nobody entered (adopted, own)
 stops after `IDLE_TIMEOUT` unused.
 
+With a journal (see `_journal`), a serving host renews the facade's lease on its entries and replays
+what gone owners left, in the background, until its drain begins; after the drain it releases what
+is left to the next start.
+
 Lock order: `Runtime._lock`, then `DeferredWork`'s lock, never the other way round. Neither is
 held across an ``await``, a wait for another thread or a call into a driver; nothing here ever
 blocks a caller's event loop (async callers poll, sync callers block only threads without a loop).
@@ -37,6 +41,7 @@ from __future__ import annotations
 import enum
 import importlib
 import logging
+import math
 import os
 import threading
 import time
@@ -494,15 +499,19 @@ class Runtime:
         journal, scope = self.journal, self._journal_scope
         assert journal is not None
         assert scope is not None
+        renewed = -math.inf
         with scope:
             while True:
+                more = False
                 try:
-                    await anyio.to_thread.run_sync(journal.renew)
-                    while self._replaying and await self._replay_some(journal):
-                        pass
+                    if time.monotonic() - renewed >= journal.lease / 3:  # also while a long replay goes on
+                        await anyio.to_thread.run_sync(journal.renew)
+                        renewed = time.monotonic()
+                    more = self._replaying and await self._replay_some(journal)
                 except Exception as exc:  # a locked or vanished file: try again at the next renewal
                     logger.error("the journal %r could not be renewed or read: %s", journal.path, exc)
-                await anyio.sleep(journal.lease / 3)
+                if not more:
+                    await anyio.sleep(journal.lease / 3)
 
     async def _replay_some(self, journal: Journal) -> bool:
         """Claim and launch one chunk of entries whose owner is gone; tell whether there may be more."""
@@ -512,6 +521,8 @@ class Runtime:
             await anyio.sleep(0.05)  # bounded by max_pending_deferred: wait until some work has finished
             return True
         claim = await anyio.to_thread.run_sync(journal.claim, room)
+        if not self._replaying:  # the drain began meanwhile: the release hands these to the next start
+            return False
         for entry, reason in claim.dead:
             logger.error(
                 "deferred %s moved to the journal's dead entries (entry %d): %s",
