@@ -20,7 +20,7 @@ from ._context import Carrier
 from ._deferred import Deferred, RequestBatch
 from ._disconnect import watched
 from ._drivers.base import Driver
-from ._exceptions import ConfigurationError, DriverError, TaskTimeout
+from ._exceptions import ConfigurationError, DeferralRejected, DriverError, TaskTimeout
 from ._host import refuse_in_event_loop
 from ._options import DeprecatedKeywords, DriverOptions, with_deprecated_keywords
 from ._runtime import DriverFactory, Runtime
@@ -537,7 +537,8 @@ class Concurrency:
                 not a string, or is given with more than one callable.
             SerializationError: a task cannot be pickled for this driver; nothing of this call was
                 accepted (the request's other deferrals are kept).
-            DeferralRejected: more than `max_pending_deferred` deferred tasks would be pending.
+            DeferralRejected: more than `max_pending_deferred` deferred tasks would be pending, or the
+                journal's last write failed (a full disk) and no write has succeeded since.
             ConcurrencyClosed: the facade was closed, or is shutting down.
         """
         batch = self._accept(tasks)
@@ -553,6 +554,13 @@ class Concurrency:
         driver = runtime.driver(self._name)
         if not batch.tasks:
             return
+        journal = runtime.journal
+        if journal is not None and journal.failure is not None:
+            raise DeferralRejected(
+                f"defer() of {len(batch.tasks)} task(s) refused: the journal {journal.path!r} could not be written "
+                f"({journal.failure}); free disk space or fix the file (it is tried again every second), and "
+                "answer 503 or run the work inline meanwhile"
+            )
         # Pickled (or checked) once, here: a closure that cannot travel fails where the handler can react,
         # not after the response (where it would be logged, and the client told all went well).
         prepared = driver.prepare(batch.tasks)

@@ -174,6 +174,7 @@ class Journal:
         self.pending = 0  # entries in the file (all owners), as of the last count or change
         self.dead_count = 0
         self.holding = False  # whether this owner renews its lease (between `hold()` and `release()`)
+        self.failure: str | None = None  # why the last write of a batch failed (a full disk), until one succeeds
         self._lock = threading.Lock()
         self._db = self._open()
 
@@ -272,11 +273,27 @@ class Journal:
                     )
                     ids.append(cursor.lastrowid if cursor.rowcount else None)
                 db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
+            except BaseException as exc:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                if isinstance(exc, sqlite3.Error):
+                    self.failure = str(exc)
                 raise
             self.pending += sum(1 for entry_id in ids if entry_id is not None)
+            self.failure = None
         return ids
+
+    def probe(self) -> None:
+        """After a failed write, try one (of a few KiB, committed, then deleted): clear `failure` if it works."""
+        with self._lock:
+            db = self._db
+            try:
+                db.execute("INSERT OR REPLACE INTO meta VALUES ('probe', hex(randomblob(4096)))")
+                db.execute("DELETE FROM meta WHERE name = 'probe'")
+            except sqlite3.Error as exc:
+                self.failure = str(exc)
+            else:
+                self.failure = None
 
     def done(self, ids: Iterable[int]) -> None:
         """Remove finished entries, in one transaction."""

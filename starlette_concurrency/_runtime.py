@@ -92,6 +92,9 @@ _POLL = 0.001
 # How many journal entries one claim takes at most (replay is bounded by `max_pending_deferred` too).
 REPLAY_CHUNK = 1000
 
+# How often a journal whose last write failed (a full disk) is tried again, in seconds.
+PROBE_INTERVAL = 1.0
+
 Failed = Callable[[BaseException], None]
 Submitted = Callable[[], Coroutine[Any, Any, None]]
 
@@ -500,18 +503,23 @@ class Runtime:
         assert journal is not None
         assert scope is not None
         renewed = -math.inf
+        more = False
         with scope:
             while True:
-                more = False
                 try:
-                    if time.monotonic() - renewed >= journal.lease / 3:  # also while a long replay goes on
+                    due = time.monotonic() - renewed >= journal.lease / 3
+                    if due:
                         await anyio.to_thread.run_sync(journal.renew)
                         renewed = time.monotonic()
-                    more = self._replaying and await self._replay_some(journal)
+                    if journal.failure is not None:  # defer() refuses work until a write succeeds again
+                        await anyio.to_thread.run_sync(journal.probe)
+                    # Look for what gone owners left at each renewal, and on while there is more.
+                    more = self._replaying and (due or more) and await self._replay_some(journal)
                 except Exception as exc:  # a locked or vanished file: try again at the next renewal
                     logger.error("the journal %r could not be renewed or read: %s", journal.path, exc)
+                    more = False
                 if not more:
-                    await anyio.sleep(journal.lease / 3)
+                    await anyio.sleep(PROBE_INTERVAL)
 
     async def _replay_some(self, journal: Journal) -> bool:
         """Claim and launch one chunk of entries whose owner is gone; tell whether there may be more."""

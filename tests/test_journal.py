@@ -385,3 +385,37 @@ def test_under_uvicorn_every_accepted_task_runs_after_a_sigkill(tmp_path: Path) 
     assert {number for tag, number, _ in lines(out) if tag == "end"} == ends  # none ended in the killed server
     assert all(tag != "failed" for tag, _, _ in lines(out))  # a failed request's deferral is never journaled
     assert Journal(journal).pending == 0
+
+
+@pytest.mark.anyio
+async def test_a_full_journal_refuses_defer_until_a_write_succeeds(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from starlette_concurrency import DeferralRejected
+
+    journal, out = tmp_path / "deferred.db", tmp_path / "out.txt"
+    caplog.set_level(logging.INFO, "starlette_concurrency")
+    async with Concurrency(workers=2, journal=journal, env_file=None) as concurrency:
+        store = concurrency._runtime.journal
+        assert store is not None
+        # A full disk, as SQLite sees it: no page may be added to the file.
+        pages = store._db.execute("PRAGMA page_count").fetchone()[0]
+        store._db.execute(f"PRAGMA max_page_count = {pages}")
+        batch = concurrency.request_batch(method="POST", path="/orders")
+        token = batch.activate()
+        ballast = b"x" * 100_000  # travels with the lambda: more than the pages the file has room for
+        concurrency.defer(lambda: journal_targets.record(str(out), "unjournaled", len(ballast) // 100_000))
+        batch.deactivate(token)
+        batch.finish(True)
+        await concurrency.wait_deferred(60)
+        assert "could not be written to the journal" in caplog.text
+        assert lines(out)[0][:2] == ("unjournaled", 1)  # accepted before the failure: it ran, not dropped
+        with pytest.raises(DeferralRejected, match=r"deferred\.db.*could not be written.*full"):
+            concurrency.defer(print)
+        store._db.execute("PRAGMA max_page_count = 1073741823")
+        with anyio.fail_after(60):
+            while store.failure is not None:  # noqa: ASYNC110
+                await anyio.sleep(0.05)
+        concurrency.defer(functools.partial(journal_targets.record, str(out), "journaled", 2))
+        await concurrency.wait_deferred(60)
+    assert [tag for tag, _, _ in lines(out)] == ["unjournaled", "journaled"]
