@@ -364,23 +364,13 @@ class Journal:
         `max_attempts` times are moved to the dead table instead.
         """
         now = time.time()
-        host = socket.gethostname()
         with self._lock:
             db = self._db
             db.execute("BEGIN IMMEDIATE")
             try:
-                owners = [
-                    row[0]
-                    for row in db.execute(
-                        "SELECT DISTINCT owner FROM entries WHERE lease_expires >= ? AND owner != ?", (now, self.owner)
-                    )
-                ]
-                gone = [owner for owner in owners if _local_process_gone(owner, host)]
-                marks = ",".join("?" * len(gone))
-                where = f"owner != ? AND (lease_expires < ?{f' OR owner IN ({marks})' if gone else ''})"
+                where, parameters = self._unowned(now)
                 rows = db.execute(
-                    f"SELECT {_COLUMNS} FROM entries WHERE {where} ORDER BY id LIMIT ?",
-                    (self.owner, now, *gone, limit),
+                    f"SELECT {_COLUMNS} FROM entries WHERE {where} ORDER BY id LIMIT ?", (*parameters, limit)
                 ).fetchall()
                 ids = [(row[0],) for row in rows]
                 db.executemany(
@@ -411,6 +401,25 @@ class Journal:
         """Begin renewing this owner's lease (the facade serves)."""
         with self._lock:
             self.holding = True
+
+    def claimable(self) -> int:
+        """Count the entries `claim()` could take now (for the log line of a replay)."""
+        with self._lock:
+            where, parameters = self._unowned(time.time())
+            return int(self._db.execute(f"SELECT count(*) FROM entries WHERE {where}", parameters).fetchone()[0])
+
+    def _unowned(self, now: float) -> tuple[str, tuple[object, ...]]:
+        """The condition of entries whose owner is gone (under the lock), and its parameters."""
+        host = socket.gethostname()
+        owners = [
+            row[0]
+            for row in self._db.execute(
+                "SELECT DISTINCT owner FROM entries WHERE lease_expires >= ? AND owner != ?", (now, self.owner)
+            )
+        ]
+        gone = [owner for owner in owners if _local_process_gone(owner, host)]
+        gone_clause = f" OR owner IN ({','.join('?' * len(gone))})" if gone else ""
+        return f"owner != ? AND (lease_expires < ?{gone_clause})", (self.owner, now, *gone)
 
     def renew(self) -> None:
         """Extend this owner's lease on its entries (unless released); recount the entries for `stats()`."""

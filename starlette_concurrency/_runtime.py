@@ -514,12 +514,23 @@ class Runtime:
                     if journal.failure is not None:  # defer() refuses work until a write succeeds again
                         await anyio.to_thread.run_sync(journal.probe)
                     # Look for what gone owners left at each renewal, and on while there is more.
+                    if self._replaying and due and not more:
+                        self._announce(await anyio.to_thread.run_sync(journal.claimable), journal)
                     more = self._replaying and (due or more) and await self._replay_some(journal)
                 except Exception as exc:  # a locked or vanished file: try again at the next renewal
                     logger.error("the journal %r could not be renewed or read: %s", journal.path, exc)
                     more = False
                 if not more:
                     await anyio.sleep(PROBE_INTERVAL)
+
+    def _announce(self, count: int, journal: Journal) -> None:
+        if count:
+            logger.warning(
+                "replaying %d deferred task(s) left by a previous run (journal %r)",
+                count,
+                journal.path,
+                extra={"replayed": count},
+            )
 
     async def _replay_some(self, journal: Journal) -> bool:
         """Claim and launch one chunk of entries whose owner is gone; tell whether there may be more."""
@@ -541,12 +552,6 @@ class Runtime:
             )
         if not claim.entries:
             return bool(claim.dead)
-        logger.warning(
-            "replaying %d deferred task(s) left by a previous run (journal %r)",
-            len(claim.entries),
-            journal.path,
-            extra={"replayed": len(claim.entries)},
-        )
         by_driver: dict[str, list[Any]] = {}
         for entry in claim.entries:
             by_driver.setdefault(entry.driver, []).append(entry)
