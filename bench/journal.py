@@ -6,7 +6,9 @@ Prints the median, over `--repeats` rounds, of the microseconds per deferred tas
 thread spends: `defer()` + `RequestBatch.finish()` of `--requests` requests each deferring 1 (then 10)
 `functools.partial` tasks, on the process driver, with and without a journal (side by side, the order
 rotated each round; the batches run on the pool meanwhile and are waited for between rounds), and
-the journal's own `append()` and `done()` calls alone. The journal is a file in a temporary
+the journal's own `append()` and `done()` calls alone. Then the replay of `--replay` entries
+(100,000) left by a gone process: how long the facade takes to start, the latency of `run()` calls
+while the replay goes on, and how long the replay takes. The journal is a file in a temporary
 directory on the disk that holds /tmp.
 """
 
@@ -24,11 +26,11 @@ import anyio
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench import _work  # noqa: E402
-from starlette_concurrency import Concurrency  # noqa: E402
-from starlette_concurrency._journal import Journal, NewEntry, PayloadKind  # noqa: E402
-from starlette_concurrency._pickling import dumps_task  # noqa: E402
-from starlette_concurrency._tasks import Task  # noqa: E402
+from bench import _work
+from starlette_concurrency import Concurrency
+from starlette_concurrency._journal import Journal, NewEntry, PayloadKind
+from starlette_concurrency._pickling import dumps_task
+from starlette_concurrency._tasks import Task
 
 
 def accept(concurrency: Concurrency, requests: int, per_request: int) -> float:
@@ -62,7 +64,40 @@ def store_alone(path: str, requests: int, per_request: int) -> tuple[float, floa
     return appended / (requests * per_request), done / (requests * per_request)
 
 
-async def main(requests: int, repeats: int) -> None:
+async def replay(directory: str, count: int) -> None:
+    """Start a facade on a journal holding `count` entries of a gone process; time what it does meanwhile."""
+    path = os.path.join(directory, "replay.db")
+    journal = Journal(path)
+    payload = dumps_task(Task(0, functools.partial(_work.add, 1, 2)))
+    entry = NewEntry(
+        "process", PayloadKind.PAYLOAD, payload, "task 0 (partial(add))", "0", "partial(add)", 0, None, None
+    )
+    for first in range(0, count, 1000):
+        journal.append([entry] * min(1000, count - first))
+    journal.release()
+    journal.close()
+    concurrency = Concurrency(workers=2, journal=path, env_file=None)
+    began = time.perf_counter()
+    async with concurrency:
+        started = time.perf_counter()
+        latencies = []
+        for _ in range(20):
+            before = time.perf_counter()
+            await concurrency.run(functools.partial(_work.add, 2, 3))
+            latencies.append(time.perf_counter() - before)
+            await anyio.sleep(0.05)
+        during = concurrency.stats().replayed
+        while concurrency.stats().journal_pending or concurrency.stats().deferred_pending:  # noqa: ASYNC110
+            await anyio.sleep(0.05)
+        finished = time.perf_counter()
+    print(
+        f"replay of {count} entries: start {started - began:.2f} s; run() meanwhile median "
+        f"{statistics.median(latencies) * 1e3:.1f} ms, max {max(latencies) * 1e3:.1f} ms ({during} replayed by "
+        f"then); all replayed {finished - started:.1f} s after the start"
+    )
+
+
+async def main(requests: int, repeats: int, replayed: int) -> None:
     directory = tempfile.mkdtemp(prefix="journal-bench-")
     plain = Concurrency(workers=2, env_file=None)
     durable = Concurrency(workers=2, journal=os.path.join(directory, "deferred.db"), env_file=None)
@@ -88,11 +123,14 @@ async def main(requests: int, repeats: int) -> None:
         print(
             f"{per_request:>2} task(s)/request: Journal.append {append:6.1f} µs/task, Journal.done {done:6.1f} µs/task"
         )
+    if replayed:
+        await replay(directory, replayed)
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--replay", type=int, default=100_000)
     options = parser.parse_args()
-    anyio.run(main, options.requests, options.repeats)
+    anyio.run(main, options.requests, options.repeats, options.replay)
