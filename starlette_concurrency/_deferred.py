@@ -509,7 +509,7 @@ class DeferredWork:
             return []
         again: list[int] = []
         try:
-            journal.done(done)
+            journal.done_later(done)  # removed by the facade's next flush, a tenth of a second later at most
             journal.unstarted(unstarted)
             for index, entry, error in settled:
                 task = running.tasks[index]

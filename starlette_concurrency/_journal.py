@@ -176,6 +176,8 @@ class Journal:
         self.holding = False  # whether this owner renews its lease (between `hold()` and `release()`)
         self.failure: str | None = None  # why the last write of a batch failed (a full disk), until one succeeds
         self._lock = threading.Lock()
+        self._finished: list[int] = []  # entries whose tasks finished, not yet removed (see `flush`)
+        self._finished_lock = threading.Lock()
         self._db = self._open()
 
     def _open(self) -> sqlite3.Connection:
@@ -237,6 +239,8 @@ class Journal:
     def append(self, entries: Sequence[NewEntry]) -> list[int | None]:
         """Write a batch in one transaction, owned by this facade, counted as started once.
 
+        The same transaction removes the entries noted finished since the last one (see `done_later`).
+
         Returns:
             Each entry's id, in order; ``None`` for an entry whose `user_key` is already pending
             (it is not written: the earlier one stands).
@@ -247,9 +251,12 @@ class Journal:
         expires = time.time() + self.lease
         ids: list[int | None] = []
         with self._lock:
+            with self._finished_lock:
+                finished, self._finished = self._finished, []
             db = self._db
             db.execute("BEGIN IMMEDIATE")
             try:
+                removed = db.executemany("DELETE FROM entries WHERE id = ?", [(done,) for done in finished]).rowcount
                 for entry in entries:
                     cursor = db.execute(
                         "INSERT OR IGNORE INTO entries (created, driver, kind, payload, label, task_key, function, "
@@ -276,10 +283,12 @@ class Journal:
             except BaseException as exc:
                 if db.in_transaction:
                     db.execute("ROLLBACK")
+                with self._finished_lock:
+                    self._finished[:0] = finished
                 if isinstance(exc, sqlite3.Error):
                     self.failure = str(exc)
                 raise
-            self.pending += sum(1 for entry_id in ids if entry_id is not None)
+            self.pending += sum(1 for entry_id in ids if entry_id is not None) - max(0, removed)
             self.failure = None
         return ids
 
@@ -294,6 +303,27 @@ class Journal:
                 self.failure = str(exc)
             else:
                 self.failure = None
+
+    def done_later(self, ids: Iterable[int]) -> None:
+        """Note finished entries, to be removed by the next `flush()` (group commit; never waits for the file)."""
+        with self._finished_lock:
+            self._finished.extend(ids)
+
+    @property
+    def unflushed(self) -> bool:
+        """Whether finished entries wait for `flush()`."""
+        return bool(self._finished)
+
+    def flush(self) -> None:
+        """Remove the entries noted finished since the last flush, in one transaction."""
+        with self._finished_lock:
+            ids, self._finished = self._finished, []
+        try:
+            self.done(ids)
+        except BaseException:
+            with self._finished_lock:
+                self._finished[:0] = ids  # the next flush tries again
+            raise
 
     def done(self, ids: Iterable[int]) -> None:
         """Remove finished entries, in one transaction."""
@@ -439,6 +469,8 @@ class Journal:
     def reown(self) -> None:
         """Take a new owner id (a forked child must not renew its parent's entries)."""
         self._lock = threading.Lock()
+        self._finished_lock = threading.Lock()
+        self._finished = []
         self.owner = new_owner()
         _live_owners.add(self.owner)
         self._db = self._open()

@@ -95,6 +95,9 @@ REPLAY_CHUNK = 1000
 # How often a journal whose last write failed (a full disk) is tried again, in seconds.
 PROBE_INTERVAL = 1.0
 
+# How often finished entries are removed from the journal, in one transaction (group commit), in seconds.
+FLUSH_INTERVAL = 0.1
+
 Failed = Callable[[BaseException], None]
 Submitted = Callable[[], Coroutine[Any, Any, None]]
 
@@ -502,16 +505,20 @@ class Runtime:
         journal, scope = self.journal, self._journal_scope
         assert journal is not None
         assert scope is not None
-        renewed = -math.inf
+        renewed = probed = -math.inf
         more = False
         with scope:
             while True:
                 try:
-                    due = time.monotonic() - renewed >= journal.lease / 3
+                    if journal.unflushed:  # what finished since the last tick
+                        await anyio.to_thread.run_sync(journal.flush)
+                    now = time.monotonic()
+                    due = now - renewed >= journal.lease / 3
                     if due:
                         await anyio.to_thread.run_sync(journal.renew)
-                        renewed = time.monotonic()
-                    if journal.failure is not None:  # defer() refuses work until a write succeeds again
+                        renewed = now
+                    if journal.failure is not None and now - probed >= PROBE_INTERVAL:
+                        probed = now  # defer() refuses work until a write succeeds again
                         await anyio.to_thread.run_sync(journal.probe)
                     # Look for what gone owners left at each renewal, and on while there is more.
                     if self._replaying and due and not more:
@@ -520,8 +527,9 @@ class Runtime:
                 except Exception as exc:  # a locked or vanished file: try again at the next renewal
                     logger.error("the journal %r could not be renewed or read: %s", journal.path, exc)
                     more = False
-                if not more:
                     await anyio.sleep(PROBE_INTERVAL)
+                if not more:
+                    await anyio.sleep(FLUSH_INTERVAL)
 
     def _announce(self, count: int, journal: Journal) -> None:
         if count:
@@ -632,6 +640,7 @@ class Runtime:
             scope.cancel()
         if self.journal is not None:
             try:
+                await anyio.to_thread.run_sync(self.journal.flush)
                 await anyio.to_thread.run_sync(self.journal.release)
             except Exception as exc:
                 logger.error("the journal %r could not be released: %s", self.journal.path, exc)
