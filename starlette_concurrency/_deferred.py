@@ -42,6 +42,9 @@ logger = logging.getLogger("starlette_concurrency")
 # What the log line of a task that did not run adds when its journal entry stays for the next start.
 _KEPT = "; it stays in the journal and runs at the next start"
 
+# How many batches the journal's writer thread writes in one transaction at most.
+_WRITE_GROUP = 256
+
 # How often a drain or `wait_deferred()` looks at the count: batches settle from any thread, and no
 # anyio primitive may be shared across the loops that call these.
 _POLL = 0.01
@@ -155,6 +158,20 @@ class _Running:
     keys: list[str | None] | None = None  # each task's `defer(key=...)`, held until it settles
 
 
+@dataclass(eq=False)
+class _Unwritten:
+    """A batch waiting for the journal's writer thread: written, then handed to the host."""
+
+    driver: str
+    tasks: list[Task]
+    origin: RequestBatch | None
+    join: bool
+    keys: list[str | None] | None
+
+
+# What the writer hands over of a batch: its tasks to run, their journal entries (None: unjournaled), their keys.
+_Written = tuple[list[Task], list[int | None] | None, list[str | None] | None]
+
 Submit = Callable[[Callable[[], Coroutine[Any, Any, None]], Callable[[BaseException], None], bool, int], None]
 
 
@@ -194,6 +211,9 @@ class DeferredWork:
         self._running: set[_Running] = set()
         self._stop_reason = ""  # why a batch that begins on a stopping host does not run (for its log line)
         self.journal: Journal | None = None  # set by the runtime when the facade has one
+        self._writes: list[_Unwritten] = []  # batches waiting for the journal's writer thread
+        self._writes_ready = threading.Condition()
+        self._writer: threading.Thread | None = None
         self.replayed = 0  # journal entries of earlier runs (or gone owners) handed to a host
 
     def opened(self, batch: RequestBatch) -> None:
@@ -275,18 +295,33 @@ class DeferredWork:
 
         `join`: a host that drains takes them into its drain (a request's batch, accepted before the
         drain); otherwise they wait for the next host. `entries`: the tasks' journal entries when they
-        are replayed; otherwise, with a journal, the tasks are written to it here, before they start.
-        `keys`: each task's `defer(key=...)`, released when it settles.
+        are replayed; otherwise, with a journal, the journal's writer thread writes them first (see
+        `_write_loop`) and hands them over then. `keys`: each task's `defer(key=...)`, released when it
+        settles.
         """
-        if entries is None and self.journal is not None:
-            written = self._write(driver, tasks, origin, keys)
-            if written is not None:
-                tasks, entries, keys = written
-                if not tasks:
-                    return
         with self._lock:
-            self.launched += len(tasks)
+            self.launched += len(tasks)  # now, written or not: a drain waits for them
+        if entries is None and self.journal is not None:
+            with self._writes_ready:
+                self._writes.append(_Unwritten(driver, tasks, origin, join, keys))
+                if self._writer is None:
+                    self._writer = threading.Thread(
+                        target=self._write_loop, name="starlette-concurrency-journal", daemon=True
+                    )
+                    self._writer.start()
+                self._writes_ready.notify()
+            return
+        self._hand_over(driver, tasks, origin, join, entries, keys)
 
+    def _hand_over(
+        self,
+        driver: str,
+        tasks: list[Task],
+        origin: RequestBatch | None,
+        join: bool,
+        entries: list[int | None] | None,
+        keys: list[str | None] | None,
+    ) -> None:
         async def run() -> None:
             await self.run_batch(driver, tasks, origin, entries, keys)
 
@@ -305,78 +340,118 @@ class DeferredWork:
 
         self._submit(run, failed, join, len(tasks))
 
-    def _write(
-        self, driver: str, tasks: list[Task], origin: RequestBatch | None, keys: list[str | None] | None
-    ) -> tuple[list[Task], list[int | None], list[str | None] | None] | None:
-        """Write a batch to the journal in one transaction; on failure log it and run the batch unjournaled.
+    def _write_loop(self) -> None:
+        """The journal's writer thread: write what waits in one transaction (group commit), then hand it over.
+
+        Off the event loops: a request's batch costs its loop an append to a list; a transaction costs
+        what a few of them do, whatever the number of requests it writes.
+        """
+        while True:
+            with self._writes_ready:
+                while not self._writes:
+                    self._writes_ready.wait()
+                group, self._writes = self._writes[:_WRITE_GROUP], self._writes[_WRITE_GROUP:]
+            try:
+                written = self._write(group)
+            except Exception:  # never lose the batches: run them unjournaled, and say so
+                logger.exception("the journal's writer failed; %d batch(es) run unjournaled", len(group))
+                written = [(batch.tasks, None, batch.keys) for batch in group]
+            for batch, (tasks, entries, keys) in zip(group, written, strict=True):
+                if tasks:
+                    self._hand_over(batch.driver, tasks, batch.origin, batch.join, entries, keys)
+
+    def _write(self, group: list[_Unwritten]) -> list[_Written]:
+        """Write batches to the journal in one transaction; on failure log it and run them unjournaled.
 
         Returns:
-            The tasks to run, their entries and keys: without those whose key is already pending in the
-            journal (another process's, or left by an earlier run); ``None`` when nothing was written.
+            Per batch, the tasks to run, their entries and keys: without those whose key is already
+            pending in the journal (another process's, or left by an earlier run).
         """
         journal = self.journal
         assert journal is not None
-        method, path = (origin.method, origin.path) if origin is not None else (None, None)
         new: list[NewEntry] = []
-        positions: list[int] = []
-        for index, task in enumerate(tasks):
-            prepared = task.prepared
-            if isinstance(prepared, Payload) and not prepared.skeletons:
-                kind, data = PayloadKind.PAYLOAD, prepared.data
-            elif isinstance(prepared, bytes):
-                kind, data = PayloadKind.BYTES, prepared
-            else:  # a driver that keeps no pickled form: nothing to replay from
-                continue
-            user_key = keys[index] if keys is not None else None
-            new.append(
-                NewEntry(
-                    driver,
-                    kind,
-                    data,
-                    task.label,
-                    _entry_key(task.key),
-                    function_name(task.fn),
-                    task.call,
-                    method,
-                    path,
-                    user_key,
+        positions: list[tuple[int, int]] = []  # (batch, task) of each new entry
+        for number, batch in enumerate(group):
+            origin = batch.origin
+            method, path = (origin.method, origin.path) if origin is not None else (None, None)
+            for index, task in enumerate(batch.tasks):
+                prepared = task.prepared
+                if isinstance(prepared, Payload) and not prepared.skeletons:
+                    kind, data = PayloadKind.PAYLOAD, prepared.data
+                elif isinstance(prepared, bytes):
+                    kind, data = PayloadKind.BYTES, prepared
+                else:  # a driver that keeps no pickled form: nothing to replay from
+                    continue
+                user_key = batch.keys[index] if batch.keys is not None else None
+                new.append(
+                    NewEntry(
+                        batch.driver,
+                        kind,
+                        data,
+                        task.label,
+                        _entry_key(task.key),
+                        function_name(task.fn),
+                        task.call,
+                        method,
+                        path,
+                        user_key,
+                    )
                 )
-            )
-            positions.append(index)
+                positions.append((number, index))
+        unwritten: list[_Written] = [(batch.tasks, None, batch.keys) for batch in group]
         if not new:
-            return None
+            return unwritten
         try:
             ids = journal.append(new)
         except sqlite3.Error as exc:  # a full disk, a file removed under us: run the work anyway, and say so
-            logger.error(
-                "deferred batch of %d task(s) could not be written to the journal %r (%s): it runs, but a crash "
-                "before it finishes loses it; free disk space or fix the file",
-                len(tasks),
-                journal.path,
-                exc,
-                extra={"driver": driver, "method": method, "path": path},
+            for batch in group:
+                origin = batch.origin
+                logger.error(
+                    "deferred batch of %d task(s) could not be written to the journal %r (%s): it runs, but a "
+                    "crash before it finishes loses it; free disk space or fix the file",
+                    len(batch.tasks),
+                    journal.path,
+                    exc,
+                    extra={
+                        "driver": batch.driver,
+                        "method": origin.method if origin is not None else None,
+                        "path": origin.path if origin is not None else None,
+                    },
+                )
+            return unwritten
+        entries: list[list[int | None]] = [[None] * len(batch.tasks) for batch in group]
+        for (number, index), entry_id in zip(positions, ids, strict=True):
+            entries[number][index] = entry_id
+        written: list[_Written] = []
+        for number, batch in enumerate(group):
+            keys = batch.keys
+            duplicates = [
+                index
+                for index in range(len(batch.tasks))
+                if keys is not None and keys[index] is not None and entries[number][index] is None
+            ]
+            if not duplicates:
+                written.append((batch.tasks, entries[number], keys))
+                continue
+            assert keys is not None  # only a key makes an entry a duplicate
+            for index in duplicates:
+                logger.info(
+                    "deferred %s not run: a task of key %r is already pending in the journal",
+                    batch.tasks[index].label,
+                    keys[index],
+                    extra=_extra(batch.tasks[index], batch.driver, batch.origin),
+                )
+            self._settle(len(duplicates), launched=True)
+            self.release_keys([keys[index] for index in duplicates])
+            kept = [index for index in range(len(batch.tasks)) if index not in duplicates]
+            written.append(
+                (
+                    [batch.tasks[index] for index in kept],
+                    [entries[number][index] for index in kept],
+                    [keys[index] for index in kept],
+                )
             )
-            return None
-        entries: list[int | None] = [None] * len(tasks)
-        duplicates: set[int] = set()
-        for index, entry_id in zip(positions, ids, strict=True):
-            entries[index] = entry_id
-            if entry_id is None:
-                duplicates.add(index)
-        if not duplicates:
-            return tasks, entries, keys
-        assert keys is not None  # only a key makes an entry a duplicate
-        for index in sorted(duplicates):
-            logger.info(
-                "deferred %s not run: a task of key %r is already pending in the journal",
-                tasks[index].label,
-                keys[index],
-                extra=_extra(tasks[index], driver, origin),
-            )
-        self._settle(len(duplicates), launched=False)
-        self.release_keys([keys[index] for index in duplicates])
-        kept = [index for index in range(len(tasks)) if index not in duplicates]
-        return [tasks[index] for index in kept], [entries[index] for index in kept], [keys[index] for index in kept]
+        return written
 
     def replay(self, driver: str, entries: list[Entry]) -> None:
         """Run journal entries left by an earlier run (or a gone owner) as deferred work, outside any request."""
@@ -643,6 +718,9 @@ class DeferredWork:
         self._open.clear()
         self._running.clear()
         self._keys.clear()
+        self._writes = []
+        self._writes_ready = threading.Condition()
+        self._writer = None  # threads do not survive a fork
 
 
 class _StoredKey(str):
