@@ -22,7 +22,7 @@ from ._context import Carrier
 from ._deferred import Deferred, RequestBatch
 from ._disconnect import watched
 from ._drivers.base import Driver
-from ._exceptions import ConfigurationError, DriverError, TaskTimeout
+from ._exceptions import ConfigurationError, DeferralRejected, DriverError, TaskTimeout
 from ._host import refuse_in_event_loop
 from ._options import DeprecatedKeywords, DriverOptions, with_deprecated_keywords
 from ._runtime import DriverFactory, Runtime
@@ -54,6 +54,10 @@ class Concurrency:
             ``CONCURRENCY_DRAIN_TIMEOUT``, else the default of `Settings.drain_timeout`.
         max_pending_deferred: how many deferred tasks may be pending at once; past it `defer()`
             raises `DeferralRejected`. Default: no bound.
+        journal: an SQLite file to make deferred work durable: each batch is written there before it
+            starts and removed as it finishes, and what a crash left is replayed (at least once) when a
+            facade next starts on the file. Needs a driver that pickles tasks (``process``, ``dask``).
+            Default: ``CONCURRENCY_JOURNAL``, else none (a crash loses deferred work not yet run).
         options: a driver's options object, or a list of them (one per driver): `ProcessOptions`
             (worker recycling, idle timeout, memory ceiling, initializer, preload), `DaskOptions` (the
             scheduler address and TLS), or a custom driver's `DriverOptions`. Each is checked when it
@@ -69,7 +73,8 @@ class Concurrency:
             be a global of an importable module (workers import it to find it) and its value must pickle.
 
     Raises:
-        ConfigurationError: an unknown driver, an invalid option or ``CONCURRENCY_*`` variable.
+        ConfigurationError: an unknown driver, an invalid option or ``CONCURRENCY_*`` variable, or a
+            journal that cannot be used (the message names the file and the remedy).
         TypeError: an entry of `context` is not a `ContextVar`.
 
     Use it as an async context manager (or ``with`` from sync code), or register
@@ -92,6 +97,7 @@ class Concurrency:
         timeout: float | None = None,
         drain_timeout: float | None = None,
         max_pending_deferred: int | None = None,
+        journal: str | os.PathLike[str] | None = None,
         options: DriverOptions | Iterable[DriverOptions] | None = None,
         env_file: str | os.PathLike[str] | None = ".env",
         context: Iterable[ContextVar[Any]] = (),
@@ -107,6 +113,7 @@ class Concurrency:
             timeout=timeout,
             drain_timeout=drain_timeout,
             max_pending_deferred=max_pending_deferred,
+            journal=journal,
         )
         self._runtime = Runtime(settings, driver if isinstance(driver, Driver) else settings.driver)
         self._runtime.context = Carrier(context)
@@ -521,7 +528,7 @@ class Concurrency:
         batch = self._accept(tasks)
         return AsCompleted(self._runtime, self._name, batch, self._timeout(timeout), return_exceptions)
 
-    def defer(self, tasks: Tasks, *, always: bool = False) -> None:
+    def defer(self, tasks: Tasks, *, always: bool = False, key: str | None = None) -> None:
         """Run the tasks after the response has been sent; return at once. Callable from any thread.
 
         Inside a request handled by `ConcurrencyMiddleware` or `ConcurrencyWSGIMiddleware` the tasks
@@ -529,14 +536,24 @@ class Concurrency:
         has been sent, and only if the status is below 400 unless `always` is true. Outside a
         request the tasks start right away in the background. Failures are logged on the
         ``starlette_concurrency`` logger with the task's key and traceback; they never reach the
-        client, and one failing task does not stop the others. Deferred work is not durable: it is
-        lost if the server crashes. At shutdown it is drained (see `drain_timeout`).
+        client, and one failing task does not stop the others. Deferred work is durable only with a
+        journal (``Concurrency(journal=...)``): otherwise it is lost if the server crashes. At shutdown
+        it is drained (see `drain_timeout`).
+
+        Args:
+            tasks: a zero-argument callable, a sequence of them or a mapping of key → callable.
+            always: run them even if the request fails (status 400 or above, or an exception).
+            key: names the work of a single callable (``key=f"order-{order.id}"``): while a task of that
+                key is pending (accepted and not finished, in this process, or in the journal of any
+                process sharing it), `defer()` with the same key is a no-op. The journal shows it.
 
         Raises:
-            TypeError: `tasks` is not a callable, a sequence or a mapping of callables.
+            TypeError: `tasks` is not a callable, a sequence or a mapping of callables; or `key` is
+                not a string, or is given with more than one callable.
             SerializationError: a task cannot be pickled for this driver; nothing of this call was
                 accepted (the request's other deferrals are kept).
-            DeferralRejected: more than `max_pending_deferred` deferred tasks would be pending.
+            DeferralRejected: more than `max_pending_deferred` deferred tasks would be pending, or the
+                journal's last write failed (a full disk) and no write has succeeded since.
             ConcurrencyClosed: the facade was closed, or is shutting down.
         """
         batch = self._accept(tasks, "defer")
@@ -544,26 +561,47 @@ class Concurrency:
         request = runtime.work.current.get()
         if request is None and not runtime.warned_unwrapped:
             self._warn_if_serving_a_request()
+        unfinished = "refused"  # what the tasks' spans say if they end here
         try:
+            if key is not None and (not isinstance(key, str) or batch.shape is not object):
+                raise TypeError(
+                    f"key must be a str naming one callable's work, got {type(key).__name__} with "
+                    f"{len(batch.tasks)} task(s); defer each keyed task on its own"
+                )
             with runtime.lock():
                 runtime.accepting("defer()", in_request=request is not None)
             driver = runtime.driver(self._name)
             if not batch.tasks:
                 return
+            journal = runtime.journal
+            if journal is not None and journal.failure is not None:
+                raise DeferralRejected(
+                    f"defer() of {len(batch.tasks)} task(s) refused: the journal {journal.path!r} could not be "
+                    f"written ({journal.failure}); free disk space or fix the file (it is tried again every "
+                    "second), and answer 503 or run the work inline meanwhile"
+                )
             # Pickled (or checked) once, here: a closure that cannot travel fails where the handler can
             # react, not after the response (where it would be logged, and the client told all went well).
             prepared = driver.prepare(batch.tasks)
             # Checked and counted in one step with the state: a drain that has stopped accepting is not fed.
             with runtime.lock():
                 runtime.accepting("defer()", in_request=request is not None)
-                runtime.work.reserve(len(prepared))
-                if request is None:
-                    runtime.work.launch(self._name, prepared, None, join=False)  # never waits: hands over, or logs
+                if key is not None and not runtime.work.hold_key(key):
+                    unfinished = f"not run: a task of key {key!r} is pending"
+                    tracing.end(batch.tasks, [None] * len(batch.tasks), unfinished)
+                    return  # a task of this key is pending: this one would do the same work
+                try:
+                    runtime.work.reserve(len(prepared))
+                except BaseException:
+                    runtime.work.release_keys([key])
+                    raise
+                if request is None:  # never waits: hands over, or logs
+                    runtime.work.launch(self._name, prepared, None, join=False, keys=None if key is None else [key])
         except BaseException:
-            tracing.end(batch.tasks, [None] * len(batch.tasks), "refused")
+            tracing.end(batch.tasks, [None] * len(batch.tasks), unfinished)
             raise
         if request is not None:
-            request.add(Deferred(self._name, prepared, always))
+            request.add(Deferred(self._name, prepared, always, key))
 
     def _warn_if_serving_a_request(self) -> None:
         """Warn once if `defer()` was called while an app serves a request without the middleware."""
@@ -614,7 +652,16 @@ class Concurrency:
         """
         driver = self._runtime.drivers.get(self._name)
         stats = driver.stats() if driver is not None else Stats(driver=self._name)
-        return dataclasses.replace(stats, deferred_pending=self._runtime.work.pending)
+        work, journal = self._runtime.work, self._runtime.journal
+        if journal is None:
+            return dataclasses.replace(stats, deferred_pending=work.pending)
+        return dataclasses.replace(
+            stats,
+            deferred_pending=work.pending,
+            journal_pending=journal.pending,
+            journal_dead=journal.dead_count,
+            replayed=work.replayed,
+        )
 
     # Lifecycle: each method says what it means; `Runtime` does it. ----------------------------------
 

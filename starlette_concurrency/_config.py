@@ -22,6 +22,7 @@ from ._options import DaskOptions, DriverOptions
 __all__ = [
     "KNOWN_VARIABLES",
     "Settings",
+    "check_journal",
     "check_workers",
     "default_workers",
     "options_list",
@@ -38,6 +39,7 @@ KNOWN_VARIABLES = {
     "CONCURRENCY_TIMEOUT",
     "CONCURRENCY_DRAIN_TIMEOUT",
     "CONCURRENCY_DASK_ADDRESS",
+    "CONCURRENCY_JOURNAL",
     # Read by the dask driver (`_drivers/_dask_security.py`) for a TLS-secured external cluster.
     "CONCURRENCY_DASK_TLS_CA_FILE",
     "CONCURRENCY_DASK_TLS_CERT",
@@ -153,6 +155,8 @@ class Settings:
         timeout: the default timeout of a `run()` call and of a deferred batch, in seconds.
         drain_timeout: how long shutdown waits for deferred work before abandoning it, in seconds.
         max_pending_deferred: how many deferred tasks may be pending at once (``None``: no bound).
+        journal: the SQLite file deferred work is written to before it starts, and replayed from at
+            the next start (``None``: deferred work is not durable).
         options: the drivers' options objects, one per type; read them with `options_for()`.
         variables: every ``CONCURRENCY_*`` variable set, from the environment or else the `.env` file,
             for drivers that read variables of their own (the dask driver's ``CONCURRENCY_DASK_TLS_*``).
@@ -163,6 +167,7 @@ class Settings:
     timeout: float | None = None
     drain_timeout: float = 20.0
     max_pending_deferred: int | None = None
+    journal: str | None = None
     options: tuple[DriverOptions, ...] = ()
     variables: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
@@ -222,6 +227,8 @@ class Settings:
             timeout=positive("timeout", pick("timeout", "CONCURRENCY_TIMEOUT", _parse(float)), float),
             drain_timeout=20.0 if drain_timeout is None else positive("drain_timeout", drain_timeout, float),
             max_pending_deferred=positive("max_pending_deferred", arguments.get("max_pending_deferred"), int),
+            journal=check_journal("journal", arguments.get("journal"))
+            or pick("journal", "CONCURRENCY_JOURNAL", _journal_path),
             options=_with_environment(_distinct(options_list(options)), config),
             variables={
                 name: value
@@ -322,6 +329,28 @@ def _warn_about_unknown_variables(names: Iterable[str], env_file: str | os.PathL
         hint = f"did you mean CONCURRENCY_{close[0]}?" if close else f"known: {', '.join(sorted(KNOWN_VARIABLES))}"
         where = "the environment" if name in os.environ or env_file is None else repr(os.fspath(env_file))
         warnings.warn(f"unknown setting {name} in {where} is ignored; {hint}", stacklevel=4)
+
+
+def check_journal(name: str, value: object) -> str | None:
+    """Check a journal path: ``None``, or a non-empty `str` or `os.PathLike`; return it as a `str`.
+
+    Raises:
+        ConfigurationError: naming `name` and what was given.
+    """
+    if value is None:
+        return None
+    if not isinstance(value, str | os.PathLike):
+        raise ConfigurationError(f"{name} must be a file path (str or os.PathLike), not {type(value).__name__}")
+    path = os.fspath(value)
+    if not isinstance(path, str) or not path.strip():
+        raise ConfigurationError(f"{name} must be a file path such as 'deferred.db', got {quote(path)}")
+    if path.strip() == ":memory:":
+        raise ConfigurationError(f"{name} must be a file: an in-memory journal would not survive a crash")
+    return path
+
+
+def _journal_path(variable: str, raw: str) -> str | None:
+    return check_journal(variable, raw.strip())
 
 
 def _parse(kind: type[T]) -> Callable[[str, str], T]:

@@ -8,13 +8,17 @@ whole interface between a middleware and the facade.
 
 `DeferredWork` keeps count of what was accepted and not yet finished, runs each batch (the one
 place deferred tasks reach a driver), logs failures and drops by name with structured fields, and
-drains at shutdown.
+drains at shutdown. With a journal (see `_journal`) it writes each batch there before it starts, and
+settles each entry once the batch has finished: done (it ran, or raised), dead (it would not load
+in the worker, or crashed its worker `max_attempts` times), or left pending for the next start (the
+drain stopped it, or the process is exiting).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import sqlite3
 import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
@@ -25,13 +29,22 @@ from typing import Any, Protocol
 import anyio
 
 from . import _tracing as tracing
+from ._closures import Payload
 from ._drivers.base import Driver
-from ._exceptions import ConcurrencyClosed, DeferralRejected
-from ._tasks import NOT_STARTED, Outcome, Task
+from ._exceptions import ConcurrencyClosed, DeferralRejected, WorkerCrashed
+from ._journal import Entry, Journal, NewEntry, PayloadKind
+from ._pickling import TaskLoadFailed
+from ._tasks import NOT_STARTED, Outcome, Task, function_name
 
 __all__ = ["Deferred", "DeferredWork", "DisconnectWatch", "HostStopping", "RequestBatch"]
 
 logger = logging.getLogger("starlette_concurrency")
+
+# What the log line of a task that did not run adds when its journal entry stays for the next start.
+_KEPT = "; it stays in the journal and runs at the next start"
+
+# How many batches the journal's writer thread writes in one transaction at most.
+_WRITE_GROUP = 256
 
 # How often a drain or `wait_deferred()` looks at the count: batches settle from any thread, and no
 # anyio primitive may be shared across the loops that call these.
@@ -44,11 +57,12 @@ class HostStopping(ConcurrencyClosed):
 
 @dataclass(frozen=True, slots=True)
 class Deferred:
-    """One `defer()` call: its tasks, the driver to run them on, and whether errors also run them."""
+    """One `defer()` call: its tasks, the driver to run them on, whether errors also run them, its key."""
 
     driver: str
     tasks: list[Task]
     always: bool
+    key: str | None = None  # `defer(fn, key=...)`: no other task of that key runs while this one is pending
 
 
 class DisconnectWatch(Protocol):
@@ -94,7 +108,7 @@ class RequestBatch:
         with self._lock:
             self._calls += 1
             if self._calls > 1:  # its keys repeat the first call's: its labels say which call
-                entry = Deferred(entry.driver, [replace(task, call=self._calls) for task in entry.tasks], entry.always)
+                entry = replace(entry, tasks=[replace(task, call=self._calls) for task in entry.tasks])
             outcome = self._outcome
             if outcome is None:
                 self._entries.append(entry)
@@ -124,6 +138,7 @@ class RequestBatch:
         tasks = [task for entry in entries for task in entry.tasks]
         if tasks:
             self._work.settle_skipped(len(tasks))
+        self._work.release_keys([entry.key for entry in entries])
         return tasks
 
 
@@ -139,7 +154,24 @@ class _Running:
     scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
     abandoned_because: str | None = None  # set by the drain when it stops the batch
     logged: set[int] = field(default_factory=set)  # tasks whose fate was logged already (timed out, could not run)
+    entries: list[int | None] | None = None  # each task's journal entry (None: not journaled)
+    kept: set[int] = field(default_factory=set)  # tasks logged as not run whose entries stay in the journal
+    keys: list[str | None] | None = None  # each task's `defer(key=...)`, held until it settles
 
+
+@dataclass(eq=False)
+class _Unwritten:
+    """A batch waiting for the journal's writer thread: written, then handed to the host."""
+
+    driver: str
+    tasks: list[Task]
+    origin: RequestBatch | None
+    join: bool
+    keys: list[str | None] | None
+
+
+# What the writer hands over of a batch: its tasks to run, their journal entries (None: unjournaled), their keys.
+_Written = tuple[list[Task], list[int | None] | None, list[str | None] | None]
 
 Submit = Callable[[Callable[[], Coroutine[Any, Any, None]], Callable[[BaseException], None], bool, int], None]
 
@@ -176,8 +208,14 @@ class DeferredWork:
         self._submit = submit
         self._lock = threading.Lock()  # defer() is called from any thread
         self._open: set[RequestBatch] = set()
+        self._keys: set[str] = set()  # keys of `defer(key=...)` tasks accepted and not settled
         self._running: set[_Running] = set()
         self._stop_reason = ""  # why a batch that begins on a stopping host does not run (for its log line)
+        self.journal: Journal | None = None  # set by the runtime when the facade has one
+        self._writes: list[_Unwritten] = []  # batches waiting for the journal's writer thread
+        self._writes_ready = threading.Condition()
+        self._writer: threading.Thread | None = None
+        self.replayed = 0  # journal entries of earlier runs (or gone owners) handed to a host
 
     def opened(self, batch: RequestBatch) -> None:
         with self._lock:
@@ -202,6 +240,19 @@ class DeferredWork:
                 )
             self.pending += count
 
+    def hold_key(self, key: str) -> bool:
+        """Take a `defer(key=...)` key for a task about to be accepted; False if a task of that key is pending."""
+        with self._lock:
+            if key in self._keys:
+                return False
+            self._keys.add(key)
+            return True
+
+    def release_keys(self, keys: Sequence[str | None]) -> None:
+        """Let tasks of these keys be deferred again (theirs have settled)."""
+        with self._lock:
+            self._keys.difference_update(key for key in keys if key is not None)
+
     def settle_skipped(self, count: int) -> None:
         """Count out tasks that will not be launched (their request's batch was abandoned)."""
         self._settle(count, launched=False)
@@ -216,51 +267,217 @@ class DeferredWork:
 
     def start(self, entries: list[Deferred], succeeded: bool, origin: RequestBatch | None) -> None:
         """Launch what a finished request deferred (everything, or only ``always`` entries)."""
-        chosen: dict[str, list[Task]] = {}
-        skipped = 0
+        chosen: dict[str, tuple[list[Task], list[str | None]]] = {}
+        skipped: list[Deferred] = []
         for entry in entries:
             if succeeded or entry.always:
-                chosen.setdefault(entry.driver, []).extend(entry.tasks)
+                tasks, keys = chosen.setdefault(entry.driver, ([], []))
+                tasks.extend(entry.tasks)
+                keys.extend([entry.key] * len(entry.tasks))
             else:
-                skipped += len(entry.tasks)
+                skipped.append(entry)
         if skipped:
             tracing.end(
-                [task for entry in entries if not entry.always for task in entry.tasks],
-                [None] * skipped,
+                [task for entry in skipped for task in entry.tasks],
+                [None] * sum(len(entry.tasks) for entry in skipped),
                 "not run: its request failed",
             )
-            self._settle(skipped, launched=False)
-        for driver, tasks in chosen.items():
-            self.launch(driver, tasks, origin)
+            self._settle(sum(len(entry.tasks) for entry in skipped), launched=False)
+            self.release_keys([entry.key for entry in skipped])
+        for driver, (tasks, keys) in chosen.items():
+            self.launch(driver, tasks, origin, keys=keys if any(keys) else None)
 
-    def launch(self, driver: str, tasks: list[Task], origin: RequestBatch | None, *, join: bool = True) -> None:
+    def launch(
+        self,
+        driver: str,
+        tasks: list[Task],
+        origin: RequestBatch | None,
+        *,
+        join: bool = True,
+        entries: list[int | None] | None = None,
+        keys: list[str | None] | None = None,
+    ) -> None:
         """Hand accepted tasks to the host loop without waiting; if that is impossible, log each by name.
 
         `join`: a host that drains takes them into its drain (a request's batch, accepted before the
-        drain); otherwise they wait for the next host.
+        drain); otherwise they wait for the next host. `entries`: the tasks' journal entries when they
+        are replayed; otherwise, with a journal, the journal's writer thread writes them first (see
+        `_write_loop`) and hands them over then. `keys`: each task's `defer(key=...)`, released when it
+        settles.
         """
         with self._lock:
-            self.launched += len(tasks)
+            self.launched += len(tasks)  # now, written or not: a drain waits for them
+        if entries is None and self.journal is not None:
+            with self._writes_ready:
+                self._writes.append(_Unwritten(driver, tasks, origin, join, keys))
+                if self._writer is None:
+                    self._writer = threading.Thread(
+                        target=self._write_loop, name="starlette-concurrency-journal", daemon=True
+                    )
+                    self._writer.start()
+                self._writes_ready.notify()
+            return
+        self._hand_over(driver, tasks, origin, join, entries, keys)
 
+    def _hand_over(
+        self,
+        driver: str,
+        tasks: list[Task],
+        origin: RequestBatch | None,
+        join: bool,
+        entries: list[int | None] | None,
+        keys: list[str | None] | None,
+    ) -> None:
         async def run() -> None:
-            await self.run_batch(driver, tasks, origin)
+            await self.run_batch(driver, tasks, origin, entries, keys)
 
         def failed(exc: BaseException) -> None:
             tracing.end(tasks, [None] * len(tasks), "could not be started")
-            for task in tasks:
+            for index, task in enumerate(tasks):
                 logger.error(
-                    "deferred %s dropped (not run): it could not be started (%s)",
+                    "deferred %s dropped (not run): it could not be started (%s)%s",
                     task.label,
                     exc,
+                    _KEPT if entries is not None and entries[index] is not None else "",
                     extra=_extra(task, driver, origin),
                 )
             self._settle(len(tasks), launched=True)
+            if keys is not None:
+                self.release_keys(keys)
 
         self._submit(run, failed, join, len(tasks))
 
-    async def run_batch(self, driver_name: str, tasks: list[Task], origin: RequestBatch | None) -> None:
+    def _write_loop(self) -> None:
+        """The journal's writer thread: write what waits in one transaction (group commit), then hand it over.
+
+        Off the event loops: a request's batch costs its loop an append to a list; a transaction costs
+        what a few of them do, whatever the number of requests it writes.
+        """
+        while True:
+            with self._writes_ready:
+                while not self._writes:
+                    self._writes_ready.wait()
+                group, self._writes = self._writes[:_WRITE_GROUP], self._writes[_WRITE_GROUP:]
+            try:
+                written = self._write(group)
+            except Exception:  # never lose the batches: run them unjournaled, and say so
+                logger.exception("the journal's writer failed; %d batch(es) run unjournaled", len(group))
+                written = [(batch.tasks, None, batch.keys) for batch in group]
+            for batch, (tasks, entries, keys) in zip(group, written, strict=True):
+                if tasks:
+                    self._hand_over(batch.driver, tasks, batch.origin, batch.join, entries, keys)
+
+    def _write(self, group: list[_Unwritten]) -> list[_Written]:
+        """Write batches to the journal in one transaction; on failure log it and run them unjournaled.
+
+        Returns:
+            Per batch, the tasks to run, their entries and keys: without those whose key is already
+            pending in the journal (another process's, or left by an earlier run).
+        """
+        journal = self.journal
+        assert journal is not None
+        new: list[NewEntry] = []
+        positions: list[tuple[int, int]] = []  # (batch, task) of each new entry
+        for number, batch in enumerate(group):
+            origin = batch.origin
+            method, path = (origin.method, origin.path) if origin is not None else (None, None)
+            for index, task in enumerate(batch.tasks):
+                prepared = task.prepared
+                if isinstance(prepared, Payload) and not prepared.skeletons:
+                    kind, data = PayloadKind.PAYLOAD, prepared.data
+                elif isinstance(prepared, bytes):
+                    kind, data = PayloadKind.BYTES, prepared
+                else:  # a driver that keeps no pickled form: nothing to replay from
+                    continue
+                user_key = batch.keys[index] if batch.keys is not None else None
+                new.append(
+                    NewEntry(
+                        batch.driver,
+                        kind,
+                        data,
+                        task.label,
+                        _entry_key(task.key),
+                        function_name(task.fn),
+                        task.call,
+                        method,
+                        path,
+                        user_key,
+                    )
+                )
+                positions.append((number, index))
+        unwritten: list[_Written] = [(batch.tasks, None, batch.keys) for batch in group]
+        if not new:
+            return unwritten
+        try:
+            ids = journal.append(new)
+        except sqlite3.Error as exc:  # a full disk, a file removed under us: run the work anyway, and say so
+            for batch in group:
+                origin = batch.origin
+                logger.error(
+                    "deferred batch of %d task(s) could not be written to the journal %r (%s): it runs, but a "
+                    "crash before it finishes loses it; free disk space or fix the file",
+                    len(batch.tasks),
+                    journal.path,
+                    exc,
+                    extra={
+                        "driver": batch.driver,
+                        "method": origin.method if origin is not None else None,
+                        "path": origin.path if origin is not None else None,
+                    },
+                )
+            return unwritten
+        entries: list[list[int | None]] = [[None] * len(batch.tasks) for batch in group]
+        for (number, index), entry_id in zip(positions, ids, strict=True):
+            entries[number][index] = entry_id
+        written: list[_Written] = []
+        for number, batch in enumerate(group):
+            keys = batch.keys
+            duplicates = [
+                index
+                for index in range(len(batch.tasks))
+                if keys is not None and keys[index] is not None and entries[number][index] is None
+            ]
+            if not duplicates:
+                written.append((batch.tasks, entries[number], keys))
+                continue
+            assert keys is not None  # only a key makes an entry a duplicate
+            for index in duplicates:
+                logger.info(
+                    "deferred %s not run: a task of key %r is already pending in the journal",
+                    batch.tasks[index].label,
+                    keys[index],
+                    extra=_extra(batch.tasks[index], batch.driver, batch.origin),
+                )
+            self._settle(len(duplicates), launched=True)
+            self.release_keys([keys[index] for index in duplicates])
+            kept = [index for index in range(len(batch.tasks)) if index not in duplicates]
+            written.append(
+                (
+                    [batch.tasks[index] for index in kept],
+                    [entries[number][index] for index in kept],
+                    [keys[index] for index in kept],
+                )
+            )
+        return written
+
+    def replay(self, driver: str, entries: list[Entry]) -> None:
+        """Run journal entries left by an earlier run (or a gone owner) as deferred work, outside any request."""
+        tasks = [replay_task(entry) for entry in entries]
+        with self._lock:
+            self.pending += len(tasks)
+            self.replayed += len(tasks)
+        self.launch(driver, tasks, None, join=False, entries=[entry.id for entry in entries])
+
+    async def run_batch(
+        self,
+        driver_name: str,
+        tasks: list[Task],
+        origin: RequestBatch | None,
+        entries: list[int | None] | None = None,
+        keys: list[str | None] | None = None,
+    ) -> None:
         """Run one deferred batch, log how it went, and never raise."""
-        running = _Running(driver_name, tasks, origin, [None] * len(tasks))
+        running = _Running(driver_name, tasks, origin, [None] * len(tasks), entries=entries, keys=keys)
         with self._lock:
             self._running.add(running)
         under_way = False
@@ -290,10 +507,18 @@ class DeferredWork:
             unfinished = f"could not run: {exc}"
             for index, (task, outcome) in enumerate(zip(tasks, running.outcomes, strict=True)):
                 if outcome is None:
+                    kept = entries is not None and entries[index] is not None  # not the task's fault: keep it
                     logger.error(
-                        "deferred %s could not run: %s", task.label, exc, exc_info=exc, extra=self._extra(task, running)
+                        "deferred %s could not run: %s%s",
+                        task.label,
+                        exc,
+                        _KEPT if kept else "",
+                        exc_info=exc,
+                        extra=self._extra(task, running),
                     )
                     running.logged.add(index)
+                    if kept:
+                        running.kept.add(index)
         except BaseException:
             if running.abandoned_because is None:
                 running.abandoned_because = "its event loop ended (or the host was cancelled) before it finished"
@@ -313,22 +538,99 @@ class DeferredWork:
 
     def _fates(self, running: _Running, under_way: bool) -> None:
         """Log what became of each task of a finished batch (once), and count the batch out."""
+        entries = running.entries or [None] * len(running.tasks)
+        done: list[int] = []
+        unstarted: list[int] = []  # entries that stay, and whose start did not happen after all
+        settled: list[tuple[int, int, BaseException]] = []  # (task, entry) that crashed or would not load
         for index, (task, outcome) in enumerate(zip(running.tasks, running.outcomes, strict=True)):
+            entry = entries[index]
             if index in running.logged:
+                if entry is not None and index not in running.kept:
+                    done.append(entry)
                 continue
             if outcome is None or outcome is NOT_STARTED:
                 began = under_way and outcome is None  # as far as anyone can tell: it may have
+                if entry is not None and not began:
+                    unstarted.append(entry)
                 logger.error(
                     "deferred %s abandoned, %s: %s; raise drain_timeout (and the server's graceful timeout "
-                    "above it) or make the task shorter",
+                    "above it) or make the task shorter%s",
                     task.label,
                     "stopped unfinished (it may have done part of its work)" if began else "never started",
                     running.abandoned_because or "it was stopped",
+                    _KEPT if entry is not None else "",
                     extra={**self._extra(task, running), "under_way": began},
                 )
-            elif outcome.error is not None:
-                logger.error("deferred %s failed", task.label, exc_info=outcome.error, extra=self._extra(task, running))
+            elif entry is not None and isinstance(outcome.error, TaskLoadFailed | WorkerCrashed):
+                settled.append((index, entry, outcome.error))
+            else:
+                if outcome.error is not None:
+                    logger.error(
+                        "deferred %s failed", task.label, exc_info=outcome.error, extra=self._extra(task, running)
+                    )
+                if entry is not None:
+                    done.append(entry)
+        again = self._settle_journal(running, done, settled, unstarted)  # indexes of tasks to run again
+        keys = running.keys or [None] * len(running.tasks)
+        self.release_keys([key for index, key in enumerate(keys) if index not in again])
         self._settle(len(running.tasks), launched=True)
+        if again:
+            with self._lock:
+                self.pending += len(again)
+            self.launch(  # accepted before any drain: it joins one
+                running.driver,
+                [running.tasks[index] for index in again],
+                None,
+                join=True,
+                entries=[entries[index] for index in again],
+                keys=[keys[index] for index in again],
+            )
+
+    def _settle_journal(
+        self, running: _Running, done: list[int], settled: list[tuple[int, int, BaseException]], unstarted: list[int]
+    ) -> list[int]:
+        """Remove finished entries; bury the poison; return the indexes of crashed tasks to run again."""
+        journal = self.journal
+        if journal is None or not (done or settled or unstarted):
+            return []
+        again: list[int] = []
+        try:
+            journal.done_later(done)  # removed by the facade's next flush, a tenth of a second later at most
+            journal.unstarted(unstarted)
+            for index, entry, error in settled:
+                task = running.tasks[index]
+                if isinstance(error, TaskLoadFailed):
+                    reason = f"it would not load in the worker (its function renamed or removed?): {error}"
+                else:
+                    attempt = journal.restart(entry)
+                    if attempt is not None:
+                        logger.error(
+                            "deferred %s crashed its worker (%s); it runs again (attempt %d of %d)",
+                            task.label,
+                            error,
+                            attempt,
+                            journal.max_attempts,
+                            extra=self._extra(task, running),
+                        )
+                        again.append(index)
+                        continue
+                    reason = (
+                        f"started {journal.max_attempts} times without finishing (max_attempts), the last time it "
+                        f"crashed its worker: {error}"
+                    )
+                journal.dead(entry, reason)
+                logger.error(
+                    "deferred %s moved to the journal's dead entries (entry %d): %s; see `python -m "
+                    "starlette_concurrency journal %s list`",
+                    task.label,
+                    entry,
+                    reason,
+                    journal.path,
+                    extra=self._extra(task, running),
+                )
+        except sqlite3.Error as exc:  # the entries stay pending: run again at the next start (at least once)
+            logger.error("the journal %r could not be updated (%s); its entries run again later", journal.path, exc)
+        return again
 
     def _extra(self, task: Task, running: _Running) -> dict[str, Any]:
         extra = _extra(task, running.driver, running.origin)
@@ -426,6 +728,42 @@ class DeferredWork:
         self.pending = self.launched = 0
         self._open.clear()
         self._running.clear()
+        self._keys.clear()
+        self._writes = []
+        self._writes_ready = threading.Condition()
+        self._writer = None  # threads do not survive a fork
+
+
+class _StoredKey(str):
+    """A task key read back from the journal: its repr is the original key's repr (for the label)."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return str(self)
+
+
+class _Replayed:
+    """The `fn` of a task rebuilt from the journal: it names the original callable; its pickle is what runs."""
+
+    def __init__(self, name: str) -> None:
+        self.__qualname__ = name
+
+    def __call__(self) -> None:  # pragma: no cover - drivers run `prepared`
+        raise RuntimeError(f"{self.__qualname__} was replayed from the journal: only its pickled form can run")
+
+
+def replay_task(entry: Entry) -> Task:
+    """Rebuild a task from a journal entry, its pickled callable in `prepared` (sent as it is)."""
+    prepared: object = Payload(entry.payload, ()) if entry.kind is PayloadKind.PAYLOAD else entry.payload
+    return Task(_StoredKey(entry.task_key), _Replayed(entry.function), prepared, entry.call)
+
+
+def _entry_key(key: object) -> str:
+    try:
+        return repr(key)
+    except Exception:
+        return f"<{type(key).__name__}>"
 
 
 def _extra(task: Task, driver: str | None, origin: RequestBatch | None) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from ._locations import dumps as located_dumps, located_pickler
 from ._tasks import Outcome, Task
 
 __all__ = [
+    "TaskLoadFailed",
     "decode_outcome",
     "describe_failure",
     "dumps",
@@ -33,6 +34,10 @@ __all__ = [
     "pickle_task",
     "remote_exception",
 ]
+
+
+class TaskLoadFailed(SerializationError):
+    """Raised for a task whose callable would not unpickle in the worker (its function was renamed or removed)."""
 
 
 def dumps(obj: Any) -> bytes:
@@ -172,7 +177,7 @@ def decode_outcome(tag: bytes, body: bytes | memoryview, task: Task) -> Outcome:
     elif tag == _protocol.UNPICKLABLE:
         stand_in = SerializationError(f"the result of {task.label} cannot be pickled: {type_name}: {message}")
     else:
-        stand_in = SerializationError(f"{task.label} could not be unpickled in the worker: {type_name}: {message}")
+        stand_in = TaskLoadFailed(f"{task.label} could not be unpickled in the worker: {type_name}: {message}")
     return Outcome(error=remote_exception(stand_in, traceback))
 
 

@@ -27,6 +27,10 @@ else the loop of the first async caller on the main thread (adopted: no thread h
 ends with that loop); else a thread of the facade's own. A host nobody entered (adopted, own)
 stops after `IDLE_TIMEOUT` unused.
 
+With a journal (see `_journal`), a serving host renews the facade's lease on its entries and replays
+what gone owners left, in the background, until its drain begins; after the drain it releases what
+is left to the next start.
+
 Lock order: `Runtime._lock`, then `DeferredWork`'s lock, never the other way round. Neither is
 held across an ``await``, a wait for another thread or a call into a driver; nothing here ever
 blocks a caller's event loop (async callers poll, sync callers block only threads without a loop).
@@ -37,6 +41,7 @@ from __future__ import annotations
 import enum
 import importlib
 import logging
+import math
 import os
 import threading
 import time
@@ -49,6 +54,7 @@ from typing import Any, TypeVar
 
 import anyio
 import anyio.lowlevel
+import anyio.to_thread
 import sniffio
 from anyio.from_thread import BlockingPortal
 
@@ -58,6 +64,7 @@ from ._deferred import DeferredWork, HostStopping
 from ._drivers.base import Driver
 from ._exceptions import ConcurrencyClosed, ConfigurationError
 from ._host import Host, HostKind, OwnLoop, adopt
+from ._journal import Journal
 
 __all__ = ["BUILTIN_DRIVERS", "IDLE_TIMEOUT", "DriverFactory", "Runtime", "State"]
 
@@ -81,6 +88,15 @@ IDLE_TIMEOUT = 60.0
 
 # How often a waiting async caller looks again at a host being started or stopped elsewhere.
 _POLL = 0.001
+
+# How many journal entries one claim takes at most (replay is bounded by `max_pending_deferred` too).
+REPLAY_CHUNK = 1000
+
+# How often a journal whose last write failed (a full disk) is tried again, in seconds.
+PROBE_INTERVAL = 1.0
+
+# How often finished entries are removed from the journal, in one transaction (group commit), in seconds.
+FLUSH_INTERVAL = 0.1
 
 Failed = Callable[[BaseException], None]
 Submitted = Callable[[], Coroutine[Any, Any, None]]
@@ -149,14 +165,28 @@ class Runtime:
             self.started_driver,
             lambda fn, failed, join, count: self.submit(fn, failed, join=join, count=count),
         )
+        self.journal: Journal | None = None
+        self._journal_scope: anyio.CancelScope | None = None  # the lease renewal and replay of the current host
+        self._replaying = False  # whether the host may still claim journal entries (not once it drains)
         if isinstance(default, Driver):
             self.default = default.name
             self.factories[default.name] = lambda settings: default
             self.drivers[default.name] = default
+            self._check_journal(default)
         else:
             self.default = default
             self.driver(default)  # fail at construction on an unknown name or a missing dependency
+        if settings.journal is not None:
+            self.journal = Journal(settings.journal)  # fails the start-up on a bad file, with the path
+            self.work.journal = self.journal
         _runtimes.add(self)
+
+    def _check_journal(self, driver: Driver) -> None:
+        if self.settings.journal is not None and not driver.pickles:
+            raise ConfigurationError(
+                f"the {driver.name!r} driver cannot use a journal ({self.settings.journal!r}): its tasks are not "
+                "pickled, so nothing could be replayed after a crash; use the 'process' or 'dask' driver, or no journal"
+            )
 
     # Drivers ---------------------------------------------------------------------------------------
 
@@ -177,7 +207,9 @@ class Runtime:
                 if isinstance(factory, str):
                     module, _, attribute = factory.partition(":")
                     factory = getattr(importlib.import_module(module), attribute)
-                self.drivers[name] = factory(self.settings)
+                driver = factory(self.settings)
+                self._check_journal(driver)
+                self.drivers[name] = driver
             return self.drivers[name]
 
     def register(self, name: str, factory: DriverFactory) -> None:
@@ -458,8 +490,90 @@ class Runtime:
             attempt, self._attempt = self._attempt, None
         for fn, failed in queue:
             host.submit(fn, failed)
+        if self.journal is not None:
+            self.journal.hold()
+            self._replaying = True
+            self._journal_scope = anyio.CancelScope()
+            host.submit(
+                self._keep_journal,
+                lambda exc: logger.error("the journal's replay and lease could not start: %s", exc),
+            )
         if attempt is not None:
             attempt.done.set()
+
+    async def _keep_journal(self) -> None:
+        """Renew this facade's lease on its journal entries, and replay what gone owners left; until the drain ends."""
+        journal, scope = self.journal, self._journal_scope
+        assert journal is not None
+        assert scope is not None
+        renewed = probed = -math.inf
+        more = False
+        with scope:
+            while True:
+                try:
+                    if journal.unflushed:  # what finished since the last tick
+                        await anyio.to_thread.run_sync(journal.flush)
+                    now = time.monotonic()
+                    due = now - renewed >= journal.lease / 3
+                    if due:
+                        await anyio.to_thread.run_sync(journal.renew)
+                        renewed = now
+                    if journal.failure is not None and now - probed >= PROBE_INTERVAL:
+                        probed = now  # defer() refuses work until a write succeeds again
+                        await anyio.to_thread.run_sync(journal.probe)
+                    # Look for what gone owners left at each renewal, and on while there is more.
+                    if self._replaying and due and not more:
+                        self._announce(await anyio.to_thread.run_sync(journal.claimable), journal)
+                    more = self._replaying and (due or more) and await self._replay_some(journal)
+                except Exception as exc:  # a locked or vanished file: try again at the next renewal
+                    logger.error("the journal %r could not be renewed or read: %s", journal.path, exc)
+                    more = False
+                    await anyio.sleep(PROBE_INTERVAL)
+                if not more:
+                    await anyio.sleep(FLUSH_INTERVAL)
+
+    def _announce(self, count: int, journal: Journal) -> None:
+        if count:
+            logger.warning(
+                "replaying %d deferred task(s) left by a previous run (journal %r)",
+                count,
+                journal.path,
+                extra={"replayed": count},
+            )
+
+    async def _replay_some(self, journal: Journal) -> bool:
+        """Claim and launch one chunk of entries whose owner is gone; tell whether there may be more."""
+        limit = self.settings.max_pending_deferred
+        room = REPLAY_CHUNK if limit is None else min(REPLAY_CHUNK, limit - self.work.pending)
+        if room <= 0:
+            await anyio.sleep(0.05)  # bounded by max_pending_deferred: wait until some work has finished
+            return True
+        claim = await anyio.to_thread.run_sync(journal.claim, room)
+        if not self._replaying:  # the drain began meanwhile: the release hands these to the next start
+            return False
+        for entry, reason in claim.dead:
+            logger.error(
+                "deferred %s moved to the journal's dead entries (entry %d): %s",
+                entry.label,
+                entry.id,
+                reason,
+                extra={"task": entry.label, "method": entry.method, "path": entry.path},
+            )
+        if not claim.entries:
+            return bool(claim.dead)
+        by_driver: dict[str, list[Any]] = {}
+        for entry in claim.entries:
+            by_driver.setdefault(entry.driver, []).append(entry)
+        for name, entries in by_driver.items():
+            try:
+                self.driver(name)
+            except ConfigurationError as exc:
+                for entry in entries:
+                    journal.dead(entry.id, f"its driver {name!r} is not known here: {exc}")
+                    logger.error("deferred %s moved to the journal's dead entries: %s", entry.label, exc)
+                continue
+            self.work.replay(name, entries)
+        return len(claim.entries) >= room
 
     def _start_failed(self, exc: BaseException) -> None:
         """STARTING → NOT_STARTED (or CLOSED): report the failure to whoever waited."""
@@ -485,8 +599,10 @@ class Runtime:
             self.state = State.DRAINING
             deadline = self.drain_deadline  # a signal started the clock: what is left of it
             started = [self.drivers[name] for name in self._started if name in self.drivers]
+            self._replaying = False  # what is not claimed yet waits for the next start
         _set_draining(started, True)  # no run() can come now: deferred work may use every worker
         await self.work.drain(self.settings.drain_timeout, self._stop_accepting, deadline)
+        await self._release_journal()
         with self._lock:
             drivers = list(self.drivers.values())
             self.drivers.clear()
@@ -517,6 +633,18 @@ class Runtime:
             failed(ConcurrencyClosed(self._closed_message("deferred work")))
         if launch is not None:
             self._launch(launch)
+
+    async def _release_journal(self) -> None:
+        """Stop renewing the lease and give up this facade's entries: the next start replays them at once."""
+        scope, self._journal_scope = self._journal_scope, None
+        if scope is not None:
+            scope.cancel()
+        if self.journal is not None:
+            try:
+                await anyio.to_thread.run_sync(self.journal.flush)
+                await anyio.to_thread.run_sync(self.journal.release)
+            except Exception as exc:
+                logger.error("the journal %r could not be released: %s", self.journal.path, exc)
 
     def _stop_accepting(self, force: bool) -> bool:
         """DRAINING → STOPPING once nothing is left (or `force`); the drain calls it until it agrees."""
@@ -753,6 +881,13 @@ class Runtime:
         self._starting.clear()
         self.state = State.CLOSED if self.closed_by is not None else State.NOT_STARTED
         self.work.forget()
+        self._journal_scope = None
+        if self.journal is not None:
+            try:
+                self.journal.reown()  # the parent's lease is the parent's
+            except Exception:  # the file went away since: deferred work of this child is not durable
+                logger.exception("the journal %r could not be reopened in a forked child", self.journal.path)
+                self.journal = self.work.journal = None
 
 
 def _kind_for_caller() -> HostKind:

@@ -38,6 +38,10 @@ class Stats:
             Prometheus: ``(upper bound in seconds, tasks that took at most that long)`` pairs, the
             last bound ``inf``. Empty before the first timed task.
         task_time_sum: the run times of those tasks added up, in seconds.
+        journal_pending: entries in the facade's journal not finished yet, every owner's (0 without a
+            journal); counted at each write of this facade and recounted every few seconds.
+        journal_dead: entries in the journal's dead table (poison: see the journal CLI).
+        replayed: journal entries left by earlier runs (or gone processes) this facade has run.
     """
 
     driver: str
@@ -54,6 +58,9 @@ class Stats:
     task_time_p99: float | None = None
     task_time_buckets: tuple[tuple[float, int], ...] = ()
     task_time_sum: float = 0.0
+    journal_pending: int = 0
+    journal_dead: int = 0
+    replayed: int = 0
 
 
 class TaskCounters:

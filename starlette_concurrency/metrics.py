@@ -59,6 +59,10 @@ class ConcurrencyCollector:
     started) and ``_task_duration_recent_seconds{quantile="0.5|0.99"}`` (a gauge of the percentiles
     over the driver's window of recent tasks).
 
+    With a journal (``Concurrency(journal=...)``), also, for the facade (no ``driver`` label):
+    ``starlette_concurrency_journal_pending`` and ``_journal_dead`` (gauges: entries not finished, and
+    poison entries in the dead table) and ``_replayed_total`` (a counter of entries this process replayed).
+
     Args:
         concurrency: the facade to observe.
     """
@@ -119,6 +123,24 @@ class ConcurrencyCollector:
                 buckets = [("+Inf" if math.isinf(le) else repr(le), count) for le, count in stats.task_time_buckets]
                 durations.add_metric([stats.driver], buckets, stats.task_time_sum)
         yield from (tasks, restarts, recent, durations)
+        if self.concurrency.settings.journal is not None:
+            yield from _journal_families(snapshots[0] if snapshots else None)
+
+
+def _journal_families(stats: Stats | None) -> Iterator[Metric]:
+    """The facade's journal figures (the same on every driver's snapshot: read from the first)."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    pending = GaugeMetricFamily(f"{PREFIX}_journal_pending", "Journal entries not finished yet (every process's).")
+    dead = GaugeMetricFamily(f"{PREFIX}_journal_dead", "Journal entries in the dead table (poison), to inspect.")
+    replayed = CounterMetricFamily(
+        f"{PREFIX}_replayed", "Journal entries left by earlier runs or gone processes that this process ran."
+    )
+    if stats is not None:
+        pending.add_metric([], stats.journal_pending)
+        dead.add_metric([], stats.journal_dead)
+        replayed.add_metric([], stats.replayed)
+    yield from (pending, dead, replayed)
 
 
 def register_metrics(concurrency: Concurrency, registry: CollectorRegistry | None = None) -> ConcurrencyCollector:

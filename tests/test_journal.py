@@ -1,0 +1,426 @@
+"""The journal: deferred work that survives a crash (SIGKILL), replayed by the next process, exactly one owner."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import anyio
+import pytest
+
+from starlette_concurrency import Concurrency, ConfigurationError
+from starlette_concurrency._journal import SCHEMA_VERSION, Journal, NewEntry, PayloadKind
+from starlette_concurrency._pickling import dumps_task
+from starlette_concurrency._tasks import Task
+
+from . import journal_targets
+
+ROOT = Path(__file__).parent.parent
+
+
+def server(mode: str, journal: Path, out: Path, backend: str) -> subprocess.Popen[str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen(
+        [sys.executable, "-m", "tests.journal_server", mode, str(journal), str(out), backend],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+
+
+def lines(out: Path) -> list[tuple[str, int, int]]:
+    fields = (line.split() for line in out.read_text().splitlines())
+    return [(tag, int(number), int(pid)) for tag, number, pid in fields]
+
+
+def fill(journal: Path, tasks: list[Callable[[], object]]) -> None:
+    """Write entries as a process that has since gone would have left them."""
+    store = Journal(journal)
+    entries = [
+        NewEntry("process", PayloadKind.PAYLOAD, dumps_task(Task(0, task)), f"task 0 ({i})", "0", str(i), 0, None, None)
+        for i, task in enumerate(tasks)
+    ]
+    store.append(entries)
+    store.release()
+    store.close()
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_a_killed_server_s_unfinished_tasks_run_in_the_next_one(tmp_path: Path, backend: str) -> None:
+    journal, out = tmp_path / "deferred.db", tmp_path / "out.txt"
+    out.touch()
+    Path(str(out) + ".hold").touch()
+    first = server("crash", journal, out, backend)
+    try:
+        assert first.stdout is not None
+        assert first.stdout.readline().strip() == "READY"
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.communicate(timeout=30)
+    Path(str(out) + ".hold").unlink()
+    second = server("replay", journal, out, backend)
+    output, _ = second.communicate(timeout=180)
+    assert second.returncode == 0, output
+    seen = lines(out)
+    quick = Counter(number for tag, number, _ in seen if tag == "quick")
+    assert quick == {0: 1, 1: 1, 2: 1}  # finished before the kill: never replayed
+    ends = {number for tag, number, pid in seen if tag == "end" and pid == second.pid}
+    assert ends == {0, 1, 2}  # every slow task ran to its end after the restart
+    started_before = {number for tag, number, pid in seen if tag == "start" and pid == first.pid}
+    assert started_before  # one was under way at the kill: it runs again (at least once)
+    assert "PENDING 0 DEAD 0" in output
+    replayed = int(output.split()[1])
+    assert replayed == 3
+
+
+def test_two_live_processes_claim_each_entry_once(tmp_path: Path) -> None:
+    journal, out = tmp_path / "deferred.db", tmp_path / "out.txt"
+    out.touch()
+    fill(journal, [functools.partial(journal_targets.record, str(out), "entry", i) for i in range(40)])
+    both = [server("replay", journal, out, "asyncio") for _ in range(2)]
+    outputs = [process.communicate(timeout=180)[0] for process in both]
+    assert [process.returncode for process in both] == [0, 0], outputs
+    counts = Counter(number for _, number, _ in lines(out))
+    assert counts == dict.fromkeys(range(40), 1)
+    assert sum(int(output.split()[1]) for output in outputs) == 40
+
+
+@pytest.mark.anyio
+async def test_poison_entries_go_to_the_dead_table_and_the_others_run(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    journal, out = tmp_path / "deferred.db", tmp_path / "out.txt"
+
+    def vanished() -> None:  # pickled by reference, as a deploy that renamed it would leave it
+        pass
+
+    vanished.__module__, vanished.__qualname__ = journal_targets.__name__, "vanished"
+    journal_targets.vanished = vanished  # type: ignore[attr-defined]
+    try:
+        fill(
+            journal,
+            [
+                functools.partial(journal_targets.record, str(out), "good", 1),
+                vanished,
+                journal_targets.crash,
+                functools.partial(journal_targets.record, str(out), "good", 2),
+            ],
+        )
+    finally:
+        del journal_targets.vanished  # type: ignore[attr-defined]
+    caplog.set_level(logging.INFO, "starlette_concurrency")
+    async with Concurrency(workers=2, journal=journal, env_file=None) as concurrency:
+        with anyio.fail_after(120):
+            while concurrency.stats().journal_dead < 2 or concurrency.stats().journal_pending:  # noqa: ASYNC110
+                await anyio.sleep(0.05)
+        await concurrency.wait_deferred(60)
+        stats = concurrency.stats()
+    assert sorted(number for _, number, _ in lines(out)) == [1, 2]
+    assert (stats.journal_pending, stats.journal_dead, stats.replayed) == (0, 2, 4)
+    # Its first start was in the process that left it (attempt 1), then attempts 2 and 3 here.
+    assert stats.tasks_crashed == 2
+    dead = {entry.function: entry.reason for entry in Journal(journal).dead_entries()}
+    assert "would not load in the worker" in (dead["1"] or "")
+    assert "started 3 times without finishing" in (dead["2"] or "")
+    assert "replaying 4 deferred task(s) left by a previous run" in caplog.text
+    assert caplog.text.count("moved to the journal's dead entries") == 2
+
+
+def test_a_corrupt_file_is_refused_naming_it(tmp_path: Path) -> None:
+    journal = tmp_path / "deferred.db"
+    journal.write_bytes(b"not a database, certainly not a journal" * 100)
+    with pytest.raises(ConfigurationError, match=r"deferred\.db.*move it aside"):
+        Concurrency(journal=journal, env_file=None)
+
+
+def test_a_journal_of_a_newer_release_is_refused(tmp_path: Path) -> None:
+    journal = tmp_path / "deferred.db"
+    Journal(journal).close()
+    with sqlite3.connect(journal) as db:
+        db.execute("UPDATE meta SET value = ? WHERE name = 'schema_version'", (str(SCHEMA_VERSION + 1),))
+    with pytest.raises(ConfigurationError, match=r"deferred\.db.*newer release"):
+        Concurrency(journal=str(journal), env_file=None)
+
+
+def test_an_unwritable_place_is_refused_naming_it(tmp_path: Path) -> None:
+    with pytest.raises(ConfigurationError, match=r"missing/deferred\.db.*writable"):
+        Concurrency(journal=tmp_path / "missing" / "deferred.db", env_file=None)
+
+
+@pytest.mark.parametrize("driver", ["fork", "sync"])
+def test_drivers_that_do_not_pickle_refuse_a_journal(tmp_path: Path, driver: str) -> None:
+    with pytest.raises(ConfigurationError, match=f"the '{driver}' driver cannot use a journal"):
+        Concurrency(driver, journal=tmp_path / "deferred.db", env_file=None)
+    concurrency = Concurrency(journal=tmp_path / "deferred.db", env_file=None)
+    with pytest.raises(ConfigurationError, match=f"the '{driver}' driver cannot use a journal"):
+        concurrency.driver(driver)
+
+
+def test_the_journal_comes_from_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CONCURRENCY_JOURNAL", str(tmp_path / "env.db"))
+    assert Concurrency(env_file=None).settings.journal == str(tmp_path / "env.db")
+    assert Concurrency(journal=tmp_path / "arg.db", env_file=None).settings.journal == str(tmp_path / "arg.db")
+    monkeypatch.setenv("CONCURRENCY_JOURNAL", "")
+    assert Concurrency(env_file=None).settings.journal is None  # empty: unset, like the other variables
+    monkeypatch.setenv("CONCURRENCY_JOURNAL", " ")
+    with pytest.raises(ConfigurationError, match="CONCURRENCY_JOURNAL must be a file path"):
+        Concurrency(env_file=None)
+    monkeypatch.setenv("CONCURRENCY_JOURNAL", ":memory:")
+    with pytest.raises(ConfigurationError, match="CONCURRENCY_JOURNAL must be a file"):
+        Concurrency(env_file=None)
+    monkeypatch.delenv("CONCURRENCY_JOURNAL")
+    with pytest.raises(ConfigurationError, match="journal must be a file path"):
+        Concurrency(journal=42, env_file=None)  # type: ignore[arg-type]
+
+
+@pytest.mark.anyio
+async def test_finished_entries_leave_the_journal_and_a_clean_close_leaves_none(tmp_path: Path) -> None:
+    journal, out = tmp_path / "deferred.db", tmp_path / "out.txt"
+    async with Concurrency(workers=2, journal=journal, env_file=None) as concurrency:
+        batch = concurrency.request_batch(method="GET", path="/")
+        token = batch.activate()
+        concurrency.defer([functools.partial(journal_targets.record, str(out), "ok", i) for i in range(3)])
+        batch.deactivate(token)
+        assert Journal(journal).pending == 0  # not written while the request is open
+        batch.finish(True)
+        await concurrency.wait_deferred(60)
+        with anyio.fail_after(60):  # removed in one transaction, a tenth of a second later at most
+            while concurrency.stats().journal_pending:  # noqa: ASYNC110
+                await anyio.sleep(0.05)
+    assert len(lines(out)) == 3
+    assert Journal(journal).pending == 0
+
+
+def test_the_prometheus_collector_exports_the_journal(tmp_path: Path) -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from starlette_concurrency.metrics import register_metrics
+
+    journal = tmp_path / "deferred.db"
+    fill(journal, [functools.partial(journal_targets.record, str(tmp_path / "out.txt"), "x", 1)])
+    registry = CollectorRegistry()
+    register_metrics(Concurrency(workers=1, journal=journal, env_file=None), registry)
+    text = generate_latest(registry).decode()
+    assert "starlette_concurrency_journal_pending 1.0" in text
+    assert "starlette_concurrency_journal_dead 0.0" in text
+    assert "starlette_concurrency_replayed_total 0.0" in text
+
+
+def cli(*arguments: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "starlette_concurrency", *arguments],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_the_cli_lists_retries_and_purges(tmp_path: Path) -> None:
+    journal = str(tmp_path / "deferred.db")
+    fill(Path(journal), [journal_targets.crash, journal_targets.crash, journal_targets.crash])
+    store = Journal(journal)
+    store.dead(2, "it crashed its worker")
+    store.dead(3, "it would not load")
+    store.close()
+    listed = cli("journal", journal, "list")
+    assert listed.returncode == 0, listed.stderr
+    assert "pending: 1\n  #1  task 0 (0)" in listed.stdout
+    assert "lease expired" in listed.stdout
+    assert "dead: 2\n  #2  task 0 (1)" in listed.stdout
+    assert "reason: it would not load" in listed.stdout
+    retried = cli("journal", journal, "retry", "2")
+    assert retried.returncode == 0, retried.stderr
+    assert "entry 2 is pending again" in retried.stdout
+    assert cli("journal", journal, "retry", "2").returncode == 1  # not dead any more
+    purged = cli("journal", journal, "purge")
+    assert "purged 1 dead" in purged.stdout
+    store = Journal(journal)
+    assert ([entry.id for entry, _, _ in store.entries()], store.dead_entries()) == ([1, 2], [])
+    assert [entry.attempts for entry, _, _ in store.entries()] == [1, 0]  # a retried entry starts afresh
+    store.close()
+    missing = cli("journal", str(tmp_path / "nope.db"), "list")
+    assert missing.returncode == 2
+    assert "no journal at" in missing.stderr
+    assert not (tmp_path / "nope.db").exists()
+
+
+@pytest.mark.anyio
+async def test_a_key_dedupes_while_its_task_is_pending(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    journal, out = tmp_path / "deferred.db", tmp_path / "out.txt"
+    other = Journal(journal)  # another live facade holds a pending "order-7"
+    payload = dumps_task(Task(0, functools.partial(journal_targets.record, str(out), "other", 7)))
+    entry = NewEntry("process", PayloadKind.PAYLOAD, payload, "task 0 (x)", "0", "x", 0, None, None, "order-7")
+    other.append([entry])
+    caplog.set_level(logging.INFO, "starlette_concurrency")
+    async with Concurrency(workers=2, journal=journal, env_file=None) as concurrency:
+        batch = concurrency.request_batch(method="POST", path="/orders")
+        token = batch.activate()
+        for number in (1, 2):  # the second is a no-op: the first is pending
+            concurrency.defer(functools.partial(journal_targets.record, str(out), "first", number), key="order-42")
+        concurrency.defer(functools.partial(journal_targets.record, str(out), "mine", 7), key="order-7")
+        batch.deactivate(token)
+        batch.finish(True)
+        await concurrency.wait_deferred(60)
+        # Settled: the key is free again.
+        concurrency.defer(functools.partial(journal_targets.record, str(out), "again", 3), key="order-42")
+        await concurrency.wait_deferred(60)
+        with pytest.raises(TypeError, match="key must be a str naming one callable"):
+            concurrency.defer([print, print], key="both")
+        with pytest.raises(TypeError, match="key must be a str"):
+            concurrency.defer(print, key=42)  # type: ignore[arg-type]
+        assert concurrency.stats().deferred_pending == 0
+    assert sorted((tag, number) for tag, number, _ in lines(out)) == [("again", 3), ("first", 1)]
+    assert "task of key 'order-7' is already pending in the journal" in caplog.text
+    assert [entry.user_key for entry, _, _ in Journal(journal).entries()] == ["order-7"]
+    other.close()
+
+
+@pytest.mark.anyio
+async def test_a_key_dedupes_without_a_journal_too() -> None:
+    ran: list[int] = []
+    async with Concurrency("sync", env_file=None) as concurrency:
+        batch = concurrency.request_batch()
+        token = batch.activate()
+        concurrency.defer(lambda: ran.append(1), key="k")
+        concurrency.defer(lambda: ran.append(2), key="k")
+        batch.deactivate(token)
+        batch.finish(False)  # a failed request: not run, and its key is free again
+        concurrency.defer(lambda: ran.append(3), key="k")
+        await concurrency.wait_deferred(60)
+    assert ran == [3]
+
+
+@pytest.mark.anyio
+async def test_what_the_drain_stops_stays_for_the_next_start(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    journal, out = tmp_path / "deferred.db", tmp_path / "out.txt"
+    out.touch()
+    hold = Path(str(out) + ".hold")
+    hold.touch()
+    caplog.set_level(logging.INFO, "starlette_concurrency")
+    concurrency = Concurrency(workers=2, journal=journal, drain_timeout=0.5, env_file=None)
+    async with concurrency:
+        concurrency.defer([functools.partial(journal_targets.slow, str(out), number) for number in range(3)])
+        with anyio.fail_after(60):
+            while "start" not in out.read_text():  # noqa: ASYNC110
+                await anyio.sleep(0.05)
+    assert "it stays in the journal and runs at the next start" in caplog.text
+    left = Journal(journal).entries()
+    assert len(left) == 3
+    started = {number for tag, number, _ in lines(out) if tag == "start"}
+    # A start is counted for each, except for those the drain stopped before they began.
+    assert sorted(entry.attempts for entry, _, _ in left) == sorted(
+        1 if number in started else 0 for number in range(3)
+    )
+    hold.unlink()
+    async with Concurrency(workers=2, journal=journal, env_file=None) as again:  # same process: released
+        with anyio.fail_after(60):
+            while len([tag for tag, _, _ in lines(out) if tag == "end"]) < 3:  # noqa: ASYNC110
+                await anyio.sleep(0.05)
+        await again.wait_deferred(60)
+        with anyio.fail_after(60):  # removed a tenth of a second after they finished, at most
+            while again.stats().journal_pending:  # noqa: ASYNC110
+                await anyio.sleep(0.05)
+        assert again.stats().replayed == 3
+    assert "replaying 3 deferred task(s) left by a previous run" in caplog.text
+
+
+def killed_uvicorn(env: dict[str, str], log: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """Start uvicorn on the journal's app (to be SIGKILLed, so not `asgi.uvicorn`, which stops it gracefully)."""
+    import socket
+
+    from .asgi import free_port
+
+    port = free_port()
+    with log.open("wb") as output:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "tests.journal_app:app", "--port", str(port), "--no-access-log"],
+            cwd=ROOT,
+            env={**os.environ, **env},
+            stdout=output,
+            stderr=subprocess.STDOUT,
+        )
+    for _ in range(600):  # a bound against hangs
+        assert process.poll() is None, log.read_text()
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return process, f"http://127.0.0.1:{port}"
+        except OSError:
+            subprocess.run(["sleep", "0.05"], check=True)
+    raise AssertionError(f"uvicorn never answered:\n{log.read_text()}")
+
+
+def test_under_uvicorn_every_accepted_task_runs_after_a_sigkill(tmp_path: Path) -> None:
+    import httpx
+
+    from .asgi import uvicorn
+
+    journal, out = tmp_path / "deferred.db", tmp_path / "out.txt"
+    out.touch()
+    hold = Path(str(out) + ".hold")
+    hold.touch()
+    env = {"JOURNAL_PATH": str(journal), "JOURNAL_OUT": str(out), "PYTHONPATH": str(ROOT)}
+    first, url = killed_uvicorn(env, tmp_path / "first.log")
+    try:
+        accepted = [n for n in range(20) if httpx.post(f"{url}/orders/{n}").status_code == 200]
+        assert httpx.get(f"{url}/status/500").status_code == 500
+    finally:
+        first.send_signal(signal.SIGKILL)  # mid-storm: tasks queued, one or two running (held)
+        first.wait(30)
+    assert accepted == list(range(20))
+    hold.unlink()
+    with uvicorn("tests.journal_app:app", tmp_path / "second.log", env) as second:
+        for _ in range(1200):  # a bound against hangs, not a speed expectation
+            ends = {number for tag, number, pid in lines(out) if tag == "end" and pid == second.process.pid}
+            if ends == set(accepted):
+                break
+            subprocess.run(["sleep", "0.1"], check=True)
+        assert ends == set(accepted)  # every accepted task ran after the restart
+        assert "replaying" in second.output()
+    assert {number for tag, number, _ in lines(out) if tag == "end"} == ends  # none ended in the killed server
+    assert all(tag != "failed" for tag, _, _ in lines(out))  # a failed request's deferral is never journaled
+    assert Journal(journal).pending == 0
+
+
+@pytest.mark.anyio
+async def test_a_full_journal_refuses_defer_until_a_write_succeeds(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from starlette_concurrency import DeferralRejected
+
+    journal, out = tmp_path / "deferred.db", tmp_path / "out.txt"
+    caplog.set_level(logging.INFO, "starlette_concurrency")
+    async with Concurrency(workers=2, journal=journal, env_file=None) as concurrency:
+        store = concurrency._runtime.journal
+        assert store is not None
+        # A full disk, as SQLite sees it: no page may be added to the file.
+        pages = store._db.execute("PRAGMA page_count").fetchone()[0]
+        store._db.execute(f"PRAGMA max_page_count = {pages}")
+        batch = concurrency.request_batch(method="POST", path="/orders")
+        token = batch.activate()
+        ballast = b"x" * 100_000  # travels with the lambda: more than the pages the file has room for
+        concurrency.defer(lambda: journal_targets.record(str(out), "unjournaled", len(ballast) // 100_000))
+        batch.deactivate(token)
+        batch.finish(True)
+        await concurrency.wait_deferred(60)
+        assert "could not be written to the journal" in caplog.text
+        assert lines(out)[0][:2] == ("unjournaled", 1)  # accepted before the failure: it ran, not dropped
+        with pytest.raises(DeferralRejected, match=r"deferred\.db.*could not be written.*full"):
+            concurrency.defer(print)
+        store._db.execute("PRAGMA max_page_count = 1073741823")
+        with anyio.fail_after(60):
+            while store.failure is not None:  # noqa: ASYNC110
+                await anyio.sleep(0.05)
+        concurrency.defer(functools.partial(journal_targets.record, str(out), "journaled", 2))
+        await concurrency.wait_deferred(60)
+    assert [tag for tag, _, _ in lines(out)] == ["unjournaled", "journaled"]
