@@ -67,8 +67,9 @@ def test_the_dashboard_shows_the_pool_live_and_moves_when_work_starts(example: S
         for field in ("workers", "busy", "queued", "tasks_completed", "worker_restarts"):
             assert (page.text_content(f"#{field}") or "").isdigit(), field
         page.wait_for_function("document.getElementById('deferred_pending').textContent === '0'")
-        # The page itself ran four counts: the workers' table agrees with the counters (issue 24).
-        assert int(page.text_content("#tasks_completed") or "0") >= 4
+        # The page itself ran four counts (the CPU-bound one may still run as the first polls come: under
+        # load, seconds): once the counters have them, the workers' table (drawn in the same poll) agrees.
+        page.wait_for_function("Number(document.getElementById('tasks_completed').textContent) >= 4")
         activity = page.text_content("#activity") or ""
         assert "no task has run yet" not in activity
         assert "task(s) finished" in activity, activity
