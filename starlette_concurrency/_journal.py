@@ -29,6 +29,7 @@ import sqlite3
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -179,6 +180,9 @@ class Journal:
         self._finished: list[int] = []  # entries whose tasks finished, not yet removed (see `flush`)
         self._finished_lock = threading.Lock()
         self._db = self._open()
+        # A facade dropped without aclose() (a test, a script) must not leave its connection to be reaped
+        # open (Python 3.13 warns of it): closed when this object goes, even as part of a reference cycle.
+        weakref.finalize(self, self._db.close)
 
     def _open(self) -> sqlite3.Connection:
         where = f"the journal {self.path!r}"

@@ -7,6 +7,7 @@ ones (see `journal_targets.slow`), prints ``READY`` once one has started, and wa
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import sqlite3
 import sys
@@ -27,7 +28,7 @@ def deferred_in_request(concurrency: Concurrency, task: functools.partial[None])
 
 
 def remaining(journal: str) -> int:
-    with sqlite3.connect(journal) as db:
+    with contextlib.closing(sqlite3.connect(journal)) as db:  # a connection's own `with` does not close it
         return int(db.execute("SELECT count(*) FROM entries").fetchone()[0])
 
 

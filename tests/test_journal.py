@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -145,7 +146,7 @@ def test_a_corrupt_file_is_refused_naming_it(tmp_path: Path) -> None:
 def test_a_journal_of_a_newer_release_is_refused(tmp_path: Path) -> None:
     journal = tmp_path / "deferred.db"
     Journal(journal).close()
-    with sqlite3.connect(journal) as db:
+    with contextlib.closing(sqlite3.connect(journal)) as db, db:  # closed, not only committed
         db.execute("UPDATE meta SET value = ? WHERE name = 'schema_version'", (str(SCHEMA_VERSION + 1),))
     with pytest.raises(ConfigurationError, match=r"deferred\.db.*newer release"):
         Concurrency(journal=str(journal), env_file=None)
