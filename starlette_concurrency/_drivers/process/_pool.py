@@ -512,15 +512,15 @@ class Pool:
                 if tag in _ANSWERS and len(body) >= _ID_SIZE:
                     job = machine.answered(slot, _ID.unpack_from(body)[0], now)
                     call: _Call = job.call  # type: ignore[assignment]
+                    task = call.tasks[job.index]
                     if not call.cancelled:
-                        task = call.tasks[job.index]
                         outcome = decode_outcome(tag, memoryview(body)[_ID_SIZE:], task)
                         counters.record(outcome, job.seconds)
                         if task.trace is not None:  # its span says where it ran, and for how long
                             task.trace.ran(worker.pid, job.seconds)
                         call.settle(job.index, outcome)
                     elif call.background:  # a late answer: the deferred batch's log says it ran after all
-                        call.settle(job.index, decode_outcome(tag, memoryview(body)[_ID_SIZE:], call.tasks[job.index]))
+                        call.settle(job.index, decode_outcome(tag, memoryview(body)[_ID_SIZE:], task))
                 else:
                     self._handle(worker, slot, tag, body, now)
         except (_protocol.ProtocolError, Mismatch) as exc:
