@@ -17,7 +17,7 @@ from typing import Any
 
 from cloudpickle import cloudpickle as _cp  # type: ignore[import-untyped]
 
-from ._closure_store import Skeleton
+from ._wire.closure_store import Skeleton
 
 __all__ = ["SUPPORTED", "Record", "by_value", "function_state", "reference_check", "split_globals"]
 

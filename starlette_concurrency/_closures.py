@@ -39,7 +39,7 @@ that cloudpickle's lookup runs once per function, not once per task.
 
 This module is the parent's side: the cache and its pickler. What it knows of one function (its
 record, its per-call state, the by-name tests) is `_closure_records.py`. The mirror and the store
-live in `_closure_store.py`, which imports only the standard library, so that the worker, started by
+live in `_wire/closure_store.py`, which imports only the standard library, so that the worker, started by
 path, loads it without the package.
 """
 
@@ -61,9 +61,9 @@ import cloudpickle  # type: ignore[import-untyped]
 from cloudpickle import cloudpickle as _cp
 
 from ._closure_records import SUPPORTED, Record, function_state, reference_check, split_globals
-from ._closure_store import WORKER_BYTES, WORKER_ENTRIES, Skeleton, WorkerMirror, WorkerStore, check_bounds
 from ._context import reduce_variable
 from ._locations import code_reduce, dumps as located_dumps
+from ._wire.closure_store import WORKER_BYTES, WORKER_ENTRIES, Skeleton, WorkerMirror, WorkerStore, check_bounds
 
 __all__ = ["ClosureCache", "Payload", "Skeleton", "WorkerMirror", "WorkerStore"]
 

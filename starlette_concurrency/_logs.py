@@ -1,7 +1,7 @@
 """Log records of tasks, forwarded from the workers to the server's own logging.
 
 ```
- server (this module)                                   worker (_worker.py's LogForwarder)
+ server (this module)                                   worker (_wire/worker.py's LogForwarder)
  ────────────────────                                   ──────────────────────────────────
  Levels.frame(): the levels the server's loggers   ──▶  LEVELS: set the same levels there, so that
    are set to (again when they change, ≤ 1/s)             a record the server would drop is never sent
@@ -24,8 +24,8 @@ import pickle
 import time
 from typing import Any
 
-from ._protocol import ID_SIZE, LEVELS, ProtocolError, frame
 from ._tasks import Task
+from ._wire.protocol import ID_SIZE, LEVELS, ProtocolError, frame
 
 __all__ = ["Levels", "handle", "load", "task_extra"]
 

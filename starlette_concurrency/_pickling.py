@@ -1,7 +1,7 @@
 """Pickling on the caller's side: tasks out, outcomes in, errors translated at the boundary.
 
 `pickle_task` pickles one task's callable at call time, before anything is dispatched, through the
-pool's function cache (the worker loads it with `_worker.load_task`); `pickle_group` pickles the
+pool's function cache (the worker loads it with `_wire.worker.load_task`); `pickle_group` pickles the
 callables of several tasks in one dump (what they share is pickled once), and falls back to one dump
 per task only to name the task that will not pickle; `dumps_task` is plain cloudpickle, for the dask
 driver. `decode_outcome` turns an answer into an `Outcome` and never
@@ -17,12 +17,13 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-from . import _protocol
 from ._closures import ClosureCache, Payload
 from ._culprits import find_culprit
 from ._exceptions import RemoteError, RemoteTraceback, SerializationError, WorkerStartFailed
 from ._locations import dumps as located_dumps, located_pickler
 from ._tasks import Outcome, Task
+from ._wire import protocol
+from ._wire.outcome import exception_str, exception_type_name
 
 __all__ = [
     "TaskLoadFailed",
@@ -156,12 +157,12 @@ def decode_outcome(tag: bytes, body: bytes | memoryview, task: Task) -> Outcome:
     raised, or returned in an ERROR frame) travels as a `RemoteError`, so that it cannot stop the server.
     """
     try:
-        if tag == _protocol.OK:
+        if tag == protocol.OK:
             return Outcome(value=pickle.loads(body))
-        if tag == _protocol.ERROR:
+        if tag == protocol.ERROR:
             error, traceback = pickle.loads(body)
             if not isinstance(error, Exception):
-                name, message = _protocol.exception_type_name(error), _protocol.exception_str(error)
+                name, message = exception_type_name(error), exception_str(error)
                 substitute = RemoteError(name, message, traceback)
                 return Outcome(error=remote_exception(substitute, traceback))
             return Outcome(error=remote_exception(error, traceback))
@@ -172,9 +173,9 @@ def decode_outcome(tag: bytes, body: bytes | memoryview, task: Task) -> Outcome:
         error = SerializationError(f"the result of {task.label} could not be unpickled: {exc!r}")
         return Outcome(error=error)
     stand_in: Exception
-    if tag == _protocol.REMOTE:
+    if tag == protocol.REMOTE:
         stand_in = RemoteError(type_name, message, traceback)
-    elif tag == _protocol.UNPICKLABLE:
+    elif tag == protocol.UNPICKLABLE:
         stand_in = SerializationError(f"the result of {task.label} cannot be pickled: {type_name}: {message}")
     else:
         stand_in = TaskLoadFailed(f"{task.label} could not be unpickled in the worker: {type_name}: {message}")

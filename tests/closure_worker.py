@@ -1,6 +1,6 @@
-"""A stand-alone worker for tests/test_closures.py: only `_closure_store.py`, loaded by path, and stdlib.
+"""A stand-alone worker for tests/test_closures.py: only `_wire/closure_store.py`, loaded by path, and stdlib.
 
-    python tests/closure_worker.py PATH_OF__closure_store.py ROOT
+    python tests/closure_worker.py PATH_OF_closure_store.py ROOT
 
 Reads frames from stdin — a 4-byte length and a pickled (definitions blob, payload data) — loads and
 calls each function of the payload (awaiting a coroutine), and answers on stdout with a frame holding

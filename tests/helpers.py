@@ -93,7 +93,7 @@ def raise_two_argument_error() -> None:
 
 # Process driver: reliability and fault injection (tests/drivers/test_process.py, tests/faults/) -------------
 
-WORKER_SCRIPT = "_worker.py"
+WORKER_SCRIPT = "worker.py"
 
 
 def worker_children() -> list[int]:

@@ -1,7 +1,7 @@
 """The function cache: closures stay correct when only their state travels (issue 10).
 
 Every correctness test runs against four workers: in this process or in a separate interpreter that
-loads only `_closure_store.py` by path (so what it knows, it was sent), and one that has already seen
+loads only `_wire/closure_store.py` by path (so what it knows, it was sent), and one that has already seen
 the function's skeleton (the second call sends no definitions) or one that has not (a fresh store).
 """
 
@@ -28,11 +28,11 @@ from starlette_concurrency import (
     ProcessOptions,
     SerializationError,
     _closure_records,
-    _closure_store,
     _closures,
 )
 from starlette_concurrency._closures import ClosureCache, Payload, WorkerMirror, WorkerStore
 from starlette_concurrency._drivers.process import ProcessDriver
+from starlette_concurrency._wire import closure_store
 
 from . import closure_targets as targets
 
@@ -87,7 +87,7 @@ class Worker:
             return results
         if self.process is None:
             self.process = subprocess.Popen(
-                [sys.executable, str(ROOT / "tests" / "closure_worker.py"), _closure_store.__file__, str(ROOT)],
+                [sys.executable, str(ROOT / "tests" / "closure_worker.py"), closure_store.__file__, str(ROOT)],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
             )
@@ -435,7 +435,7 @@ def test_a_module_registered_by_value_is_sent_by_value() -> None:
 
 def test_the_cache_is_what_the_worker_reads_back() -> None:
     """The stand-in the payloads name is the one the worker's store answers."""
-    assert (_closures._rebuild_function.__module__, _closures._rebuild_function.__name__) == _closure_store.REBUILD
+    assert (_closures._rebuild_function.__module__, _closures._rebuild_function.__name__) == closure_store.REBUILD
     assert _closure_records.SUPPORTED, f"cloudpickle {cloudpickle.__version__} lacks a helper the cache relies on"
 
 
@@ -510,13 +510,13 @@ def test_worker_processes_never_import_the_package(tmp_path: Path) -> None:
     """The store file runs with the standard library alone: no starlette_concurrency, no cloudpickle."""
     script = (
         "import importlib.util, sys\n"
-        f"spec = importlib.util.spec_from_file_location('store', {_closure_store.__file__!r})\n"
+        f"spec = importlib.util.spec_from_file_location('store', {closure_store.__file__!r})\n"
         "module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module)\n"
         "print(sorted(m for m in sys.modules if m.startswith(('starlette', 'cloudpickle'))))\n"
     )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, check=True, cwd=tmp_path)
     assert out.stdout.decode().strip() == "[]"
-    assert os.path.basename(_closure_store.__file__) == "_closure_store.py"
+    assert os.path.basename(closure_store.__file__) == "closure_store.py"
 
 
 def test_threads_share_one_cache() -> None:

@@ -1,7 +1,7 @@
 """The parent's handle on one child process, shared by the `process` and `fork` drivers.
 
 A `Child` owns the parent's ends of the child's pipes, the buffer that cuts what it writes into
-frames (`_protocol.FrameBuffer`), its exit event and its process group:
+frames (`_wire.protocol.FrameBuffer`), its exit event and its process group:
 
 - **Exit event.** On Linux a pidfd (`os.pidfd_open`) becomes readable when the child exits, and is
   waited on with `anyio.wait_readable` beside the result pipe: a death is seen at once, even when a
@@ -11,7 +11,7 @@ frames (`_protocol.FrameBuffer`), its exit event and its process group:
   `kill()` stops what a task started (a `sleep 60` subprocess, a forked helper) with it: on a
   timeout, a cancellation, a crash and at shutdown. Nothing a task started outlives its worker's end.
 - **Parent death.** Workers and forked children ask the kernel for SIGKILL when the server dies
-  (`PR_SET_PDEATHSIG`, see `_worker.die_with_parent`); the pipe watcher thread of `_worker.py`
+  (`PR_SET_PDEATHSIG`, see `_wire.worker.die_with_parent`); the pipe watcher thread of `_wire/worker.py`
   remains where the platform has no such signal. The request is tied to the *thread* that started
   the child, so workers are spawned by one long-lived thread (`spawn_thread`), never by a short-lived
   thread of a pool.
@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 
 import anyio
 
-from .._protocol import FrameBuffer, grow_pipe
+from .._wire.protocol import FrameBuffer, grow_pipe
 from ._descendants import kill_tree
 
 __all__ = ["Child", "run_in_spawn_thread"]

@@ -16,9 +16,10 @@
 
 A task travels as the same cloudpickle payload the process driver sends, wrapped in a call of the
 module-level `_run_pickled` (which the workers import by reference, so they need this package). The
-worker frames the outcome exactly as `_worker.py` does, so exceptions keep their type and worker
-traceback, and those that cannot round-trip come back as `RemoteError`. Every task gets a unique
-key: Dask would otherwise merge identical closures into one task (``pure=True``).
+worker encodes the outcome exactly as the process driver's worker does (`_wire/outcome.py`), so
+exceptions keep their type and worker traceback, and those that cannot round-trip come back as
+`RemoteError`. Every task gets a unique key: Dask would otherwise merge identical closures into one task
+(``pure=True``).
 
 The embedded cluster talks TLS with certificates made in memory at `start()` (`Security.temporary()`) and
 handed only to our client and, through the nannies' spawn pipes, to its workers: another process on the
@@ -41,7 +42,6 @@ import asyncio
 import dataclasses
 import functools
 import os
-import pickle
 import re
 import shutil
 import tempfile
@@ -56,13 +56,13 @@ import anyio
 import anyio.lowlevel
 import anyio.to_thread
 
-from .. import _worker
 from .._config import Settings, check_workers, default_workers
 from .._exceptions import ConcurrencyClosed, ConcurrencyError, ConfigurationError, WorkerCrashed
 from .._options import DaskOptions
 from .._pickling import decode_outcome, dumps_task, remote_exception
 from .._stats import Stats, TaskCounters
 from .._tasks import Outcome, Task
+from .._wire import outcome as wire_outcome, protocol
 from ._dask_security import (
     ADDRESS,
     SECURE_SCHEMES,
@@ -295,17 +295,17 @@ class DaskDriver(Driver):
     ) -> list[tuple[Any, Outcome, float | None]]:
         """Fetch the results of a batch of finished futures in one round trip; decode them, with their run times."""
         finished = [future for future in batch if future.status in ("finished", "lost")]
-        frames: dict[Any, tuple[bytes, float]] = {}
+        answers: dict[Any, tuple[bytes, bytes, float]] = {}
         if finished:
             try:
-                frames = dict(zip([f.key for f in finished], await self._client.gather(finished), strict=True))
+                answers = dict(zip([f.key for f in finished], await self._client.gather(finished), strict=True))
             except Exception:  # a result was lost between finishing and the gather: take them one by one
-                frames = {}
+                answers = {}
         result: list[tuple[Any, Outcome, float | None]] = []
         for future in batch:
             task = tasks[index_of[future.key]]
-            if future.key in frames:
-                result.append((future, *_decode(frames[future.key], task)))
+            if future.key in answers:
+                result.append((future, *_decode(answers[future.key], task)))
                 continue
             try:
                 result.append((future, *_decode(await future, task)))
@@ -358,10 +358,9 @@ def _private_scratch() -> str:
     return tempfile.mkdtemp(prefix="starlette-concurrency-dask-", dir=dask.config.get("temporary-directory", None))
 
 
-def _decode(answer: tuple[bytes, float], task: Task) -> tuple[Outcome, float]:
-    frame, seconds = answer
-    size = _worker.HEADER.size
-    return decode_outcome(frame[size : size + 1], frame[size + 1 :], task), seconds
+def _decode(answer: tuple[bytes, bytes, float], task: Task) -> tuple[Outcome, float]:
+    tag, body, seconds = answer
+    return decode_outcome(tag, body, task), seconds
 
 
 def _name(task: Task) -> str:
@@ -374,19 +373,20 @@ def _name(task: Task) -> str:
 # In the worker ----------------------------------------------------------------------------------
 
 
-def _run_pickled(payload: bytes) -> tuple[bytes, float]:
-    """Run one task in a Dask worker thread; frame how it ended, as `_worker.py` does, and time it; never raises."""
+def _run_pickled(payload: bytes) -> tuple[bytes, bytes, float]:
+    """Run one task in a Dask worker thread: (tag, body) of how it ended (`_wire/outcome.py`), and its time.
+
+    Never raises.
+    """
     import cloudpickle  # type: ignore[import-untyped]
 
     started = time.perf_counter()
     try:
         fn = cloudpickle.loads(payload)
     except BaseException as exc:
-        text = "".join(traceback.format_exception(exc))
-        failed = _worker.frame(_worker.LOAD_FAILED, pickle.dumps((type(exc).__qualname__, str(exc), text)))
-        return failed, time.perf_counter() - started
-    frame = _worker.result_frame(functools.partial(_call, fn), cloudpickle.dumps)
-    return frame, time.perf_counter() - started
+        return protocol.LOAD_FAILED, wire_outcome.describe(exc), time.perf_counter() - started
+    tag, body = wire_outcome.encode(functools.partial(_call, fn), cloudpickle.dumps)
+    return tag, body, time.perf_counter() - started
 
 
 def _call(fn: Callable[[], Any]) -> Any:

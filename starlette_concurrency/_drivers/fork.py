@@ -49,10 +49,11 @@ from .._config import Settings, check_workers, default_workers
 from .._exceptions import ConcurrencyClosed, ConfigurationError, WorkerCrashed
 from .._logs import handle as handle_record, load as load_record, task_extra
 from .._pickling import decode_outcome, dumps
-from .._protocol import LOG
 from .._stats import Stats, TaskCounters
 from .._tasks import Outcome, Task
-from .._worker import die_with_parent, log_forwarder, result_frame
+from .._wire.outcome import result_frame
+from .._wire.protocol import LOG
+from .._wire.worker import die_with_parent, log_forwarder
 from ._child import Child
 from .base import Driver
 

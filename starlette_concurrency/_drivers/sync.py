@@ -14,9 +14,9 @@ import anyio.lowlevel
 
 from .._config import Settings
 from .._exceptions import RemoteError
-from .._protocol import exception_str, exception_type_name
 from .._stats import Stats, TaskCounters
 from .._tasks import Outcome, Task
+from .._wire.outcome import exception_str, exception_type_name
 from .base import Driver
 
 __all__ = ["SyncDriver"]

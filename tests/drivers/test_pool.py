@@ -16,7 +16,8 @@ import pytest
 
 from starlette_concurrency import Concurrency, ProcessOptions, TaskTimeout, WorkerCrashed
 from starlette_concurrency._drivers.process import ProcessDriver
-from starlette_concurrency._protocol import (
+from starlette_concurrency._tasks import Outcome, Task
+from starlette_concurrency._wire.protocol import (
     HEADER,
     ID_SIZE,
     OK,
@@ -27,7 +28,6 @@ from starlette_concurrency._protocol import (
     frame,
     resend_body,
 )
-from starlette_concurrency._tasks import Outcome, Task
 
 from .. import helpers
 

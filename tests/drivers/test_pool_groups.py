@@ -17,7 +17,8 @@ from starlette_concurrency import Concurrency, SerializationError, WorkerCrashed
 from starlette_concurrency._closures import ClosureCache, Payload
 from starlette_concurrency._drivers.process import ProcessDriver
 from starlette_concurrency._pickling import pickle_group
-from starlette_concurrency._protocol import (
+from starlette_concurrency._tasks import Task
+from starlette_concurrency._wire.protocol import (
     SINGLE,
     TASKS,
     ProtocolError,
@@ -26,7 +27,6 @@ from starlette_concurrency._protocol import (
     split_resend,
     tasks_frame,
 )
-from starlette_concurrency._tasks import Task
 
 from .. import helpers
 

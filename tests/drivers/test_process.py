@@ -284,6 +284,26 @@ async def test_a_worker_inherits_cwd_environment_and_sys_path(monkeypatch: pytes
     assert parent == os.getpid()
 
 
+async def test_an_app_s_modules_named_like_the_worker_s_own_are_the_app_s(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # The worker's modules once were top-level `_protocol`, `_worker`, `_closure_store` in a worker:
+    # a task of the app's `_protocol.py` called the worker's function of that name.
+    names = ["protocol", "worker", "closure_store", "_protocol", "_worker", "_closure_store", "_wire"]
+    for name in names:
+        (tmp_path / f"{name}.py").write_text(f"import os\n\ndef answer():\n    return ({name!r}, os.getpid())\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    modules = [__import__(name) for name in names]
+    try:
+        async with Concurrency(driver=ProcessDriver(1), env_file=None) as concurrency:
+            answers = await concurrency.run([module.answer for module in modules])
+    finally:
+        for name in names:
+            sys.modules.pop(name, None)
+    assert [name for name, _ in answers] == names
+    assert os.getpid() not in {pid for _, pid in answers}
+
+
 async def test_payloads_and_results_are_never_logged(
     pool: tuple[Concurrency, ProcessDriver], caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]
 ) -> None:

@@ -2,10 +2,10 @@
 
 The pool itself (one queue for every call, run() before deferred work, a small window of frames per
 worker, answers checked against the task they name) is `_pool.py`; the parent's handle on a worker
-process is `_child.py`; the worker's loop is `_worker.py`; the wire format is `_protocol.py`. This
+process is `_child.py`; the worker's loop is `_wire/worker.py`; the wire format is `_wire/protocol.py`. This
 module holds what is particular to this driver: its options and how a worker is started.
 
-What a worker inherits, and what it does not. It is `sys.executable` running `_worker.py`, with no
+What a worker inherits, and what it does not. It is `sys.executable` running `_wire/worker.py`, with no
 interpreter flags, started with the server's environment (`os.environ`) and working directory as they
 are when that worker starts, and the server's `sys.path` as it was when the pool started (sent in the
 INIT frame). stdin is /dev/null; stdout and stderr are the server's, so what a task prints shows in
@@ -36,7 +36,6 @@ import subprocess
 import sys
 from collections.abc import Sequence
 
-from ... import _protocol, _worker
 from ..._closures import Payload
 from ..._config import Settings, check_workers, default_workers
 from ..._exceptions import ConfigurationError
@@ -45,13 +44,14 @@ from ..._options import ProcessOptions
 from ..._pickling import dumps, dumps_task
 from ..._stats import Stats
 from ..._tasks import Outcome, Task
+from ..._wire import protocol, worker as wire_worker
 from .._child import run_in_spawn_thread
 from ..base import Driver
 from ._pool import Pool, Worker
 
 __all__ = ["ProcessDriver"]
 
-_WORKER_SCRIPT = _worker.__file__
+_WORKER_SCRIPT = wire_worker.__file__
 
 
 def _rss(pid: int) -> int | None:
@@ -63,7 +63,7 @@ def _rss(pid: int) -> int | None:
 
 
 class ProcessDriver(Driver):
-    """Run tasks in a warm pool of fresh Python interpreters (`python starlette_concurrency/_worker.py`).
+    """Run tasks in a warm pool of fresh Python interpreters (`python starlette_concurrency/_wire/worker.py`).
 
     Workers are started with the server's interpreter, `sys.path`, working directory and environment,
     never by forking the server, so the driver is safe in a threaded server and functions from the
@@ -104,7 +104,7 @@ class ProcessDriver(Driver):
         # between the two, and cwd and the environment are the ones of the moment a worker starts too.
         config: dict[str, object] = {**self._config, "sys_path": list(sys.path)}
         config["log_levels"] = self._levels.current() if self._levels is not None else None
-        return _protocol.frame(_protocol.INIT, pickle.dumps(config))
+        return protocol.frame(protocol.INIT, pickle.dumps(config))
 
     def _new_pool(self) -> Pool:
         return Pool(
@@ -183,7 +183,7 @@ def _start_worker(init_frame: bytes) -> Worker:
     task_read, to_worker = os.pipe()
     from_worker, result_write = os.pipe()
     try:
-        _protocol.grow_pipe(to_worker)
+        protocol.grow_pipe(to_worker)
         process = subprocess.Popen(
             [sys.executable, _WORKER_SCRIPT, str(task_read), str(result_write), str(os.getpid())],
             pass_fds=(task_read, result_write),

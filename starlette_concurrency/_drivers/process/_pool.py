@@ -57,13 +57,13 @@ from typing import Any, cast
 import anyio
 import anyio.lowlevel
 
-from ... import _protocol
 from ..._closures import ClosureCache, Payload, Skeleton
 from ..._exceptions import ConcurrencyClosed, SerializationError, WorkerCrashed, WorkerStartFailed
 from ..._logs import Levels, handle as handle_record, load as load_record, task_extra
 from ..._pickling import decode_outcome, describe_failure, pickle_group, pickle_task
 from ..._stats import Stats, TaskCounters
 from ..._tasks import NOT_STARTED, Outcome, Task
+from ..._wire import protocol
 from ._handle import Worker, launch
 from ._machine import STOP_GRACE, Call, Failure, Job, Leave, Machine, Mismatch, Phase, Slot
 
@@ -72,7 +72,7 @@ __all__ = ["Pool", "Worker"]
 logger = logging.getLogger("starlette_concurrency")
 
 _MIN_GROUP, _MAX_GROUP = 4, 32  # tasks pickled in one dump (see _pickle)
-_ANSWERS, _ID, _ID_SIZE = _protocol.ANSWERS, struct.Struct("!Q"), _protocol.ID_SIZE
+_ANSWERS, _ID, _ID_SIZE = protocol.ANSWERS, struct.Struct("!Q"), protocol.ID_SIZE
 
 
 def _running(token: Any) -> bool:
@@ -523,7 +523,7 @@ class Pool:
                         call.settle(job.index, decode_outcome(tag, memoryview(body)[_ID_SIZE:], task))
                 else:
                     self._handle(worker, slot, tag, body, now)
-        except (_protocol.ProtocolError, Mismatch) as exc:
+        except (protocol.ProtocolError, Mismatch) as exc:
             self._broken(worker, str(exc), now)
         except Exception as exc:  # a bug of ours: the worker cannot be trusted to be in step any more
             logger.exception("reading a process worker's answers failed")
@@ -538,34 +538,34 @@ class Pool:
         self.machine.protocol_error(worker.slot, now)
 
     def _handle(self, worker: Worker, slot: Slot, tag: bytes, body: bytes, now: float) -> None:
-        if tag == _protocol.LOG:  # also before READY: what the initializer logged
+        if tag == protocol.LOG:  # also before READY: what the initializer logged
             self._log(worker, slot, body)
             return
         if not worker.ready:
-            if tag == _protocol.READY:
+            if tag == protocol.READY:
                 worker.ready = True
                 self.machine.ready(slot, now)
                 return
-            if tag == _protocol.START_FAILED:
+            if tag == protocol.START_FAILED:
                 error = describe_failure(body, f"a worker (pid {worker.pid}) failed to start")
                 self.machine.start_failed(slot, error, now)
                 return
-            raise _protocol.ProtocolError(f"{tag!r} before READY")
-        if tag == _protocol.IDLE_EXIT:
+            raise protocol.ProtocolError(f"{tag!r} before READY")
+        if tag == protocol.IDLE_EXIT:
             self.machine.idle_exit(slot, now)
-        elif tag == _protocol.SLOW_IMPORT:
+        elif tag == protocol.SLOW_IMPORT:
             self._warn_slow_import(worker, body)
-        elif tag == _protocol.RESEND:
+        elif tag == protocol.RESEND:
             self._resend(slot, body, now)
         elif tag in _ANSWERS:
-            raise _protocol.ProtocolError("an answer too short to name its task")
+            raise protocol.ProtocolError("an answer too short to name its task")
         else:
-            raise _protocol.ProtocolError(f"unknown tag {tag!r}")
+            raise protocol.ProtocolError(f"unknown tag {tag!r}")
 
     def _log(self, worker: Worker, slot: Slot, body: bytes) -> None:
         """A record a worker logged: to the server's logger of its name, with its task's attributes."""
         fields, inflight = load_record(body), slot.inflight
-        job = inflight[0] if inflight and inflight[0].id == _protocol.answer_id(body) else None
+        job = inflight[0] if inflight and inflight[0].id == protocol.answer_id(body) else None
         task = job.call.tasks[job.index] if job is not None else None  # type: ignore[attr-defined]
         handle_record(fields, task_extra(self.name, worker.pid, task))
 
@@ -575,7 +575,7 @@ class Pool:
         None of them ran. One by one, only the task that will not load fails (LOAD_FAILED), the others
         run. They are pickled again here, so they travel as they are now.
         """
-        first, count = _protocol.split_resend(body)
+        first, count = protocol.split_resend(body)
         back: list[Job] = []
         for job in self.machine.resent(slot, first, count, now):
             call: _Call = job.call  # type: ignore[assignment]
@@ -626,9 +626,9 @@ class Pool:
                     continue
             if last is None or last.payload is not payload:
                 skeletons.extend(payload.skeletons)
-            entries.append((job.id, 1, _protocol.SINGLE if job.slot < 0 else job.slot, payload.data))
+            entries.append((job.id, 1, protocol.SINGLE if job.slot < 0 else job.slot, payload.data))
             last = job
-        tasks = _protocol.tasks_frame(worker.mirror.prepare(skeletons), entries)
+        tasks = protocol.tasks_frame(worker.mirror.prepare(skeletons), entries)
         levels = self.levels
         if levels is None:
             return tasks

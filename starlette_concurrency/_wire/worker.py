@@ -3,7 +3,7 @@
 ```
    parent (event loop)                                   worker (this module)
    ───────────────────                                   ────────────────────
-   spawn: python _worker.py R W PPID ──────────────────▶ die with the parent (PR_SET_PDEATHSIG)
+   spawn: python worker.py R W PPID ───────────────────▶ die with the parent (PR_SET_PDEATHSIG)
           INIT frame ──────────────────────────────────▶ sys.path, initializer, preload, limits
                                   ◀───────── READY ────  import cloudpickle, run initializer
    TASKS frame: definitions,      ── pipe R ───────────▶ load_definitions(blob); for each entry:
@@ -15,12 +15,12 @@
    close pipe R (or die)          ─────── EOF/HUP ─────▶ exit
 ```
 
-Framing and tags live in `_protocol.py`. Because a worker answers the tasks of a TASKS frame strictly
-in order and writes each answer before starting the next task, the parent knows exactly which task a
-worker was running when it died; the id in each answer lets it check that, frame by frame. A group
-(several tasks pickled in one dump by the parent) is loaded once for the range of it an entry runs;
-if it will not load, the worker says RESEND and the parent sends those tasks again one by one, so
-that only the one that cannot load fails.
+Framing and tags live in `protocol.py`; how a task's end becomes an answer, in `outcome.py`. Because a
+worker answers the tasks of a TASKS frame strictly in order and writes each answer before starting the
+next task, the parent knows exactly which task a worker was running when it died; the id in each answer
+lets it check that, frame by frame. A group (several tasks pickled in one dump by the parent) is loaded
+once for the range of it an entry runs; if it will not load, the worker says RESEND and the parent sends
+those tasks again one by one, so that only the one that cannot load fails.
 `load_definitions` and `load_task` are the two places where what the parent pickled is loaded.
 Results never travel on stdout or stderr, so a task may print freely; the worker flushes both after
 every task, so that what a task printed shows in the server's output even if the worker is killed later.
@@ -31,43 +31,50 @@ are made non-inheritable (an `os.system("… &")` in a task does not keep them o
 such a child would hold the result pipe open after the worker died, and the parent, which learns of a
 death from EOF on that pipe, would wait for it forever.
 
-This file imports nothing from the package but `_protocol` and `_closure_store` (as top-level modules
-when started by path) and only the standard library at start-up (cloudpickle
-is imported before READY), so it can be started by path: `python -m starlette_concurrency._worker`
-would first import the package root, which pulls in starlette and anyio — about 30 ms and 9 MiB
-per worker for nothing.
+This file imports nothing from the package but its own folder, and only the standard library at
+start-up (cloudpickle is imported before READY), so it is started by path: `python -m
+starlette_concurrency._wire.worker` would first import the package root, which pulls in starlette
+and anyio — about 30 ms and 9 MiB per worker for nothing. Started so, it loads its folder as the
+package ``starlette_concurrency._wire`` (see `__init__.py`) and runs that copy of itself: one module
+object, and no top-level name an app's module could have.
 """
 
 from __future__ import annotations
 
+import os
+import sys
+
+if __name__ == "__main__":  # started by path (see above)
+    import importlib.util
+
+    _here = os.path.dirname(os.path.abspath(__file__))
+    if sys.path and os.path.abspath(sys.path[0]) == _here:
+        del sys.path[0]  # this folder is no place for an app's imports (INIT sets the server's sys.path)
+    _spec = importlib.util.spec_from_file_location(
+        "starlette_concurrency._wire", os.path.join(_here, "__init__.py"), submodule_search_locations=[_here]
+    )
+    assert _spec is not None
+    assert _spec.loader is not None
+    sys.modules[_spec.name] = _package = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(_package)
+    from starlette_concurrency._wire.worker import main as _main
+
+    sys.exit(_main(sys.argv))
+
 import atexit
 import contextlib
-import copyreg
-import os
 import pickle
 import signal
-import sys
 import threading
 import time
-import traceback
-from collections.abc import Callable
 from typing import Any, BinaryIO
 
-try:
-    from . import _closure_store, _protocol
-except ImportError:  # started by path (see above): this file's directory is sys.path[0]
-    import _closure_store  # type: ignore[import-not-found,no-redef]
-    import _protocol  # type: ignore[import-not-found,no-redef]
-
-# The framing lives in _protocol; these names stay here for the dask driver, which ships whole frames.
-HEADER = _protocol.HEADER
-LOAD_FAILED = _protocol.LOAD_FAILED
-frame = _protocol.frame
-
+from . import closure_store, protocol
+from .outcome import describe, encode
 
 # The function skeletons this process was sent (see _closures.py): its parent's mirror of it decides
 # what goes in and out, in frame order.
-_STORE = _closure_store.WorkerStore()
+_STORE = closure_store.WorkerStore()
 
 
 def load_definitions(blob: bytes) -> None:
@@ -92,8 +99,8 @@ def main(argv: list[str]) -> int:
     # group, and a worker that died of it would fail a task the server is about to drain.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
-    init = _protocol.read_frame(reader)
-    if init is None or init[0] != _protocol.INIT:
+    init = protocol.read_frame(reader)
+    if init is None or init[0] != protocol.INIT:
         return 0
     config = pickle.loads(init[1])
     sys.path[:] = config["sys_path"]
@@ -109,42 +116,42 @@ def main(argv: list[str]) -> int:
         if config["initializer"] is not None:
             cloudpickle.loads(config["initializer"])()
     except BaseException as exc:  # instead of READY: the parent raises it as the reason it failed to start
-        _write(writer, _protocol.frame(_protocol.START_FAILED, _describe(exc)))
+        _write(writer, protocol.frame(protocol.START_FAILED, describe(exc)))
         return 1
     idle_timeout: float | None = config["idle_timeout"]
 
-    _write(writer, _protocol.frame(_protocol.READY, str(os.getpid()).encode()))
+    _write(writer, protocol.frame(protocol.READY, str(os.getpid()).encode()))
     first_task = True
     # The last group this worker loaded, by the id its slot 0 has: a group whose tasks come in several
     # frames (the pool cuts chunks as the queue shortens) is loaded once here. At most one is held.
     held_base, held_fns = -1, None
     while True:
         if idle_timeout is not None and not _readable_within(reader, idle_timeout):
-            _write(writer, _protocol.frame(_protocol.IDLE_EXIT, b""))
+            _write(writer, protocol.frame(protocol.IDLE_EXIT, b""))
             return 0
-        message = _protocol.read_frame(reader)  # a ProtocolError ends the worker: the parent sees a crash
+        message = protocol.read_frame(reader)  # a ProtocolError ends the worker: the parent sees a crash
         if message is None:
             return 0
         tag, body = message
-        if tag == _protocol.LEVELS:
+        if tag == protocol.LEVELS:
             set_levels(pickle.loads(body))
             continue
-        if tag != _protocol.TASKS:
-            raise _protocol.ProtocolError(f"unexpected frame tag {tag!r}")
-        definitions, entries = _protocol.parse_tasks(body)
+        if tag != protocol.TASKS:
+            raise protocol.ProtocolError(f"unexpected frame tag {tag!r}")
+        definitions, entries = protocol.parse_tasks(body)
         del message, body
         try:
             load_definitions(definitions)
         except BaseException as exc:  # none of the frame can run; each task says so by name
-            failure = _describe(exc)
+            failure = describe(exc)
             for first, count, _, _ in entries:
                 for task_id in range(first, first + count):
-                    _write(writer, _protocol.answer(_protocol.LOAD_FAILED, task_id, failure))
+                    _write(writer, protocol.answer(protocol.LOAD_FAILED, task_id, failure))
             continue
         entries.reverse()  # popped from the end: each payload is let go of once its tasks ran
         while entries:
             first, count, start, payload = entries.pop()
-            if start != _protocol.SINGLE:  # a group pickled in one dump: one load for its tasks
+            if start != protocol.SINGLE:  # a group pickled in one dump: one load for its tasks
                 if first - start == held_base and held_fns is not None:
                     fns: list[Any] = held_fns
                 else:
@@ -152,7 +159,7 @@ def main(argv: list[str]) -> int:
                     try:
                         fns = _load(payload, writer, first_task)
                     except BaseException:  # none ran: the parent sends them one by one, so only the culprit fails
-                        _write(writer, _protocol.frame(_protocol.RESEND, _protocol.resend_body(first, count)))
+                        _write(writer, protocol.frame(protocol.RESEND, protocol.resend_body(first, count)))
                         continue
                     finally:
                         first_task = False
@@ -162,17 +169,17 @@ def main(argv: list[str]) -> int:
                     fn = fns[start + offset]
                     fns[start + offset] = None  # let it go once it ran
                     _running[0] = first + offset
-                    _answer(writer, first + offset, outcome(fn, cloudpickle.dumps))
+                    _answer(writer, first + offset, encode(fn, cloudpickle.dumps))
                     del fn
                 del fns
                 continue
             try:
                 fn = _load(payload, writer, first_task)
             except BaseException as exc:
-                _answer(writer, first, (_protocol.LOAD_FAILED, _describe(exc)))
+                _answer(writer, first, (protocol.LOAD_FAILED, describe(exc)))
             else:
                 _running[0] = first
-                _answer(writer, first, outcome(fn, cloudpickle.dumps))
+                _answer(writer, first, encode(fn, cloudpickle.dumps))
                 del fn
             finally:
                 first_task = False
@@ -181,7 +188,7 @@ def main(argv: list[str]) -> int:
 
 def _answer(writer: BinaryIO, task_id: int, how: tuple[bytes, bytes]) -> None:
     _flush_stdio()  # before the answer, so that the output shows before run() returns
-    _write(writer, _protocol.answer(how[0], task_id, how[1]))
+    _write(writer, protocol.answer(how[0], task_id, how[1]))
 
 
 def _load(payload: bytes, writer: BinaryIO, first: bool) -> Any:
@@ -206,7 +213,7 @@ def _load_timed(payload: bytes, writer: BinaryIO) -> Any:
         if seconds > SLOW_IMPORT_SECONDS:
             modules = sorted({name.partition(".")[0] for name in set(sys.modules) - before})
             report = f"{seconds:.2f} {','.join(modules[:12])}".encode("ascii", "replace")
-            _write(writer, _protocol.frame(_protocol.SLOW_IMPORT, report))
+            _write(writer, protocol.frame(protocol.SLOW_IMPORT, report))
 
 
 def die_with_parent(parent: int) -> None:
@@ -260,86 +267,6 @@ def stop_descendants() -> None:
     for pid in seen:
         with contextlib.suppress(OSError):
             os.kill(pid, signal.SIGKILL)
-
-
-def result_frame(fn: Callable[[], Any], dumps: Callable[[Any], bytes]) -> bytes:
-    """Call `fn` and frame how it ended, without a task id (a forked child's single answer)."""
-    return _protocol.frame(*outcome(fn, dumps))
-
-
-def outcome(fn: Callable[[], Any], dumps: Callable[[Any], bytes]) -> tuple[bytes, bytes]:
-    """Call `fn` (running a coroutine it returns to completion) and return (tag, body) of how it ended.
-
-    Never raises: a failure, or a result that will not pickle, is described too. `dumps` is the
-    fallback for results and exceptions that plain pickle refuses (cloudpickle's, in a worker).
-    """
-    try:
-        value = fn()
-        if hasattr(value, "__await__"):
-            value = _await(value)
-    except BaseException as exc:
-        return _encode_error(exc, dumps)
-    try:
-        return _protocol.OK, pickle.dumps(value, pickle.HIGHEST_PROTOCOL)
-    except Exception:
-        pass
-    try:
-        # cloudpickle is slower than pickle but also handles lambdas, local classes and __main__ objects.
-        return _protocol.OK, dumps(value)
-    except BaseException as exc:
-        return _protocol.UNPICKLABLE, _describe(exc)
-
-
-def _await(awaitable: Any) -> Any:
-    import asyncio
-
-    async def wrapper() -> Any:
-        return await awaitable
-
-    return asyncio.run(wrapper())
-
-
-def _encode_error(exc: BaseException, dumps: Callable[[Any], bytes]) -> tuple[bytes, bytes]:
-    text = "".join(traceback.format_exception(exc))
-    if isinstance(exc, Exception):  # SystemExit, KeyboardInterrupt... raised in the server would stop it
-        # An exception pickles as (type, args); one whose __init__ wants other arguments than it
-        # passed to Exception.__init__ pickles fine and then fails to load, so try it here, then try
-        # rebuilding it without calling __init__. What still fails travels as a RemoteError.
-        cls = type(exc)  # a class with a __reduce__ of its own said how it pickles: respect that
-        by_default = cls.__reduce__ in _BUILTIN_REDUCE and cls.__reduce_ex__ is object.__reduce_ex__
-        for candidate in (exc, _ByState(exc)) if by_default else (exc,):
-            try:
-                body = dumps((candidate, text))
-                pickle.loads(body)
-            except BaseException:
-                continue
-            return _protocol.ERROR, body
-    return _protocol.REMOTE, _describe(exc, text)
-
-
-_BUILTIN_REDUCE = (BaseException.__reduce__, OSError.__reduce__)
-
-
-class _ByState:
-    """Pickles as the exception it wraps, rebuilt from its args and attributes without calling __init__."""
-
-    def __init__(self, exc: BaseException) -> None:
-        self.exc = exc
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        exc = self.exc
-        base = next(cls for cls in type(exc).__mro__ if cls.__module__ == "builtins")
-        state = {**getattr(exc, "__dict__", {}), "args": exc.args}
-        if isinstance(exc, OSError):
-            state.update(errno=exc.errno, strerror=exc.strerror, filename=exc.filename, filename2=exc.filename2)
-        return copyreg._reconstructor, (type(exc), base, None), state  # type: ignore[attr-defined]
-
-
-def _describe(exc: BaseException, text: str | None = None) -> bytes:
-    """Pickle what a `RemoteError` is made of: the type's name, the message, the traceback's text."""
-    if text is None:
-        text = "".join(traceback.format_exception(exc))
-    return pickle.dumps((_protocol.exception_type_name(exc), _protocol.exception_str(exc), text))
 
 
 _running = [0]  # the id of the task this worker runs (or last ran): the one its log records belong to
@@ -407,7 +334,7 @@ def log_forwarder(writer: BinaryIO) -> Any:
                     stack_info=record.stack_info,
                 )
                 body = pickle.dumps(fields, pickle.HIGHEST_PROTOCOL)
-                _write(writer, _protocol.answer(_protocol.LOG, _running[0], body))
+                _write(writer, protocol.answer(protocol.LOG, _running[0], body))
             except RecursionError:
                 raise
             except Exception:
@@ -475,7 +402,3 @@ def _watch_parent(fd: int) -> None:
                     os._exit(0)
 
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv))

@@ -1,7 +1,7 @@
 """The wire protocol between the parent and its workers / forked children: tags and framing, both sides.
 
-Standard library only, and no import of the package: the worker (`_worker.py`, started by path)
-imports this module as a top-level one, so that it never pays for the package root (starlette, anyio).
+Standard library only, and no import of the package root: the worker (`worker.py`, started by path)
+imports this module without it (see `__init__.py`). What an answer's body holds is `outcome.py`.
 
 Every frame is ``MAGIC (2 bytes) | length (4 bytes, big-endian) | tag (1 byte) | body``; the length
 counts the tag and the body. The magic makes a stray byte in a pipe a protocol error at once instead
@@ -52,8 +52,6 @@ __all__ = [
     "ProtocolError",
     "answer",
     "answer_id",
-    "exception_str",
-    "exception_type_name",
     "frame",
     "grow_pipe",
     "parse_tasks",
@@ -262,17 +260,3 @@ class FrameBuffer:
         else:
             self._start = end
         return tag, body
-
-
-def exception_type_name(exc: BaseException) -> str:
-    """Name an exception's type as a `RemoteError` does: ``ValueError``, ``myapp.errors.PaymentDeclined``."""
-    cls = type(exc)
-    return cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
-
-
-def exception_str(exc: BaseException) -> str:
-    """Return ``str(exc)``, or a placeholder when the exception's own ``__str__`` raises."""
-    try:
-        return str(exc)
-    except BaseException:
-        return "<exception str() failed>"
