@@ -7,6 +7,7 @@ the next task), so the test knows which task really started; the invariants are 
 from __future__ import annotations
 
 import math
+import os
 from collections import Counter
 
 import pytest
@@ -330,8 +331,12 @@ class PoolMachine(RuleBasedStateMachine):
         assert self.actions.long_pipelined == 0, "a task was sent behind one not known short"
 
 
+# Bounded for CI; ``SC_MACHINE_EXAMPLES=5000 SC_MACHINE_STEPS=200`` for a longer search.
 PoolMachine.TestCase.settings = settings(
-    max_examples=150, stateful_step_count=60, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+    max_examples=int(os.environ.get("SC_MACHINE_EXAMPLES", "150")),
+    stateful_step_count=int(os.environ.get("SC_MACHINE_STEPS", "60")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
 )
 TestPoolMachine = PoolMachine.TestCase
 
