@@ -11,11 +11,13 @@ of a length that waits forever.
  parent → worker   INIT   pickled configuration (sys.path, initializer, preload, idle timeout)
                    TASKS  definitions blob, then entries (first task id, count, start, payload) — see tasks_frame()
                    LEVELS the levels of the server's loggers (before a worker's first TASKS, and when they change)
+                   SKIP   task ids (8 bytes each) of a cancelled call: do not start them if not started yet
  worker → parent   READY  its pid                     START_FAILED  why it could not start
                    IDLE_EXIT  leaving on its idle timeout (nothing of a later frame ran)
                    OK / ERROR / REMOTE / UNPICKLABLE / LOAD_FAILED   one answer per task:
                           task id (8 bytes) | pickled result, exception or description
                    LOG  a log record: task id (8 bytes) of the task running when it was emitted | its fields
+                   SKIPPED  task id (8 bytes): told to skip it, the worker never started it (one answer, in order)
                    RESEND  a group payload would not load: task id (8 bytes) | count (4 bytes);
                            none of those tasks ran, the parent sends them again one by one
 ```
@@ -44,6 +46,8 @@ __all__ = [
     "REMOTE",
     "RESEND",
     "SINGLE",
+    "SKIP",
+    "SKIPPED",
     "SLOW_IMPORT",
     "START_FAILED",
     "TASKS",
@@ -57,7 +61,9 @@ __all__ = [
     "parse_tasks",
     "read_frame",
     "resend_body",
+    "skip_body",
     "split_resend",
+    "split_skip",
     "tasks_frame",
 ]
 
@@ -71,6 +77,7 @@ SINGLE = 0xFFFFFFFF  # an entry's start when its payload is one callable, not a 
 # Parent → worker.
 INIT = b"C"  # body: pickled configuration
 TASKS = b"T"  # body: see tasks_frame()
+SKIP = b"K"  # body: task ids (8 bytes each) not to start; see skip_body()
 LEVELS = b"V"  # body: pickled {logger name: level} of the server's loggers ("" is the root); see _logs.py
 
 # Worker → parent.
@@ -82,6 +89,7 @@ ERROR = b"E"  # the task raised; body: pickled (exception, formatted traceback)
 REMOTE = b"X"  # the task raised something that would not round-trip; body: pickled (type name, str, traceback)
 UNPICKLABLE = b"S"  # the task returned something that would not pickle; body: pickled (type name, str, traceback)
 LOAD_FAILED = b"L"  # the task itself would not unpickle here; body: pickled (type name, str, traceback)
+SKIPPED = b"N"  # the task was to be skipped and never started; body: its id (8 bytes)
 RESEND = b"P"  # a group payload would not load; body: first task id (8 bytes), count (4 bytes); none of them ran
 SLOW_IMPORT = b"W"  # before the first answer: loading the first task took long; body: "<seconds> <module>,<module>…"
 LOG = b"G"  # a log record emitted in the worker; body: task id (8 bytes) of the task running then | pickled fields
@@ -175,6 +183,22 @@ def split_resend(body: bytes) -> tuple[int, int]:
     if len(body) != _ID.size + _COUNT.size:
         raise ProtocolError("a malformed RESEND frame")
     return _ID.unpack_from(body)[0], _COUNT.unpack_from(body, _ID.size)[0]
+
+
+def skip_body(task_ids: list[int]) -> bytes:
+    """The body of a SKIP frame: the ids of tasks not to start."""
+    return b"".join(map(_ID.pack, task_ids))
+
+
+def split_skip(body: bytes) -> list[int]:
+    """Return the task ids of a SKIP body.
+
+    Raises:
+        ProtocolError: the body is not a SKIP body.
+    """
+    if not body or len(body) % _ID.size:
+        raise ProtocolError("a malformed SKIP frame")
+    return [task_id for (task_id,) in _ID.iter_unpack(body)]
 
 
 def grow_pipe(fd: int) -> None:

@@ -63,10 +63,12 @@ if __name__ == "__main__":  # started by path (see above)
 
 import atexit
 import contextlib
+import math
 import pickle
 import signal
 import threading
 import time
+from collections import deque
 from typing import Any, BinaryIO
 
 from . import closure_store, protocol
@@ -125,21 +127,18 @@ def main(argv: list[str]) -> int:
     # The last group this worker loaded, by the id its slot 0 has: a group whose tasks come in several
     # frames (the pool cuts chunks as the queue shortens) is loaded once here. At most one is held.
     held_base, held_fns = -1, None
+    inbox = _Inbox(reader)
     while True:
-        if idle_timeout is not None and not _readable_within(reader, idle_timeout):
-            _write(writer, protocol.frame(protocol.IDLE_EXIT, b""))
-            return 0
-        message = protocol.read_frame(reader)  # a ProtocolError ends the worker: the parent sees a crash
+        if not inbox.ahead:
+            inbox.skip.clear()  # every task sent so far is answered: what was to be skipped is past
+            if idle_timeout is not None and not _readable_within(reader, idle_timeout):
+                _write(writer, protocol.frame(protocol.IDLE_EXIT, b""))
+                return 0
+        message = inbox.next()  # a ProtocolError ends the worker: the parent sees a crash
         if message is None:
             return 0
-        tag, body = message
-        if tag == protocol.LEVELS:
-            set_levels(pickle.loads(body))
-            continue
-        if tag != protocol.TASKS:
-            raise protocol.ProtocolError(f"unexpected frame tag {tag!r}")
-        definitions, entries = protocol.parse_tasks(body)
-        del message, body
+        definitions, entries = protocol.parse_tasks(message[1])
+        del message
         try:
             load_definitions(definitions)
         except BaseException as exc:  # none of the frame can run; each task says so by name
@@ -149,6 +148,7 @@ def main(argv: list[str]) -> int:
                     _write(writer, protocol.answer(protocol.LOAD_FAILED, task_id, failure))
             continue
         entries.reverse()  # popped from the end: each payload is let go of once its tasks ran
+        skip = inbox.skip
         while entries:
             first, count, start, payload = entries.pop()
             if start != protocol.SINGLE:  # a group pickled in one dump: one load for its tasks
@@ -168,10 +168,18 @@ def main(argv: list[str]) -> int:
                 for offset in range(count):
                     fn = fns[start + offset]
                     fns[start + offset] = None  # let it go once it ran
+                    inbox.look()
+                    if skip and first + offset in skip:
+                        _write(writer, protocol.answer(protocol.SKIPPED, first + offset, b""))
+                        continue
                     _running[0] = first + offset
                     _answer(writer, first + offset, encode(fn, cloudpickle.dumps))
                     del fn
                 del fns
+                continue
+            inbox.look()
+            if skip and first in skip:
+                _write(writer, protocol.answer(protocol.SKIPPED, first, b""))
                 continue
             try:
                 fn = _load(payload, writer, first_task)
@@ -184,6 +192,65 @@ def main(argv: list[str]) -> int:
             finally:
                 first_task = False
             del payload
+
+
+class _Inbox:
+    """The frames from the parent: TASKS in order, and a look ahead between tasks for SKIP and LEVELS.
+
+    A call cancelled while its tasks wait in this worker (pipelined behind another call's, or later in
+    a chunk) sends SKIP with their ids; a task not started when its id arrives is answered SKIPPED
+    instead of run. Looking costs a poll() (about a microsecond), so it is done before a task only if
+    `LOOK_EVERY` seconds passed since the last look: a task behind one that ran longer than that is
+    always looked for, and µs tasks in a row pay one poll per `LOOK_EVERY`. TASKS frames
+    read while looking wait in `ahead`, in order; the parent counts them as read (see Pool._unread),
+    which is safe: they still run in order, after the task in progress.
+    """
+
+    LOOK_EVERY = 0.0005
+
+    def __init__(self, reader: int) -> None:
+        import select
+
+        self.reader = reader
+        self.ahead: deque[tuple[bytes, bytes]] = deque()
+        self.skip: set[int] = set()
+        self._poller = select.poll()
+        self._poller.register(reader, select.POLLIN)
+        self._next_look = 0.0
+
+    def next(self) -> tuple[bytes, bytes] | None:
+        """The next TASKS frame (blocking), or None at the end of input."""
+        while not self.ahead:
+            message = protocol.read_frame(self.reader)
+            if message is None:
+                return None
+            self._take(message)
+        return self.ahead.popleft()
+
+    def look(self) -> None:
+        """Before a task: read what the parent sent meanwhile, if it is time to look."""
+        now = time.monotonic()
+        if now < self._next_look:
+            return
+        self._next_look = now + self.LOOK_EVERY
+        while self._poller.poll(0):
+            message = protocol.read_frame(self.reader)
+            if message is None:  # the parent closed the pipe: the tasks already sent still run
+                self._poller.unregister(self.reader)
+                self._next_look = math.inf
+                return
+            self._take(message)
+
+    def _take(self, message: tuple[bytes, bytes]) -> None:
+        tag, body = message
+        if tag == protocol.TASKS:
+            self.ahead.append(message)
+        elif tag == protocol.SKIP:
+            self.skip.update(protocol.split_skip(body))
+        elif tag == protocol.LEVELS:
+            set_levels(pickle.loads(body))
+        else:
+            raise protocol.ProtocolError(f"unexpected frame tag {tag!r}")
 
 
 def _answer(writer: BinaryIO, task_id: int, how: tuple[bytes, bytes]) -> None:

@@ -6,6 +6,7 @@ cheap cancellation, truthful stats.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import signal
@@ -242,6 +243,52 @@ def report_then_sleep(path: Path, seconds: float) -> int:
     path.write_text("started")
     time.sleep(seconds)
     return os.getpid()
+
+
+def append_when_released(path: Path, text: str, started: Path | None, release: Path | None) -> str:
+    """`append`, after reporting and waiting for `release` when given (one function: one run-time estimate)."""
+    if started is not None and release is not None:
+        report_and_wait_for(started, release)
+    return append(path, text)
+
+
+async def test_a_cancelled_task_waiting_in_a_worker_behind_another_call_s_is_skipped(tmp_path: Path) -> None:
+    # Defect 6: a cancelled call's task pipelined behind another call's ran anyway (or, in release 2,
+    # cost its worker a kill). Now the worker is told to skip it, and does: it never runs, nothing is killed.
+    runs, started, release = tmp_path / "runs", tmp_path / "started", tmp_path / "release"
+    driver = ProcessDriver(1, ProcessOptions(cancel_grace=0.5))
+    async with Concurrency(driver=driver, env_file=None) as concurrency:
+        for _ in range(12):  # known short (the first run's import halves away): x may be pipelined behind a
+            await concurrency.run(functools.partial(append_when_released, tmp_path / "warm", "w", None, None))
+        pid = driver.pids[0]
+        results: dict[str, object] = {}
+        x_scope = anyio.CancelScope()
+
+        async def call(name: str, text: str, *wait: Path | None) -> None:
+            fn = functools.partial(append_when_released, runs, text, *(wait or (None, None)))
+            with x_scope if name == "x" else contextlib.nullcontext():
+                results[name] = await concurrency.run(fn)
+
+        try:
+            with anyio.fail_after(60):
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(call, "a", "a", started, release)
+                    await helpers.eventually(started.exists)
+                    tg.start_soon(call, "x", "x")
+                    held = driver._pool.machine.slots[0].inflight
+                    await helpers.eventually(lambda: len(held) == 2)  # x waits in the worker, behind a
+                    x_scope.cancel()
+                    await anyio.sleep(0.05)
+                    release.touch()
+                    tg.start_soon(call, "b", "b")
+        finally:
+            release.touch()
+        stats = driver.stats()
+        assert driver.pids == [pid]
+    assert results == {"a": "a", "b": "b"}
+    assert lines(runs) == ["a", "b"]
+    assert stats.worker_restarts == 0
+    assert stats.tasks_timed_out == 1
 
 
 async def test_cancelling_a_call_whose_task_ends_within_the_grace_keeps_its_worker(tmp_path: Path) -> None:

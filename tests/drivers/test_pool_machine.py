@@ -40,6 +40,7 @@ class Recorder:
         self.start_failures = 0
         self.machine: Machine | None = None
         self.long_pipelined = 0  # frames that put a task behind one not known short (or in a chunk)
+        self.skips: set[int] = set()  # jobs a worker was told not to start
 
     def spawn(self, slot: Slot) -> None:
         self.spawns.append(slot)
@@ -52,6 +53,12 @@ class Recorder:
             and not all(self.machine.short(job.kind) for job in slot.inflight)
         ):
             self.long_pipelined += 1
+
+    def skip(self, slot: Slot, jobs: list[Job]) -> None:
+        for job in jobs:
+            assert job.done, f"a skip for job {job.id}, whose call is live"
+            assert job in slot.inflight, f"a skip for job {job.id}, which that worker does not hold"
+            self.skips.add(job.id)
 
     def kill(self, slot: Slot) -> None:
         self.killed.add(slot.id)
@@ -213,6 +220,39 @@ class PoolMachine(RuleBasedStateMachine):
             self.m.answers_read(slot, self.now)
         self._sync()
 
+    def skippable(self) -> list[Slot]:
+        return [
+            s
+            for s in self.live_slot()
+            if s.phase is not Phase.STARTING
+            and s.inflight
+            and s.inflight[0].id in self.actions.skips
+            and s.inflight[0].id not in self.begun
+        ]
+
+    @precondition(lambda self: bool(self.skippable()))
+    @rule(data=st.data())
+    def skips_head(self, data: st.DataObject) -> None:
+        """The worker comes to a task it was told to skip, before starting it: it answers SKIPPED."""
+        slot = data.draw(st.sampled_from(self.skippable()))
+        head = slot.inflight[0]
+        job = self.m.skipped(slot, head.id, self.now)
+        assert job is head
+        assert job.done
+        self.m.answers_read(slot, self.now)
+        self._sync()
+
+    @precondition(lambda self: any(s.inflight and not s.inflight[0].done for s in self.live_slot(Phase.READY)))
+    @rule(data=st.data())
+    def skip_of_a_live_task_is_refused(self, data: st.DataObject) -> None:
+        slot = data.draw(
+            st.sampled_from([s for s in self.live_slot(Phase.READY) if s.inflight and not s.inflight[0].done])
+        )
+        with pytest.raises(Mismatch):
+            self.m.skipped(slot, slot.inflight[0].id, self.now)
+        self.m.protocol_error(slot, self.now)
+        self._sync()
+
     @precondition(lambda self: any(s.inflight for s in self.live_slot()))
     @rule(data=st.data())
     def wrong_answer(self, data: st.DataObject) -> None:
@@ -331,7 +371,7 @@ class PoolMachine(RuleBasedStateMachine):
         assert self.actions.long_pipelined == 0, "a task was sent behind one not known short"
 
 
-# Bounded for CI; ``SC_MACHINE_EXAMPLES=5000 SC_MACHINE_STEPS=200`` for a longer search.
+# Bounded for CI; ``SC_MACHINE_EXAMPLES=5000 SC_MACHINE_STEPS=200 pytest --timeout 0 …`` for a longer search.
 PoolMachine.TestCase.settings = settings(
     max_examples=int(os.environ.get("SC_MACHINE_EXAMPLES", "150")),
     stateful_step_count=int(os.environ.get("SC_MACHINE_STEPS", "60")),

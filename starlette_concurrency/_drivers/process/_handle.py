@@ -70,7 +70,8 @@ class Worker(Child):
         self.broken = False  # it wrote what it could not have written: its pipe is not read any more
         self.protocol_error = ""
         self.gone = False  # its pipe closed or it exited: the pool was told (once)
-        self.frame_bytes: deque[int] = deque()  # the size of each frame in flight (see Pool._unread)
+        # Per TASKS frame in flight: its size, and the size of the SKIP frames written after it (Pool._unread)
+        self.frame_bytes: deque[list[int]] = deque()
         self.hung = False  # it closed its pipe but did not exit: it was killed for that
         # asyncio: the loop whose selector calls this worker's callbacks (see attach)
         self.selector_loop: asyncio.AbstractEventLoop | None = None

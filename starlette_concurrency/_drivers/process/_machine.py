@@ -7,8 +7,9 @@
  ready / start_failed /         deferred jobs      ┘ age into run()'s turn     send(slot, jobs)
    spawn_failed(slot)           slots: STARTING → READY → LEAVING → gone      kill(slot) / stop(slot)
  answered(slot, id)        ──▶  per slot: jobs in flight, in answer order  ──▶  fail(job, Failure)
- resent / idle_exit /           per function: an estimate of its run time       start_failed(error)
-   protocol_error(slot)         backoff and deadline of failing starts
+ skipped(slot, id)              per function: an estimate of its run time       start_failed(error)
+ resent / idle_exit /           backoff and deadline of failing starts          skip(slot, jobs)
+   protocol_error(slot)
  exited(slot)              ──▶  settle what it held: the one that may have started fails,
  cancel(call)                   the ones behind it (provably never started) go back, in order
  tick(now)                 ──▶  grace of cancelled tasks, stop deadlines, spawn backoff, start timeout
@@ -35,8 +36,9 @@ one place here and checked by `tests/drivers/test_pool_machine.py` against any s
   `MAX_BACKOFF`) while work is queued; if no worker became ready within `start_timeout`, every queued
   job fails with `Failure.START_FAILED`. `deadline()` always says when the machine next needs a tick.
 - **Cheap cancellation.** `cancel` drops the call's queued jobs at once; its job a worker is running
-  gets `cancel_grace` seconds to answer before the worker is killed; its jobs queued behind another
-  call's in a worker run when their turn comes (only short ones are ever pipelined). Such late answers
+  gets `cancel_grace` seconds to answer before the worker is killed; its jobs waiting in a worker
+  (behind another call's, or later in a chunk) are named in a SKIP frame, and the worker answers
+  SKIPPED for each it had not started (`skipped`), or runs it when its turn came first. Late answers
   settle nothing, but the I/O layer keeps a deferred task's: its log says it ran, not that it stopped.
 """
 
@@ -127,6 +129,7 @@ class Actions(Protocol):
 
     def spawn(self, slot: Slot) -> None: ...
     def send(self, slot: Slot, jobs: list[Job]) -> None: ...
+    def skip(self, slot: Slot, jobs: list[Job]) -> None: ...
     def kill(self, slot: Slot) -> None: ...
     def stop(self, slot: Slot) -> None: ...
     def fail(self, job: Job, failure: Failure, slot: Slot | None) -> None: ...
@@ -299,10 +302,12 @@ class Machine:
                 queue.clear()
                 queue.extend(kept)
         for slot in self.slots:
-            for job in slot.inflight:
-                if job.call is call and not job.done:
-                    job.done = True
-                    self.timed_out += 1
+            dropped = [job for job in slot.inflight if job.call is call and not job.done]
+            for job in dropped:
+                job.done = True
+                self.timed_out += 1
+            if dropped and slot.phase is Phase.READY:
+                self.actions.skip(slot, dropped)  # the one it runs, if any, is past skipping: it has its grace
             self._arm_grace(slot, now)
         self._dispatch(now)
 
@@ -366,6 +371,20 @@ class Machine:
         # One long run counts for long: the estimate halves with each shorter run after it.
         estimates[kind] = seconds if old is None or seconds > old * 0.5 else old * 0.5
         job.done = True
+        return job
+
+    def skipped(self, slot: Slot, task_id: int, now: float) -> Job:
+        """A worker did not start a task of a cancelled call, as SKIP asked: return its job.
+
+        Raises:
+            Mismatch: it does not name the first task the worker holds, or that task's call is live (a
+                worker never skips what it was not told to).
+        """
+        inflight = slot.inflight
+        if not inflight or inflight[0].id != task_id or not inflight[0].done or slot.phase is Phase.STARTING:
+            raise Mismatch(f"a skip of task id {task_id}, which is not a cancelled task in progress")
+        job = self._pop(slot)
+        slot.last_answer = now  # the next task starts now: its run time counts from here
         return job
 
     def answers_read(self, slot: Slot, now: float) -> None:

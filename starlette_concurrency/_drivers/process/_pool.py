@@ -282,11 +282,17 @@ class Pool:
         worker: Worker = slot.handle
         frame = self._frame_for(worker, jobs)
         if worker.send(frame):
-            worker.frame_bytes.append(len(frame))
+            worker.frame_bytes.append([len(frame), 0])
         else:
             # The pipe's other end is closed: the worker is dead and never read a byte of it. Told to
             # the machine once it has returned (see _after), so that none of these jobs counts as started.
             self._undelivered.append((slot, jobs))
+
+    def skip(self, slot: Slot, jobs: list[Job]) -> None:
+        worker: Worker = slot.handle
+        frame = protocol.frame(protocol.SKIP, protocol.skip_body([job.id for job in jobs]))
+        if worker.frame_bytes and worker.send(frame):
+            worker.frame_bytes[-1][1] += len(frame)  # read after that frame (see _unread)
 
     def kill(self, slot: Slot) -> None:
         if slot.handle is not None:  # else killed as soon as it is spawned (see Machine.spawned)
@@ -483,14 +489,16 @@ class Pool:
         """How many of the jobs a dead worker held were in frames it had not finished reading.
 
         A worker reads a whole frame before it runs any of it; the frames are in its pipe in order. So a
-        frame with any byte still unread (the pipe's FIONREAD, our write buffer) was never started.
+        frame with any byte still unread (the pipe's FIONREAD, our write buffer) was never started. The
+        SKIP frames written after a TASKS frame are read after it: unread, they say nothing of it.
         """
         sizes = worker.frame_bytes
         while len(sizes) > len(slot.frames):  # frames answered since (the machine forgot them)
             sizes.popleft()
         pending = worker.unread_bytes()
         jobs = 0
-        for size, count in zip(reversed(sizes), reversed(slot.frames), strict=False):
+        for (size, after), count in zip(reversed(sizes), reversed(slot.frames), strict=False):
+            pending -= after
             if pending <= 0:
                 break
             jobs += count
@@ -557,6 +565,8 @@ class Pool:
             self._warn_slow_import(worker, body)
         elif tag == protocol.RESEND:
             self._resend(slot, body, now)
+        elif tag == protocol.SKIPPED:
+            self.machine.skipped(slot, protocol.answer_id(body), now)
         elif tag in _ANSWERS:
             raise protocol.ProtocolError("an answer too short to name its task")
         else:
