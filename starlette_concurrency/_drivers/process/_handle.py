@@ -201,16 +201,11 @@ class Worker(Child):
 
     def unread_bytes(self) -> int:
         """How many bytes written for the worker it has not read: in its task pipe, and not yet written."""
-        pending = len(self.outbox)
-        if self.to_child is not None:
-            try:
-                import fcntl
-                import termios
+        return len(self.outbox) + (_in_pipe(self.to_child) if self.to_child is not None else 0)
 
-                pending += struct.unpack("i", fcntl.ioctl(self.to_child, termios.FIONREAD, b"\0\0\0\0"))[0]
-            except (ImportError, OSError):  # pragma: no cover - not Linux: nothing is known to be unread
-                pass
-        return pending
+    def answers_waiting(self) -> bool:
+        """Whether the worker wrote what the pool has not read yet (its answer pipe holds bytes)."""
+        return _in_pipe(self.from_child) > 0
 
     def close_input(self) -> None:
         """Close the worker's task pipe: it exits once it has answered what it holds (a stop, not a kill)."""
@@ -242,3 +237,14 @@ def _forget_workers_in_forked_child() -> None:
 
 if hasattr(os, "register_at_fork"):  # pragma: no branch - POSIX
     os.register_at_fork(after_in_child=_forget_workers_in_forked_child)
+
+
+def _in_pipe(fd: int) -> int:
+    """How many bytes a pipe holds (FIONREAD; 0 where that cannot be known)."""
+    try:
+        import fcntl
+        import termios
+
+        return int(struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0])
+    except (ImportError, OSError):  # pragma: no cover - not Linux
+        return 0

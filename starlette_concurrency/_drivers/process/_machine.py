@@ -306,8 +306,9 @@ class Machine:
             for job in dropped:
                 job.done = True
                 self.timed_out += 1
-            if dropped and slot.phase is Phase.READY:
-                self.actions.skip(slot, dropped)  # the one it runs, if any, is past skipping: it has its grace
+            behind = [job for job in dropped if job is not slot.inflight[0]]  # the first one runs: it has its grace
+            if behind and slot.phase is Phase.READY:
+                self.actions.skip(slot, behind)
             self._arm_grace(slot, now)
         self._dispatch(now)
 

@@ -290,6 +290,11 @@ class Pool:
 
     def skip(self, slot: Slot, jobs: list[Job]) -> None:
         worker: Worker = slot.handle
+        if worker.answers_waiting():
+            # It answered the task it ran and went on: what follows is µs work already done, or about to
+            # be; a SKIP would cost a write and a wake-up for nothing (measured: a fifth fewer calls
+            # completed under cancellation-heavy load of µs lambdas).
+            return
         frame = protocol.frame(protocol.SKIP, protocol.skip_body([job.id for job in jobs]))
         if worker.frame_bytes and worker.send(frame):
             worker.frame_bytes[-1][1] += len(frame)  # read after that frame (see _unread)
