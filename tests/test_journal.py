@@ -83,6 +83,30 @@ def test_a_killed_server_s_unfinished_tasks_run_in_the_next_one(tmp_path: Path, 
     assert replayed == 3
 
 
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_a_retry_waiting_at_a_sigkill_runs_in_the_next_process(tmp_path: Path, backend: str) -> None:
+    journal, out = tmp_path / "deferred.db", tmp_path / "out.txt"
+    first = server("retry", journal, out, backend)
+    try:
+        assert first.stdout is not None
+        assert first.stdout.readline().strip() == "READY"  # its first attempt failed; its retry waits 2 s
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.communicate(timeout=30)
+    [(entry, _, _)] = Journal(journal).entries()
+    assert (entry.attempts, entry.failures, entry.user_key) == (1, 1, "order-9")
+    second = server("replay", journal, out, backend)
+    output, _ = second.communicate(timeout=180)
+    assert second.returncode == 0, output
+    runs = [line.split() for line in out.read_text().splitlines()]
+    # The second attempt, in the second process, after the first one's failure: same key, same entry.
+    assert runs == [
+        ["retry", "1", str(first.pid), "order-9", str(entry.id)],
+        ["retry", "2", str(second.pid), "order-9", str(entry.id)],
+    ]
+    assert "REPLAYED 1 PENDING 0 DEAD 0" in output
+
+
 def test_two_live_processes_claim_each_entry_once(tmp_path: Path) -> None:
     journal, out = tmp_path / "deferred.db", tmp_path / "out.txt"
     out.touch()
@@ -150,6 +174,41 @@ def test_a_journal_of_a_newer_release_is_refused(tmp_path: Path) -> None:
         db.execute("UPDATE meta SET value = ? WHERE name = 'schema_version'", (str(SCHEMA_VERSION + 1),))
     with pytest.raises(ConfigurationError, match=r"deferred\.db.*newer release"):
         Concurrency(journal=str(journal), env_file=None)
+
+
+# The layout release 1 of the journal wrote (schema version 1), before retries.
+_VERSION_1 = """
+CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE entries (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, created REAL NOT NULL, driver TEXT NOT NULL, kind TEXT NOT NULL,
+    payload BLOB NOT NULL, label TEXT NOT NULL, task_key TEXT NOT NULL, function TEXT NOT NULL,
+    call INTEGER NOT NULL, method TEXT, path TEXT, attempts INTEGER NOT NULL, user_key TEXT UNIQUE,
+    owner TEXT NOT NULL, lease_expires REAL NOT NULL
+);
+CREATE TABLE dead (
+    id INTEGER PRIMARY KEY, created, driver, kind, payload, label, task_key, function, call, method, path,
+    attempts, user_key, reason TEXT NOT NULL, died REAL NOT NULL
+);
+INSERT INTO meta VALUES ('schema_version', '1');
+"""
+
+
+def test_a_journal_of_the_release_before_retries_is_upgraded(tmp_path: Path) -> None:
+    journal, out = tmp_path / "deferred.db", tmp_path / "out.txt"
+    payload = dumps_task(Task(0, functools.partial(journal_targets.record, str(out), "old", 1)))
+    with contextlib.closing(sqlite3.connect(journal)) as db, db:
+        db.executescript(_VERSION_1)
+        db.execute(
+            "INSERT INTO entries (created, driver, kind, payload, label, task_key, function, call, attempts, owner, "
+            "lease_expires) VALUES (0, 'process', 'payload', ?, 'task 0 (record)', '0', 'record', 0, 1, '', 0)",
+            (payload,),
+        )
+    store = Journal(journal)
+    [(entry, _, _)] = store.entries()
+    assert (entry.attempts, entry.retries, entry.failures) == (1, 0, 0)
+    store.close()
+    with contextlib.closing(sqlite3.connect(journal)) as db:
+        assert db.execute("SELECT value FROM meta WHERE name = 'schema_version'").fetchone() == (str(SCHEMA_VERSION),)
 
 
 def test_an_unwritable_place_is_refused_naming_it(tmp_path: Path) -> None:
