@@ -395,8 +395,11 @@ async def test_what_the_drain_stops_stays_for_the_next_start(tmp_path: Path, cap
     assert "replaying 3 deferred task(s) left by a previous run" in caplog.text
 
 
-def killed_uvicorn(env: dict[str, str], log: Path) -> tuple[subprocess.Popen[bytes], str]:
-    """Start uvicorn on the journal's app (to be SIGKILLed, so not `asgi.uvicorn`, which stops it gracefully)."""
+def killed_uvicorn(env: dict[str, str], log: Path, *options: str) -> tuple[subprocess.Popen[bytes], str]:
+    """Start uvicorn on the journal's app (to be SIGKILLed, so not `asgi.uvicorn`, which stops it gracefully).
+
+    In a session of its own: `kill_server` kills its whole process group (``--workers`` processes too).
+    """
     import socket
 
     from .asgi import free_port
@@ -404,11 +407,21 @@ def killed_uvicorn(env: dict[str, str], log: Path) -> tuple[subprocess.Popen[byt
     port = free_port()
     with log.open("wb") as output:
         process = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "tests.journal_app:app", "--port", str(port), "--no-access-log"],
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "tests.journal_app:app",
+                "--port",
+                str(port),
+                "--no-access-log",
+                *options,
+            ],
             cwd=ROOT,
             env={**os.environ, **env},
             stdout=output,
             stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
     for _ in range(600):  # a bound against hangs
         assert process.poll() is None, log.read_text()
@@ -418,6 +431,27 @@ def killed_uvicorn(env: dict[str, str], log: Path) -> tuple[subprocess.Popen[byt
         except OSError:
             subprocess.run(["sleep", "0.05"], check=True)
     raise AssertionError(f"uvicorn never answered:\n{log.read_text()}")
+
+
+def kill_server(process: subprocess.Popen[bytes]) -> None:
+    """SIGKILL a `killed_uvicorn` server, every process of it at once (its pools' workers die with their parents)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait(30)
+
+
+def journaled(journal: Path) -> int:
+    """How many `/orders` entries the journal holds."""
+    with contextlib.closing(sqlite3.connect(journal)) as db:
+        return int(db.execute("SELECT count(*) FROM entries WHERE user_key LIKE 'order-%'").fetchone()[0])
+
+
+def wait_for(condition: Callable[[], bool], what: str) -> None:
+    for _ in range(1200):  # a bound against hangs, not a speed expectation
+        if condition():
+            return
+        subprocess.run(["sleep", "0.05"], check=True)
+    raise AssertionError(f"never happened: {what}")
 
 
 def test_under_uvicorn_every_accepted_task_runs_after_a_sigkill(tmp_path: Path) -> None:
@@ -435,8 +469,7 @@ def test_under_uvicorn_every_accepted_task_runs_after_a_sigkill(tmp_path: Path) 
         accepted = [n for n in range(20) if httpx.post(f"{url}/orders/{n}").status_code == 200]
         assert httpx.get(f"{url}/status/500").status_code == 500
     finally:
-        first.send_signal(signal.SIGKILL)  # mid-storm: tasks queued, one or two running (held)
-        first.wait(30)
+        kill_server(first)  # mid-storm: tasks queued, one or two running (held)
     assert accepted == list(range(20))
     hold.unlink()
     with uvicorn("tests.journal_app:app", tmp_path / "second.log", env) as second:
@@ -484,3 +517,85 @@ async def test_a_full_journal_refuses_defer_until_a_write_succeeds(
         concurrency.defer(functools.partial(journal_targets.record, str(out), "journaled", 2))
         await concurrency.wait_deferred(60)
     assert [tag for tag, _, _ in lines(out)] == ["unjournaled", "journaled"]
+
+
+def test_under_uvicorn_with_two_workers_every_accepted_task_runs_after_a_sigkill(tmp_path: Path) -> None:
+    import httpx
+
+    from .asgi import uvicorn
+
+    journal, out = tmp_path / "deferred.db", tmp_path / "out.txt"
+    out.touch()
+    hold = Path(str(out) + ".hold")
+    hold.touch()
+    env = {"JOURNAL_PATH": str(journal), "JOURNAL_OUT": str(out), "PYTHONPATH": str(ROOT)}
+    first, url = killed_uvicorn(env, tmp_path / "first.log", "--workers", "2")
+    try:
+        with httpx.Client(timeout=60) as client:
+            accepted = [n for n in range(20) if client.post(f"{url}/orders/{n}").status_code == 200]
+        assert accepted == list(range(20))
+        wait_for(lambda: journaled(journal) == 20, "every accepted task journaled")
+        wait_for(lambda: "start" in out.read_text(), "a task under way")
+    finally:
+        kill_server(first)  # the supervisor and both workers at once: a power cut, as far as they know
+    before = lines(out)
+    running_at_kill = {number for tag, number, _ in before if tag == "start"}
+    assert running_at_kill
+    assert all(tag == "start" for tag, _, _ in before)  # held: none had finished
+    hold.unlink()
+    with uvicorn("tests.journal_app:app", tmp_path / "second.log", env, "--workers", "2") as second:
+        wait_for(
+            lambda: {number for tag, number, _ in lines(out) if tag == "end"} == set(accepted),
+            "every accepted task ran to its end after the restart",
+        )
+        assert "replaying" in second.output()
+    after = lines(out)[len(before) :]
+    assert Counter(number for tag, number, _ in after if tag == "end") == dict.fromkeys(accepted, 1)
+    # Each ran once after the restart; the tasks running at the kill had started once before too.
+    starts = Counter(number for tag, number, _ in lines(out) if tag == "start")
+    duplicates = {number for number, count in starts.items() if count > 1}
+    assert duplicates == running_at_kill
+    assert Journal(journal).pending == 0
+
+
+def test_two_overlapping_servers_on_one_journal_hand_over_after_a_sigkill(tmp_path: Path) -> None:
+    import httpx
+
+    journal, out = tmp_path / "deferred.db", tmp_path / "out.txt"
+    out.touch()
+    hold = Path(str(out) + ".hold")
+    hold.touch()
+    env = {"JOURNAL_PATH": str(journal), "JOURNAL_OUT": str(out), "PYTHONPATH": str(ROOT)}
+    old, old_url = killed_uvicorn(env, tmp_path / "old.log")
+    new: subprocess.Popen[bytes] | None = None
+    try:
+        with httpx.Client(timeout=60) as client:
+            assert all(client.post(f"{old_url}/orders/{n}").status_code == 200 for n in range(8))
+            wait_for(lambda: journaled(journal) == 8 and "start" in out.read_text(), "the old server's work under way")
+            # A deploy that overlaps: the new server starts while the old one still serves (and owns its entries).
+            new, new_url = killed_uvicorn(env, tmp_path / "new.log")
+            assert all(client.post(f"{new_url}/orders/{n}").status_code == 200 for n in range(8, 12))
+            wait_for(lambda: journaled(journal) == 12, "the new server's work journaled")
+            assert all(tag == "start" for tag, _, _ in lines(out))
+        # While both live, neither claims the other's entries.
+        owners = {owner for entry, owner, _ in Journal(journal).entries()}
+        assert len(owners) == 2
+        kill_server(old)
+        before = lines(out)
+        running_at_kill = {number for tag, number, pid in before if tag == "start" and pid == old.pid}
+        hold.unlink()
+        wait_for(
+            lambda: {number for tag, number, _ in lines(out) if tag == "end"} == set(range(12)),
+            "every task ran to its end in the new server",
+        )
+        ends = [(number, pid) for tag, number, pid in lines(out) if tag == "end"]
+        assert Counter(number for number, _ in ends) == dict.fromkeys(range(12), 1)
+        assert {pid for _, pid in ends} == {new.pid}
+        starts = Counter(number for tag, number, _ in lines(out) if tag == "start")
+        assert {number for number, count in starts.items() if count > 1} == running_at_kill
+        wait_for(lambda: journaled(journal) == 0, "the journal emptied")
+        assert "replaying" in (tmp_path / "new.log").read_text()
+    finally:
+        kill_server(old)
+        if new is not None:
+            kill_server(new)
