@@ -30,6 +30,7 @@ importing this package, which would pull in Starlette and anyio.
 from __future__ import annotations
 
 import functools
+import importlib
 import pickle
 import sys
 from collections.abc import Callable, Iterable
@@ -113,6 +114,20 @@ def deferral_variable():
         made.variable = contextvars.ContextVar("starlette_concurrency.deferral", default=None)
         slot = sys.modules.setdefault("starlette_concurrency:deferral", made)  # a thread may have been first
     return slot.variable
+
+
+def call_deferred(arguments):
+    """Call ``arguments["fn"]`` with ``arguments["value"]`` as the running deferral (see `carry_deferral`)."""
+    return call_in_context(((deferral_variable(), arguments["value"]),), arguments["fn"])
+
+
+def install_call_deferred():
+    """Keep `call_deferred` in the deferral's module, where a worker's later tasks find it; return it."""
+    import sys
+
+    deferral_variable()
+    sys.modules["starlette_concurrency:deferral"].call = call_deferred
+    return call_deferred
 '''
 _namespace: dict[str, Any] = {"__name__": "starlette_concurrency (context carried into tasks)"}
 exec(compile(_SOURCE, "<starlette_concurrency context>", "exec"), _namespace)
@@ -258,50 +273,54 @@ def current_deferral() -> Deferral | None:
     return None if value is None else Deferral(*value)
 
 
-class _Loads:
-    """Pickles as a call of `pickle.loads` on `data`: a pickle nested in another, loaded as the outer one loads."""
+class _Call:
+    """Pickles as the call ``fn(*args)``, made where the pickle is loaded (its arguments may be `_Call`s too)."""
 
-    __slots__ = ("data",)
+    __slots__ = ("args", "fn")
 
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return pickle.loads, (self.data,)
-
-
-class _Partial:
-    """Pickles as ``functools.partial(*parts)``, loaded where it lands (its parts need not be loadable here)."""
-
-    __slots__ = ("parts",)
-
-    def __init__(self, *parts: object) -> None:
-        self.parts = parts
+    def __init__(self, fn: Callable[..., Any], *args: object) -> None:
+        self.fn, self.args = fn, args
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return functools.partial, self.parts
+        return self.fn, self.args
 
 
 @functools.cache
-def _call_in_context_pickled() -> bytes:
-    data: bytes = cloudpickle.dumps(call_in_context)  # by value: a worker does not import this package
-    return data
+def _deferred_call() -> bytes:
+    """What loads, in a worker, as the function that runs a task with its deferral set (`call_deferred`).
+
+    Loading a function cloudpickle sent by value costs tens of µs; a deferred task must not pay that
+    each time. So the first task a worker loads installs it in the deferral's module (``install``,
+    through ``eval``: the later tasks carry it but never call it), and the later ones find it there: the
+    load is ``getattr(sys.modules.get(SLOT), "call", <install, then call>)``, stdlib calls only, and
+    never imports this package.
+    """
+    installer = cloudpickle.dumps(_namespace["install_call_deferred"])
+    install = _Call(
+        functools.partial,
+        eval,
+        "__import__('pickle').loads(installer)()({'value': value, 'fn': fn})",
+        {"installer": installer},
+    )
+    modules = _Call(getattr, _Call(importlib.import_module, "sys"), "modules")
+    return pickle.dumps(_Call(getattr, _Call(dict.get, modules, _DEFERRAL_PLACE[0]), "call", install))
 
 
 def carry_deferral(task: Task, value: tuple[str | None, int, int, int | None]) -> Task:
     """The task, to run with `value` as its `Deferral` (see `current_deferral`).
 
     A stored pickled form (``Task.prepared``: the process driver's payload, the dask driver's bytes) is
-    wrapped as it is, in a pickle of ``call_in_context(entries, <the stored pickle, loaded>)``; otherwise
-    the deferral joins the task's context entries.
+    wrapped as it is, in a pickle of ``call_deferred({"value": value, "fn": <the stored pickle, loaded>})``
+    (a payload that does not load fails as the wrapper loads, as before); otherwise the deferral joins
+    the task's context entries.
     """
     from ._closures import Payload  # _closures needs what needs this module: imported on first use
 
     prepared = task.prepared
     if isinstance(prepared, bytes) or (isinstance(prepared, Payload) and not prepared.skeletons):
         data = prepared if isinstance(prepared, bytes) else prepared.data
-        carried = pickle.dumps(((*_DEFERRAL_PLACE, value),))
-        wrapped = pickle.dumps(_Partial(_Loads(_call_in_context_pickled()), carried, _Loads(data)))
+        arguments = {"value": value, "fn": _Call(pickle.loads, data)}
+        wrapped = pickle.dumps(_Call(functools.partial, _Call(pickle.loads, _deferred_call()), arguments))
         return replace(task, prepared=wrapped if isinstance(prepared, bytes) else Payload(wrapped, ()))
     context = task.context
     if isinstance(context, bytes):  # pickled for a worker: their places and values

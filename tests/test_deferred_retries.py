@@ -6,13 +6,19 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import anyio
 import pytest
 
 from starlette_concurrency import Concurrency, Deferral, current_deferral
+from starlette_concurrency._closures import Payload
+from starlette_concurrency._context import carry_deferral
 from starlette_concurrency._journal import Journal
+from starlette_concurrency._pickling import dumps_task
+from starlette_concurrency._tasks import Task
 
 from . import journal_targets
 
@@ -149,3 +155,18 @@ async def test_a_retry_waiting_at_the_drain_stays_in_the_journal_with_its_failur
     async with Concurrency(workers=2, journal=journal, env_file=None) as again:
         await anyio.sleep(0.3)  # a claim has looked: the retry is not due for an hour
         assert again.stats().replayed == 0
+
+
+def test_a_worker_runs_a_deferral_s_payload_without_this_package() -> None:
+    task = Task(0, functools.partial(sum, [1, 2]))
+    stored = Task(0, task.fn, Payload(dumps_task(task), ()))
+    first = carry_deferral(stored, ("k", 1, 0, 7)).prepared.data
+    second = carry_deferral(stored, ("k", 2, 0, 7)).prepared.data
+    program = (
+        "import pickle, sys\n"
+        f"print(pickle.loads({first!r})(), pickle.loads({second!r})())\n"
+        "print(hasattr(sys.modules['starlette_concurrency:deferral'], 'call'), 'starlette_concurrency' in sys.modules)"
+    )
+    # A fresh interpreter, as a worker is: the first payload installs the wrapper, the second finds it.
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=60, check=True)
+    assert done.stdout.split() == ["3", "3", "True", "False"]
