@@ -2,6 +2,9 @@
 
 Run it with `scripts/example` (or `uvicorn examples.app:app`), then open http://127.0.0.1:8000/.
 Also served: /healthz (a readiness probe) and, when prometheus_client is installed, /prometheus.
+With ``CONCURRENCY_JOURNAL=deferred.db scripts/example`` its deferred work is journaled (in that file of the
+working directory) and the dashboard shows the journal's counters. Without, as by default, it is not: the
+example defers metric lines, which a crash may lose.
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ from . import live
 from .work import METRICS_LOG, count_primes, count_rows, report
 
 # The driver comes from CONCURRENCY_DRIVER, "process" by default; with it, each worker notes that it
-# started, for the dashboard's workers table.
+# started, for the dashboard's workers table. The journal comes from CONCURRENCY_JOURNAL (none by default:
+# never a file of a shared temporary directory, where another user could plant entries to run).
 concurrency = Concurrency(options=live.worker_options())
 
 

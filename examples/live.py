@@ -5,7 +5,9 @@ table), so that it shows at once; a small inline script then polls ``/api/stats`
 draws the charts on a canvas. The workers table is rendered by the server only, for the page and for
 each poll. Below it, the task log: what the buttons' tasks logged in the workers, which the process
 driver forwards to the server's logging with the task's request and worker (`TaskLog`, a handler on
-the ``examples.activity`` logger). No build step, nothing fetched from elsewhere.
+the ``examples.activity`` logger). With a journal (``CONCURRENCY_JOURNAL=deferred.db``), the page also
+shows the journal's counters: entries pending and dead, and those this server replayed after a crash.
+No build step, nothing fetched from elsewhere.
 """
 
 from __future__ import annotations
@@ -52,6 +54,13 @@ CARDS = [
     ("restarts", "worker_restarts"),
     ("p50", "task_time_p50"),
     ("p99", "task_time_p99"),
+]
+
+# The journal's cards, shown when the facade has one.
+JOURNAL_CARDS = [
+    ("journal pending", "journal_pending"),
+    ("journal dead", "journal_dead"),
+    ("replayed", "replayed"),
 ]
 
 
@@ -164,10 +173,14 @@ def snapshot(concurrency: Concurrency) -> dict[str, Any]:
         "worker_restarts": stats.worker_restarts,
         "task_time_p50": _finite(stats.task_time_p50),
         "task_time_p99": _finite(stats.task_time_p99),
+        "journal_pending": stats.journal_pending,
+        "journal_dead": stats.journal_dead,
+        "replayed": stats.replayed,
     }
     notes = activity.read_notes(ACTIVITY_DIR)
     return {
         "time": now,
+        "journal": concurrency.settings.journal,
         "server_pid": os.getpid(),
         "stats": numbers,
         "healthy": ok,
@@ -248,6 +261,19 @@ def page(data: dict[str, Any]) -> str:
         for label, key in CARDS
     )
     updated = time.strftime("%H:%M:%S", time.localtime(data["time"]))
+    if data["journal"] is None:
+        journal = (
+            '<p id="journal-none">No journal: a crash loses the deferred work not yet run. Serve with '
+            "<code>CONCURRENCY_JOURNAL=deferred.db</code> to keep it, and see its counters here.</p>"
+        )
+    else:
+        journal_cards = "\n".join(
+            f'  <div class="card">{label}<b id="{key}">{stats[key]}</b></div>' for label, key in JOURNAL_CARDS
+        )
+        journal = (
+            f"<p>Journal <b>{html.escape(data['journal'])}</b>: deferred work is written there before it starts "
+            f'and replayed after a crash.</p>\n<div class="cards" id="journal">\n{journal_cards}\n</div>'
+        )
     return f"""
 <h2>The pool, live</h2>
 {_STYLE}
@@ -258,6 +284,7 @@ updated <span id="updated">{updated}</span> (poll <span id="polls">0</span>).</p
 <div class="cards">
 {cards}
 </div>
+{journal}
 {_BUTTONS}
 <h3>Workers</h3>
 <table><thead><tr><th>pid</th><th>started</th><th>doing</th><th>for / took</th><th>tasks done</th></tr></thead>
@@ -302,6 +329,7 @@ function render(data) {
   const s = data.stats;
   for (const key of ["workers", "busy", "queued", "deferred_pending", "tasks_completed", "tasks_failed",
                      "tasks_crashed", "tasks_timed_out", "worker_restarts"]) { $(key).textContent = s[key]; }
+  for (const key of ["journal_pending", "journal_dead", "replayed"]) { if ($(key)) $(key).textContent = s[key]; }
   $("task_time_p50").textContent = ms(s.task_time_p50);
   $("task_time_p99").textContent = ms(s.task_time_p99);
   $("driver").textContent = s.driver;

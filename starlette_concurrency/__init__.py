@@ -11,6 +11,7 @@ concurrency.defer([lambda: report("users")])
 
 from ._api import Concurrency
 from ._config import Settings
+from ._context import Deferral, current_deferral
 from ._deferred import RequestBatch
 from ._drivers.base import Driver
 from ._exceptions import (
@@ -46,6 +47,7 @@ __all__ = [
     "ConcurrencyWSGIMiddleware",
     "ConfigurationError",
     "DaskOptions",
+    "Deferral",
     "DeferralRejected",
     "Driver",
     "DriverError",
@@ -65,6 +67,7 @@ __all__ = [
     "WorkerStartFailed",
     "WrongContext",
     "__version__",
+    "current_deferral",
 ]
 
 # Show public classes as `starlette_concurrency.X` in reprs and tracebacks, as httpx does.

@@ -16,10 +16,10 @@ import anyio
 
 from . import _tracing as tracing
 from ._as_completed import AsCompleted
-from ._checks import positive
+from ._checks import MAX_SECONDS, positive, quote
 from ._config import Settings, options_list
 from ._context import Carrier
-from ._deferred import Deferred, RequestBatch
+from ._deferred import Deferred, RequestBatch, Terms
 from ._disconnect import watched
 from ._drivers.base import Driver
 from ._exceptions import ConfigurationError, DeferralRejected, DriverError, TaskTimeout
@@ -528,7 +528,9 @@ class Concurrency:
         batch = self._accept(tasks)
         return AsCompleted(self._runtime, self._name, batch, self._timeout(timeout), return_exceptions)
 
-    def defer(self, tasks: Tasks, *, always: bool = False, key: str | None = None) -> None:
+    def defer(
+        self, tasks: Tasks, *, always: bool = False, key: str | None = None, retries: int = 0, backoff: float = 1.0
+    ) -> None:
         """Run the tasks after the response has been sent; return at once. Callable from any thread.
 
         Inside a request handled by `ConcurrencyMiddleware` or `ConcurrencyWSGIMiddleware` the tasks
@@ -545,11 +547,20 @@ class Concurrency:
             always: run them even if the request fails (status 400 or above, or an exception).
             key: names the work of a single callable (``key=f"order-{order.id}"``): while a task of that
                 key is pending (accepted and not finished, in this process, or in the journal of any
-                process sharing it), `defer()` with the same key is a no-op. The journal shows it.
+                process sharing it), `defer()` with the same key is a no-op. The journal shows it. The task
+                reads it with `current_deferral()`.
+            retries: how many times a task that raises runs again (each failure but the last is logged
+                as a warning, the last as an error). A task must then be idempotent: see
+                `current_deferral()` for its attempt. With a journal a retry waiting at a crash runs at
+                the next start; without one it lives in memory, like the rest of deferred work.
+            backoff: seconds before the first retry; each following one waits twice as long as the one
+                before (1, 2, 4... by default).
 
         Raises:
-            TypeError: `tasks` is not a callable, a sequence or a mapping of callables; or `key` is
-                not a string, or is given with more than one callable.
+            TypeError: `tasks` is not a callable, a sequence or a mapping of callables; `key` is not a
+                string, or is given with more than one callable; `retries` is not an int or `backoff`
+                not a number.
+            ValueError: `retries` is negative, or `backoff` is negative, not finite or above a day.
             SerializationError: a task cannot be pickled for this driver; nothing of this call was
                 accepted (the request's other deferrals are kept).
             DeferralRejected: more than `max_pending_deferred` deferred tasks would be pending, or the
@@ -568,6 +579,7 @@ class Concurrency:
                     f"key must be a str naming one callable's work, got {type(key).__name__} with "
                     f"{len(batch.tasks)} task(s); defer each keyed task on its own"
                 )
+            terms = Terms(key, *_retry_terms(retries, backoff))
             with runtime.lock():
                 runtime.accepting("defer()", in_request=request is not None)
             driver = runtime.driver(self._name)
@@ -596,12 +608,12 @@ class Concurrency:
                     runtime.work.release_keys([key])
                     raise
                 if request is None:  # never waits: hands over, or logs
-                    runtime.work.launch(self._name, prepared, None, join=False, keys=None if key is None else [key])
+                    runtime.work.launch(self._name, prepared, None, join=False, terms=[terms] * len(prepared))
         except BaseException:
             tracing.end(batch.tasks, [None] * len(batch.tasks), unfinished)
             raise
         if request is not None:
-            request.add(Deferred(self._name, prepared, always, key))
+            request.add(Deferred(self._name, prepared, always, terms))
 
     def _warn_if_serving_a_request(self) -> None:
         """Warn once if `defer()` was called while an app serves a request without the middleware."""
@@ -746,3 +758,24 @@ class Concurrency:
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"deferred work was still running after {timeout} s")
             time.sleep(0.01)
+
+
+def _retry_terms(retries: object, backoff: object) -> tuple[int, float]:
+    """Check `defer()`'s `retries` and `backoff`.
+
+    Raises:
+        TypeError: `retries` is not an int, or `backoff` not a number.
+        ValueError: `retries` is negative, or `backoff` is negative, not finite or above `MAX_SECONDS`.
+    """
+    if isinstance(retries, bool) or not isinstance(retries, int):
+        raise TypeError(
+            f"retries must be an int (how many times a failed task runs again), "
+            f"not {type(retries).__name__} {quote(retries)}"
+        )
+    if retries < 0:
+        raise ValueError(f"retries must be 0 or more, got {retries}")
+    if isinstance(backoff, bool) or not isinstance(backoff, int | float):
+        raise TypeError(f"backoff must be a number of seconds, not {type(backoff).__name__} {quote(backoff)}")
+    if not (0 <= backoff <= MAX_SECONDS):  # also refuses nan and inf
+        raise ValueError(f"backoff must be from 0 to {MAX_SECONDS:.0f} seconds (one day), got {quote(backoff)}")
+    return retries, float(backoff)

@@ -16,6 +16,12 @@ each task carries those bytes: pickling a task then costs one more small object,
 variable. Our picklers also send a `ContextVar` met anywhere else by its place (`reduce_variable`):
 a lambda of an app module that reads a global variable (cloudpickle sends its globals by value).
 
+The running deferred task's `Deferral` (`current_deferral()`) travels the same way, as one more entry:
+its variable lives in a module object of its own, ``sys.modules["starlette_concurrency:deferral"]``,
+made by whichever side needs it first (`deferral_variable`), because a worker must find it without
+importing this package. It is set per attempt, around the pickled form `defer()` made once: `carry_deferral`
+wraps a stored payload without loading it (a payload that will not load still fails as it loads).
+
 `call_in_context` and `find_variable` are defined outside any importable module, so that cloudpickle
 sends them by value (the pool's function cache: once per worker): a worker runs them without
 importing this package, which would pull in Starlette and anyio.
@@ -24,17 +30,33 @@ importing this package, which would pull in Starlette and anyio.
 from __future__ import annotations
 
 import functools
+import importlib
 import pickle
 import sys
 from collections.abc import Callable, Iterable
 from contextvars import ContextVar
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
 
 import cloudpickle  # type: ignore[import-untyped]
 
 from ._exceptions import ConfigurationError, SerializationError
 
-__all__ = ["Carried", "Carrier", "Entries", "call_in_context", "reduce_variable", "with_context"]
+if TYPE_CHECKING:
+    from ._tasks import Task
+
+__all__ = [
+    "Carried",
+    "Carrier",
+    "Deferral",
+    "Entries",
+    "call_in_context",
+    "carry_deferral",
+    "current_deferral",
+    "deferral_variable",
+    "reduce_variable",
+    "with_context",
+]
 
 Entries = tuple[tuple[ContextVar[Any], Any], ...]
 Carried = Entries | bytes  # what a task carries: the entries, or (for a worker) their pickled places and values
@@ -49,10 +71,7 @@ def call_in_context(entries, fn):
         import importlib
         import pickle
 
-        entries = [
-            (getattr(importlib.import_module(module), attribute), value)
-            for module, attribute, value in pickle.loads(entries)
-        ]
+        entries = [(find_variable(module, attribute), value) for module, attribute, value in pickle.loads(entries)]
     tokens = [(variable, variable.set(value)) for variable, value in entries]
     try:
         result = fn()
@@ -77,12 +96,47 @@ def find_variable(module, attribute):
     """The context variable a server sent by its place."""
     import importlib
 
+    if module == "starlette_concurrency:deferral":  # not importable: made here if need be
+        return deferral_variable()
     return getattr(importlib.import_module(module), attribute)
+
+
+def deferral_variable():
+    """The variable that holds the running deferred task's (key, attempt, retries, entry), made on first use."""
+    import sys
+
+    slot = sys.modules.get("starlette_concurrency:deferral")
+    if slot is None:
+        import contextvars
+        import types
+
+        made = types.ModuleType("starlette_concurrency:deferral", "The running deferred task (see current_deferral).")
+        made.variable = contextvars.ContextVar("starlette_concurrency.deferral", default=None)
+        slot = sys.modules.setdefault("starlette_concurrency:deferral", made)  # a thread may have been first
+    return slot.variable
+
+
+def call_deferred(arguments):
+    """Call ``arguments["fn"]`` with ``arguments["value"]`` as the running deferral (see `carry_deferral`)."""
+    return call_in_context(((deferral_variable(), arguments["value"]),), arguments["fn"])
+
+
+def install_call_deferred():
+    """Keep `call_deferred` in the deferral's module, where a worker's later tasks find it; return it."""
+    import sys
+
+    deferral_variable()
+    sys.modules["starlette_concurrency:deferral"].call = call_deferred
+    return call_deferred
 '''
 _namespace: dict[str, Any] = {"__name__": "starlette_concurrency (context carried into tasks)"}
 exec(compile(_SOURCE, "<starlette_concurrency context>", "exec"), _namespace)
 call_in_context: Callable[[Carried, Callable[[], Any]], Any] = _namespace["call_in_context"]
 _find_variable: Callable[[str, str], ContextVar[Any]] = _namespace["find_variable"]
+deferral_variable: Callable[[], ContextVar[tuple[str | None, int, int, int | None] | None]] = _namespace[
+    "deferral_variable"
+]
+_DEFERRAL_PLACE = ("starlette_concurrency:deferral", "variable")
 
 _PLACES: dict[ContextVar[Any], tuple[str, str]] = {}  # where each variable pickled so far was found
 
@@ -183,3 +237,92 @@ class Carrier:
 def with_context(fn: Callable[[], Any], entries: Carried) -> Callable[[], Any]:
     """`fn`, to be called with the variables of `entries` set (`fn` itself when there are none)."""
     return functools.partial(call_in_context, entries, fn) if entries else fn
+
+
+@dataclass(frozen=True, slots=True)
+class Deferral:
+    """What a running deferred task is: read it with `current_deferral()`.
+
+    Attributes:
+        key: the `defer(..., key=...)` it was given, or ``None``.
+        attempt: which start of the task this is, from 1: a retry after it raised, and a run again after
+            its worker (or the server) died under it, each add one. More than 1: it may have done some of
+            its work before.
+        retries: how many retries `defer(..., retries=...)` allowed it.
+        entry_id: its entry in the journal (``Concurrency(journal=...)``), the same in every process that
+            runs it, or ``None`` without a journal.
+    """
+
+    key: str | None
+    attempt: int
+    retries: int
+    entry_id: int | None
+
+
+def current_deferral() -> Deferral | None:
+    """Return the running deferred task's key, attempt and journal entry; ``None`` outside a deferred task.
+
+    Call it from inside a task given to `Concurrency.defer()`, on any driver (in the worker process for
+    ``process`` and ``dask``): an idempotent task keys its side effects with it, e.g. an email sent once
+    per ``deferral.key``, or an upsert that names ``deferral.entry_id``.
+
+    Returns:
+        The `Deferral`, or ``None`` (a `run()` task, or code that is not a task).
+    """
+    value = deferral_variable().get()
+    return None if value is None else Deferral(*value)
+
+
+class _Call:
+    """Pickles as the call ``fn(*args)``, made where the pickle is loaded (its arguments may be `_Call`s too)."""
+
+    __slots__ = ("args", "fn")
+
+    def __init__(self, fn: Callable[..., Any], *args: object) -> None:
+        self.fn, self.args = fn, args
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return self.fn, self.args
+
+
+@functools.cache
+def _deferred_call() -> bytes:
+    """What loads, in a worker, as the function that runs a task with its deferral set (`call_deferred`).
+
+    Loading a function cloudpickle sent by value costs tens of µs; a deferred task must not pay that
+    each time. So the first task a worker loads installs it in the deferral's module (``install``,
+    through ``eval``: the later tasks carry it but never call it), and the later ones find it there: the
+    load is ``getattr(sys.modules.get(SLOT), "call", <install, then call>)``, stdlib calls only, and
+    never imports this package.
+    """
+    installer = cloudpickle.dumps(_namespace["install_call_deferred"])
+    install = _Call(
+        functools.partial,
+        eval,
+        "__import__('pickle').loads(installer)()({'value': value, 'fn': fn})",
+        {"installer": installer},
+    )
+    modules = _Call(getattr, _Call(importlib.import_module, "sys"), "modules")
+    return pickle.dumps(_Call(getattr, _Call(dict.get, modules, _DEFERRAL_PLACE[0]), "call", install))
+
+
+def carry_deferral(task: Task, value: tuple[str | None, int, int, int | None]) -> Task:
+    """The task, to run with `value` as its `Deferral` (see `current_deferral`).
+
+    A stored pickled form (``Task.prepared``: the process driver's payload, the dask driver's bytes) is
+    wrapped as it is, in a pickle of ``call_deferred({"value": value, "fn": <the stored pickle, loaded>})``
+    (a payload that does not load fails as the wrapper loads, as before); otherwise the deferral joins
+    the task's context entries.
+    """
+    from ._closures import Payload  # _closures needs what needs this module: imported on first use
+
+    prepared = task.prepared
+    if isinstance(prepared, bytes) or (isinstance(prepared, Payload) and not prepared.skeletons):
+        data = prepared if isinstance(prepared, bytes) else prepared.data
+        arguments = {"value": value, "fn": _Call(pickle.loads, data)}
+        wrapped = pickle.dumps(_Call(functools.partial, _Call(pickle.loads, _deferred_call()), arguments))
+        return replace(task, prepared=wrapped if isinstance(prepared, bytes) else Payload(wrapped, ()))
+    context = task.context
+    if isinstance(context, bytes):  # pickled for a worker: their places and values
+        return replace(task, context=pickle.dumps((*pickle.loads(context), (*_DEFERRAL_PLACE, value))))
+    return replace(task, context=(*context, (deferral_variable(), value)))

@@ -12,6 +12,12 @@ drains at shutdown. With a journal (see `_journal`) it writes each batch there b
 settles each entry once the batch has finished: done (it ran, or raised), dead (it would not load
 in the worker, or crashed its worker `max_attempts` times), or left pending for the next start (the
 drain stopped it, or the process is exiting).
+
+Each task travels with its `Terms`: its `defer(key=...)`, its retries and backoff, and which attempt
+it is. A task that raises with retries left runs again after its backoff, as a batch of its own that
+stays counted (pending) meanwhile; with a journal its entry records the failure first, so a retry
+waiting at a crash runs at the next start. Every attempt runs with its `Deferral` set (see
+`_context.carry_deferral`), which the task reads with `current_deferral()`.
 """
 
 from __future__ import annotations
@@ -27,9 +33,11 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import anyio
+import anyio.to_thread
 
 from . import _tracing as tracing
 from ._closures import Payload
+from ._context import carry_deferral
 from ._drivers.base import Driver
 from ._exceptions import ConcurrencyClosed, DeferralRejected, WorkerCrashed
 from ._journal import Entry, Journal, NewEntry, PayloadKind
@@ -56,13 +64,44 @@ class HostStopping(ConcurrencyClosed):
 
 
 @dataclass(frozen=True, slots=True)
+class Terms:
+    """What `defer()` said of one task, and how far it has come."""
+
+    key: str | None = None  # `defer(fn, key=...)`: no other task of that key runs while this one is pending
+    retries: int = 0  # `defer(retries=...)`: how many times it runs again after raising
+    backoff: float = 0.0  # seconds before its first retry, doubling at each one
+    attempt: int = 1  # which start this is, from 1 (a retry, and a run again after a crash, each add one)
+    failures: int = 0  # how many of its starts ended in an exception it raised
+
+    def retried(self) -> Terms:
+        """The terms of its next attempt, after it raised."""
+        return replace(self, attempt=self.attempt + 1, failures=self.failures + 1)
+
+    @property
+    def delay(self) -> float:
+        """Seconds to wait before this attempt: none for a first run, else the backoff, doubled per retry."""
+        return self.backoff * 2 ** (self.failures - 1) if self.failures else 0.0
+
+
+_PLAIN = Terms()
+
+
+def _keys(terms: Sequence[Terms]) -> list[str | None]:
+    return [term.key for term in terms]
+
+
+@dataclass(frozen=True, slots=True)
 class Deferred:
-    """One `defer()` call: its tasks, the driver to run them on, whether errors also run them, its key."""
+    """One `defer()` call: its tasks, the driver to run them on, whether errors also run them, its terms."""
 
     driver: str
     tasks: list[Task]
     always: bool
-    key: str | None = None  # `defer(fn, key=...)`: no other task of that key runs while this one is pending
+    terms: Terms = _PLAIN
+
+    @property
+    def key(self) -> str | None:
+        return self.terms.key
 
 
 class DisconnectWatch(Protocol):
@@ -156,7 +195,8 @@ class _Running:
     logged: set[int] = field(default_factory=set)  # tasks whose fate was logged already (timed out, could not run)
     entries: list[int | None] | None = None  # each task's journal entry (None: not journaled)
     kept: set[int] = field(default_factory=set)  # tasks logged as not run whose entries stay in the journal
-    keys: list[str | None] | None = None  # each task's `defer(key=...)`, held until it settles
+    terms: list[Terms] | None = None  # each task's terms (None: all plain); its key is held until it settles
+    waiting: bool = False  # a retry waiting for its backoff: its start is not counted in the journal yet
 
 
 @dataclass(eq=False)
@@ -167,11 +207,11 @@ class _Unwritten:
     tasks: list[Task]
     origin: RequestBatch | None
     join: bool
-    keys: list[str | None] | None
+    terms: list[Terms] | None
 
 
-# What the writer hands over of a batch: its tasks to run, their journal entries (None: unjournaled), their keys.
-_Written = tuple[list[Task], list[int | None] | None, list[str | None] | None]
+# What the writer hands over of a batch: its tasks to run, their journal entries (None: unjournaled), their terms.
+_Written = tuple[list[Task], list[int | None] | None, list[Terms] | None]
 
 Submit = Callable[[Callable[[], Coroutine[Any, Any, None]], Callable[[BaseException], None], bool, int], None]
 
@@ -267,13 +307,13 @@ class DeferredWork:
 
     def start(self, entries: list[Deferred], succeeded: bool, origin: RequestBatch | None) -> None:
         """Launch what a finished request deferred (everything, or only ``always`` entries)."""
-        chosen: dict[str, tuple[list[Task], list[str | None]]] = {}
+        chosen: dict[str, tuple[list[Task], list[Terms]]] = {}
         skipped: list[Deferred] = []
         for entry in entries:
             if succeeded or entry.always:
-                tasks, keys = chosen.setdefault(entry.driver, ([], []))
+                tasks, terms = chosen.setdefault(entry.driver, ([], []))
                 tasks.extend(entry.tasks)
-                keys.extend([entry.key] * len(entry.tasks))
+                terms.extend([entry.terms] * len(entry.tasks))
             else:
                 skipped.append(entry)
         if skipped:
@@ -284,8 +324,8 @@ class DeferredWork:
             )
             self._settle(sum(len(entry.tasks) for entry in skipped), launched=False)
             self.release_keys([entry.key for entry in skipped])
-        for driver, (tasks, keys) in chosen.items():
-            self.launch(driver, tasks, origin, keys=keys if any(keys) else None)
+        for driver, (tasks, terms) in chosen.items():
+            self.launch(driver, tasks, origin, terms=None if all(term == _PLAIN for term in terms) else terms)
 
     def launch(
         self,
@@ -295,21 +335,22 @@ class DeferredWork:
         *,
         join: bool = True,
         entries: list[int | None] | None = None,
-        keys: list[str | None] | None = None,
+        terms: list[Terms] | None = None,
+        delay: float = 0.0,
     ) -> None:
         """Hand accepted tasks to the host loop without waiting; if that is impossible, log each by name.
 
         `join`: a host that drains takes them into its drain (a request's batch, accepted before the
         drain); otherwise they wait for the next host. `entries`: the tasks' journal entries when they
-        are replayed; otherwise, with a journal, the journal's writer thread writes them first (see
-        `_write_loop`) and hands them over then. `keys`: each task's `defer(key=...)`, released when it
-        settles.
+        are replayed or run again; otherwise, with a journal, the journal's writer thread writes them
+        first (see `_write_loop`) and hands them over then. `terms`: each task's terms (its key is
+        released when it settles). `delay`: seconds to wait before they start (a retry's backoff).
         """
         with self._lock:
             self.launched += len(tasks)  # now, written or not: a drain waits for them
         if entries is None and self.journal is not None:
             with self._writes_ready:
-                self._writes.append(_Unwritten(driver, tasks, origin, join, keys))
+                self._writes.append(_Unwritten(driver, tasks, origin, join, terms))
                 if self._writer is None:
                     self._writer = threading.Thread(
                         target=self._write_loop, name="starlette-concurrency-journal", daemon=True
@@ -317,7 +358,7 @@ class DeferredWork:
                     self._writer.start()
                 self._writes_ready.notify()
             return
-        self._hand_over(driver, tasks, origin, join, entries, keys)
+        self._hand_over(driver, tasks, origin, join, entries, terms, delay)
 
     def _hand_over(
         self,
@@ -326,10 +367,11 @@ class DeferredWork:
         origin: RequestBatch | None,
         join: bool,
         entries: list[int | None] | None,
-        keys: list[str | None] | None,
+        terms: list[Terms] | None,
+        delay: float = 0.0,
     ) -> None:
         async def run() -> None:
-            await self.run_batch(driver, tasks, origin, entries, keys)
+            await self.run_batch(driver, tasks, origin, entries, terms, delay)
 
         def failed(exc: BaseException) -> None:
             tracing.end(tasks, [None] * len(tasks), "could not be started")
@@ -342,8 +384,8 @@ class DeferredWork:
                     extra=_extra(task, driver, origin),
                 )
             self._settle(len(tasks), launched=True)
-            if keys is not None:
-                self.release_keys(keys)
+            if terms is not None:
+                self.release_keys(_keys(terms))
 
         self._submit(run, failed, join, len(tasks))
 
@@ -362,10 +404,10 @@ class DeferredWork:
                 written = self._write(group)
             except Exception:  # never lose the batches: run them unjournaled, and say so
                 logger.exception("the journal's writer failed; %d batch(es) run unjournaled", len(group))
-                written = [(batch.tasks, None, batch.keys) for batch in group]
-            for batch, (tasks, entries, keys) in zip(group, written, strict=True):
+                written = [(batch.tasks, None, batch.terms) for batch in group]
+            for batch, (tasks, entries, terms) in zip(group, written, strict=True):
                 if tasks:
-                    self._hand_over(batch.driver, tasks, batch.origin, batch.join, entries, keys)
+                    self._hand_over(batch.driver, tasks, batch.origin, batch.join, entries, terms)
 
     def _write(self, group: list[_Unwritten]) -> list[_Written]:
         """Write batches to the journal in one transaction; on failure log it and run them unjournaled.
@@ -389,7 +431,7 @@ class DeferredWork:
                     kind, data = PayloadKind.BYTES, prepared
                 else:  # a driver that keeps no pickled form: nothing to replay from
                     continue
-                user_key = batch.keys[index] if batch.keys is not None else None
+                term = batch.terms[index] if batch.terms is not None else _PLAIN
                 new.append(
                     NewEntry(
                         batch.driver,
@@ -401,11 +443,13 @@ class DeferredWork:
                         task.call,
                         method,
                         path,
-                        user_key,
+                        term.key,
+                        term.retries,
+                        term.backoff,
                     )
                 )
                 positions.append((number, index))
-        unwritten: list[_Written] = [(batch.tasks, None, batch.keys) for batch in group]
+        unwritten: list[_Written] = [(batch.tasks, None, batch.terms) for batch in group]
         if not new:
             return unwritten
         try:
@@ -431,16 +475,15 @@ class DeferredWork:
             entries[number][index] = entry_id
         written: list[_Written] = []
         for number, batch in enumerate(group):
-            keys = batch.keys
+            terms = batch.terms
+            keys = _keys(terms) if terms is not None else [None] * len(batch.tasks)
             duplicates = [
-                index
-                for index in range(len(batch.tasks))
-                if keys is not None and keys[index] is not None and entries[number][index] is None
+                index for index in range(len(batch.tasks)) if keys[index] is not None and entries[number][index] is None
             ]
             if not duplicates:
-                written.append((batch.tasks, entries[number], keys))
+                written.append((batch.tasks, entries[number], terms))
                 continue
-            assert keys is not None  # only a key makes an entry a duplicate
+            assert terms is not None  # only a key makes an entry a duplicate
             for index in duplicates:
                 logger.info(
                     "deferred %s not run: a task of key %r is already pending in the journal",
@@ -455,7 +498,7 @@ class DeferredWork:
                 (
                     [batch.tasks[index] for index in kept],
                     [entries[number][index] for index in kept],
-                    [keys[index] for index in kept],
+                    [terms[index] for index in kept],
                 )
             )
         return written
@@ -463,10 +506,13 @@ class DeferredWork:
     def replay(self, driver: str, entries: list[Entry]) -> None:
         """Run journal entries left by an earlier run (or a gone owner) as deferred work, outside any request."""
         tasks = [replay_task(entry) for entry in entries]
+        terms = [
+            Terms(entry.user_key, entry.retries, entry.backoff, entry.attempts, entry.failures) for entry in entries
+        ]
         with self._lock:
             self.pending += len(tasks)
             self.replayed += len(tasks)
-        self.launch(driver, tasks, None, join=False, entries=[entry.id for entry in entries])
+        self.launch(driver, tasks, None, join=False, entries=[entry.id for entry in entries], terms=terms)
 
     async def run_batch(
         self,
@@ -474,21 +520,27 @@ class DeferredWork:
         tasks: list[Task],
         origin: RequestBatch | None,
         entries: list[int | None] | None = None,
-        keys: list[str | None] | None = None,
+        terms: list[Terms] | None = None,
+        delay: float = 0.0,
     ) -> None:
-        """Run one deferred batch, log how it went, and never raise."""
-        running = _Running(driver_name, tasks, origin, [None] * len(tasks), entries=entries, keys=keys)
+        """Run one deferred batch (after `delay` seconds: a retry's backoff), log how it went, and never raise."""
+        running = _Running(
+            driver_name, tasks, origin, [None] * len(tasks), entries=entries, terms=terms, waiting=delay > 0
+        )
         with self._lock:
             self._running.add(running)
         under_way = False
         unfinished = "stopped"  # what became of a task left without an outcome, for its span
         try:
             with running.scope:
+                if delay:  # still pending meanwhile: a drain waits for it, or logs it as never started
+                    await anyio.sleep(delay)
+                    await self._count_starts(running)
                 driver = await self._driver(driver_name)
                 under_way = True
                 with anyio.move_on_after(self._timeout or math.inf) as timeout:
                     # The one place deferred tasks reach a driver.
-                    await driver.execute_deferred(tasks, running.outcomes)
+                    await driver.execute_deferred(_attempts(running), running.outcomes)
                 if timeout.cancelled_caught:
                     unfinished = "timed out"
                     for index, (task, outcome) in enumerate(zip(tasks, running.outcomes, strict=True)):
@@ -528,6 +580,16 @@ class DeferredWork:
             if self._claim(running):
                 self._fates(running, under_way)
 
+    async def _count_starts(self, running: _Running) -> None:
+        """Count in the journal the start of a retry that waited for its backoff (see `Journal.retry_later`)."""
+        journal, ids = self.journal, [entry for entry in running.entries or () if entry is not None]
+        running.waiting = False
+        if journal is not None and ids:
+            try:
+                await anyio.to_thread.run_sync(journal.started, ids)
+            except sqlite3.Error as exc:  # its attempt count lags by one: it only ever runs sooner
+                logger.error("the journal %r could not count a retry's start: %s", journal.path, exc)
+
     def _claim(self, running: _Running) -> bool:
         """Take a batch out of the running set: whoever does logs its fates (once)."""
         with self._lock:
@@ -539,9 +601,11 @@ class DeferredWork:
     def _fates(self, running: _Running, under_way: bool) -> None:
         """Log what became of each task of a finished batch (once), and count the batch out."""
         entries = running.entries or [None] * len(running.tasks)
+        terms = running.terms or [_PLAIN] * len(running.tasks)
         done: list[int] = []
         unstarted: list[int] = []  # entries that stay, and whose start did not happen after all
         settled: list[tuple[int, int, BaseException]] = []  # (task, entry) that crashed or would not load
+        retried: list[int] = []  # tasks that raised with retries left
         for index, (task, outcome) in enumerate(zip(running.tasks, running.outcomes, strict=True)):
             entry = entries[index]
             if index in running.logged:
@@ -550,7 +614,7 @@ class DeferredWork:
                 continue
             if outcome is None or outcome is NOT_STARTED:
                 began = under_way and outcome is None  # as far as anyone can tell: it may have
-                if entry is not None and not began:
+                if entry is not None and not began and not running.waiting:
                     unstarted.append(entry)
                 logger.error(
                     "deferred %s abandoned, %s: %s; raise drain_timeout (and the server's graceful timeout "
@@ -563,40 +627,87 @@ class DeferredWork:
                 )
             elif entry is not None and isinstance(outcome.error, TaskLoadFailed | WorkerCrashed):
                 settled.append((index, entry, outcome.error))
+            elif (
+                outcome.error is not None
+                and not isinstance(outcome.error, TaskLoadFailed)  # it would not load the next time either
+                and terms[index].failures < terms[index].retries
+            ):
+                following = terms[index].retried()
+                logger.warning(
+                    "deferred %s failed (attempt %d): %s: %s; retry %d of %d in %.3g s",
+                    task.label,
+                    terms[index].attempt,
+                    type(outcome.error).__qualname__,
+                    outcome.error,
+                    following.failures,
+                    following.retries,
+                    following.delay,
+                    extra={**self._extra(task, running), "attempt": terms[index].attempt},
+                )
+                retried.append(index)
             else:
                 if outcome.error is not None:
                     logger.error(
-                        "deferred %s failed", task.label, exc_info=outcome.error, extra=self._extra(task, running)
+                        "deferred %s failed%s",
+                        task.label,
+                        f" (attempt {terms[index].attempt}; no retry left of {terms[index].retries})"
+                        if terms[index].retries
+                        else "",
+                        exc_info=outcome.error,
+                        extra=self._extra(task, running),
                     )
                 if entry is not None:
                     done.append(entry)
-        again = self._settle_journal(running, done, settled, unstarted)  # indexes of tasks to run again
-        keys = running.keys or [None] * len(running.tasks)
-        self.release_keys([key for index, key in enumerate(keys) if index not in again])
-        self._settle(len(running.tasks), launched=True)
+        # Tasks to run again: after a crash (at the attempt the journal counted), or after raising.
+        again = [
+            (index, replace(terms[index], attempt=attempt), 0.0)
+            for index, attempt in self._settle_journal(running, done, settled, unstarted, retried).items()
+        ]
+        again += [(index, terms[index].retried(), terms[index].retried().delay) for index in retried]
+        rerun = {index for index, _, _ in again}
+        # Launched before this batch counts out: a drain, or `wait_deferred()`, never sees a count of 0 between.
         if again:
             with self._lock:
                 self.pending += len(again)
+        for delay in sorted({delay for _, _, delay in again}):
+            chosen = [(index, term) for index, term, wait in again if wait == delay]
             self.launch(  # accepted before any drain: it joins one
                 running.driver,
-                [running.tasks[index] for index in again],
+                [running.tasks[index] for index, _ in chosen],
                 None,
                 join=True,
-                entries=[entries[index] for index in again],
-                keys=[keys[index] for index in again],
+                entries=[entries[index] for index, _ in chosen],
+                terms=[term for _, term in chosen],
+                delay=delay,
             )
+        self.release_keys([term.key for index, term in enumerate(terms) if index not in rerun])
+        self._settle(len(running.tasks), launched=True)
 
     def _settle_journal(
-        self, running: _Running, done: list[int], settled: list[tuple[int, int, BaseException]], unstarted: list[int]
-    ) -> list[int]:
-        """Remove finished entries; bury the poison; return the indexes of crashed tasks to run again."""
+        self,
+        running: _Running,
+        done: list[int],
+        settled: list[tuple[int, int, BaseException]],
+        unstarted: list[int],
+        retried: list[int],
+    ) -> dict[int, int]:
+        """Remove finished entries; note failures to retry; bury the poison; return crashed tasks to run again.
+
+        Returns:
+            The index of each crashed task to run again, with the attempt it starts.
+        """
         journal = self.journal
-        if journal is None or not (done or settled or unstarted):
-            return []
-        again: list[int] = []
+        if journal is None or not (done or settled or unstarted or retried):
+            return {}
+        again: dict[int, int] = {}
         try:
             journal.done_later(done)  # removed by the facade's next flush, a tenth of a second later at most
             journal.unstarted(unstarted)
+            terms = running.terms or [_PLAIN] * len(running.tasks)
+            for index in retried:
+                entry_id = running.entries[index] if running.entries is not None else None
+                if entry_id is not None:
+                    journal.retry_later(entry_id, terms[index].retried().delay)
             for index, entry, error in settled:
                 task = running.tasks[index]
                 if isinstance(error, TaskLoadFailed):
@@ -612,7 +723,7 @@ class DeferredWork:
                             journal.max_attempts,
                             extra=self._extra(task, running),
                         )
-                        again.append(index)
+                        again[index] = attempt
                         continue
                     reason = (
                         f"started {journal.max_attempts} times without finishing (max_attempts), the last time it "
@@ -732,6 +843,16 @@ class DeferredWork:
         self._writes = []
         self._writes_ready = threading.Condition()
         self._writer = None  # threads do not survive a fork
+
+
+def _attempts(running: _Running) -> list[Task]:
+    """The batch's tasks as they run this time: each with its `Deferral` (see `current_deferral`)."""
+    terms = running.terms or [_PLAIN] * len(running.tasks)
+    entries = running.entries or [None] * len(running.tasks)
+    return [
+        carry_deferral(task, (term.key, term.attempt, term.retries, entry))
+        for task, term, entry in zip(running.tasks, terms, entries, strict=True)
+    ]
 
 
 class _StoredKey(str):

@@ -11,9 +11,14 @@ has expired, or the owner was a process of this machine that no longer exists. A
 ``UPDATE ... WHERE`` in an immediate transaction, so two processes never claim the same entry.
 
 Poison: an entry claimed `max_attempts` times without finishing (it crashed its worker or the
-server each time), or whose callable no longer unpickles (its function was renamed by a deploy), is
+server each time; a start that ended in an exception the task raised does not count), or whose
+callable no longer unpickles (its function was renamed by a deploy), is
 moved to the ``dead`` table with the reason; ``python -m starlette_concurrency journal PATH`` lists,
 retries and purges them.
+
+Retries (``defer(fn, retries=3)``): an entry keeps its allowance and backoff, how many times its task
+raised (``failures``) and when its next retry is due (``not_before``); a claim takes only due entries,
+so a retry waiting at a crash runs at the next start once its backoff has passed.
 
 `Journal` is the whole interface (append, claim, done, dead, renew, release), so that another store
 could stand behind it later. Every method blocks for one small transaction; a lock serialises the
@@ -31,7 +36,7 @@ import time
 import uuid
 import weakref
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from ._exceptions import ConfigurationError
@@ -39,7 +44,7 @@ from ._exceptions import ConfigurationError
 __all__ = ["LEASE", "SCHEMA_VERSION", "Entry", "Journal", "NewEntry", "PayloadKind"]
 
 #: The version of the file's layout this release writes; a file of a newer one is refused, not misread.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 #: Seconds an owner's claim on its entries lasts unless renewed (it renews every third of it).
 LEASE = 30.0
@@ -47,7 +52,13 @@ LEASE = 30.0
 # How long a statement waits for another process's write lock before it fails.
 _BUSY_TIMEOUT_MS = 5000
 
-_COLUMNS = "id, created, driver, kind, payload, label, task_key, function, call, method, path, attempts, user_key"
+_FIRST_COLUMNS = "id, created, driver, kind, payload, label, task_key, function, call, method, path, attempts, user_key"
+_COLUMNS = f"{_FIRST_COLUMNS}, retries, backoff, failures"
+
+# What version 2 added (retries), with the defaults an entry of version 1 gets.
+_RETRY_COLUMNS = (
+    "retries INTEGER NOT NULL DEFAULT 0, backoff REAL NOT NULL DEFAULT 0, failures INTEGER NOT NULL DEFAULT 0"
+)
 
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -65,12 +76,15 @@ CREATE TABLE IF NOT EXISTS entries (
     path TEXT,
     attempts INTEGER NOT NULL,
     user_key TEXT UNIQUE,
+    {_RETRY_COLUMNS},
+    not_before REAL NOT NULL DEFAULT 0,
     owner TEXT NOT NULL,
     lease_expires REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS entries_owner ON entries (owner, lease_expires);
 CREATE TABLE IF NOT EXISTS dead (
-    {_COLUMNS.replace("id,", "id INTEGER PRIMARY KEY,", 1)},
+    {_FIRST_COLUMNS.replace("id,", "id INTEGER PRIMARY KEY,", 1)},
+    {_RETRY_COLUMNS},
     reason TEXT NOT NULL,
     died REAL NOT NULL
 );
@@ -98,6 +112,8 @@ class NewEntry:
     method: str | None
     path: str | None
     user_key: str | None = None
+    retries: int = 0  # `defer(retries=...)`: how many times it runs again after raising
+    backoff: float = 0.0  # seconds before the first retry, doubling at each one
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,13 +131,16 @@ class Entry:
     call: int
     method: str | None
     path: str | None
-    attempts: int
+    attempts: int  # starts counted so far (a crash's restart and a retry each add one)
     user_key: str | None
+    retries: int = 0
+    backoff: float = 0.0
+    failures: int = 0  # how many of its starts ended in an exception the task raised
     reason: str | None = None  # dead entries only
 
     @classmethod
     def of(cls, row: Sequence[Any], reason: str | None = None) -> Entry:
-        label, task_key, function, call, method, path, attempts, user_key = row[5:13]
+        label, task_key, function, call, method, path, attempts, user_key, retries, backoff, failures = row[5:16]
         return cls(
             row[0],
             row[1],
@@ -136,6 +155,9 @@ class Entry:
             path,
             attempts,
             user_key,
+            retries,
+            backoff,
+            failures,
             reason,
         )
 
@@ -146,6 +168,7 @@ class Claim:
 
     entries: list[Entry]
     dead: list[tuple[Entry, str]]
+    next_due: float | None = None  # when the first retry left by a gone owner that waits for its backoff is due
 
 
 def new_owner() -> str:
@@ -206,6 +229,12 @@ class Journal:
                 row = db.execute("SELECT value FROM meta WHERE name = 'schema_version'").fetchone()
                 if row is None:
                     db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+                elif int(row[0]) == 1:  # written before retries: add their columns, with the defaults of none
+                    for column in _RETRY_COLUMNS.split(", "):
+                        db.execute(f"ALTER TABLE entries ADD COLUMN {column}")
+                        db.execute(f"ALTER TABLE dead ADD COLUMN {column}")
+                    db.execute("ALTER TABLE entries ADD COLUMN not_before REAL NOT NULL DEFAULT 0")
+                    db.execute("UPDATE meta SET value = ? WHERE name = 'schema_version'", (str(SCHEMA_VERSION),))
                 elif int(row[0]) > SCHEMA_VERSION:
                     raise ConfigurationError(
                         f"{where} was written by a newer release of starlette-concurrency (schema version {row[0]}, "
@@ -264,8 +293,8 @@ class Journal:
                 for entry in entries:
                     cursor = db.execute(
                         "INSERT OR IGNORE INTO entries (created, driver, kind, payload, label, task_key, function, "
-                        "call, method, path, attempts, user_key, owner, lease_expires) "
-                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1, ?, ?, ?)",
+                        "call, method, path, attempts, user_key, retries, backoff, owner, lease_expires) "
+                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1, ?, ?, ?, ?, ?)",
                         (
                             time.time(),
                             entry.driver,
@@ -278,6 +307,8 @@ class Journal:
                             entry.method,
                             entry.path,
                             entry.user_key,
+                            entry.retries,
+                            entry.backoff,
                             self.owner,
                             expires,
                         ),
@@ -382,11 +413,30 @@ class Journal:
             The attempt it starts now, or ``None`` when it has been started `max_attempts` times (bury it).
         """
         with self._lock:
-            row = self._db.execute("SELECT attempts FROM entries WHERE id = ?", (entry_id,)).fetchone()
-            if row is None or row[0] >= self.max_attempts:
+            row = self._db.execute("SELECT attempts, failures FROM entries WHERE id = ?", (entry_id,)).fetchone()
+            if row is None or row[0] - row[1] >= self.max_attempts:
                 return None
             self._db.execute("UPDATE entries SET attempts = attempts + 1 WHERE id = ?", (entry_id,))
         return int(row[0]) + 1
+
+    def retry_later(self, entry_id: int, delay: float) -> None:
+        """Count a failure of an entry's task (it raised); its retry is due in `delay` seconds.
+
+        Until then no other owner claims it; if this one is gone by then, whoever claims it runs the retry.
+        Its start is counted when it begins (`started`), or by the claim.
+        """
+        with self._lock:
+            self._db.execute(
+                "UPDATE entries SET failures = failures + 1, not_before = ? WHERE id = ?",
+                (time.time() + delay, entry_id),
+            )
+
+    def started(self, ids: Iterable[int]) -> None:
+        """Count a start of entries whose retry begins now (see `retry_later`)."""
+        rows = [(entry_id,) for entry_id in ids]
+        if rows:
+            with self._lock:
+                self._db.executemany("UPDATE entries SET attempts = attempts + 1 WHERE id = ?", rows)
 
     # Ownership -----------------------------------------------------------------------------------
 
@@ -394,8 +444,9 @@ class Journal:
         """Take up to `limit` entries whose owner is gone, in one transaction; count a start of each.
 
         An owner is gone when its lease has expired, or when it was a process of this machine that
-        no longer runs (a restart after a crash replays at once). Entries already started
-        `max_attempts` times are moved to the dead table instead.
+        no longer runs (a restart after a crash replays at once). A retry whose backoff has not passed
+        waits. Entries already started `max_attempts` times (not counting starts that ended in an
+        exception the task raised) are moved to the dead table instead.
         """
         now = time.time()
         with self._lock:
@@ -411,6 +462,8 @@ class Journal:
                     "UPDATE entries SET owner = ?, lease_expires = ?, attempts = attempts + 1 WHERE id = ?",
                     [(self.owner, now + self.lease, entry_id) for (entry_id,) in ids],
                 )
+                waiting, parameters = self._unowned(now, due=False)
+                next_due = db.execute(f"SELECT min(not_before) FROM entries WHERE {waiting}", parameters).fetchone()[0]
                 db.execute("COMMIT")
             except BaseException:
                 db.execute("ROLLBACK")
@@ -420,7 +473,7 @@ class Journal:
         for row in rows:
             entry = Entry.of(row)
             attempts = entry.attempts + 1
-            if attempts > self.max_attempts:
+            if attempts - entry.failures > self.max_attempts:
                 reason = (
                     f"started {entry.attempts} times without finishing (it crashed its worker or the server "
                     f"each time; max_attempts is {self.max_attempts})"
@@ -428,8 +481,8 @@ class Journal:
                 self.dead(entry.id, reason)
                 dead.append((entry, reason))
             else:
-                entries.append(Entry.of((*row[:11], attempts, row[12])))
-        return Claim(entries, dead)
+                entries.append(replace(entry, attempts=attempts))
+        return Claim(entries, dead, next_due)
 
     def hold(self) -> None:
         """Begin renewing this owner's lease (the facade serves)."""
@@ -442,8 +495,11 @@ class Journal:
             where, parameters = self._unowned(time.time())
             return int(self._db.execute(f"SELECT count(*) FROM entries WHERE {where}", parameters).fetchone()[0])
 
-    def _unowned(self, now: float) -> tuple[str, tuple[object, ...]]:
-        """The condition of entries whose owner is gone (under the lock), and its parameters."""
+    def _unowned(self, now: float, *, due: bool = True) -> tuple[str, tuple[object, ...]]:
+        """The condition of entries whose owner is gone (under the lock), and its parameters.
+
+        `due`: those that may run now; else those that wait for their retry's backoff.
+        """
         host = socket.gethostname()
         owners = [
             row[0]
@@ -453,7 +509,8 @@ class Journal:
         ]
         gone = [owner for owner in owners if _local_process_gone(owner, host)]
         gone_clause = f" OR owner IN ({','.join('?' * len(gone))})" if gone else ""
-        return f"owner != ? AND (lease_expires < ?{gone_clause})", (self.owner, now, *gone)
+        backoff = "not_before <= ?" if due else "not_before > ?"
+        return f"owner != ? AND {backoff} AND (lease_expires < ?{gone_clause})", (self.owner, now, now, *gone)
 
     def renew(self) -> None:
         """Extend this owner's lease on its entries (unless released); recount the entries for `stats()`."""
@@ -485,16 +542,16 @@ class Journal:
         """List pending entries, each with its owner and lease expiry."""
         with self._lock:
             rows = self._db.execute(f"SELECT {_COLUMNS}, owner, lease_expires FROM entries ORDER BY id").fetchall()
-        return [(Entry.of(row), row[13], row[14]) for row in rows]
+        return [(Entry.of(row), row[16], row[17]) for row in rows]
 
     def dead_entries(self) -> list[Entry]:
         """List dead entries, each with its reason."""
         with self._lock:
             rows = self._db.execute(f"SELECT {_COLUMNS}, reason FROM dead ORDER BY id").fetchall()
-        return [Entry.of(row, reason=row[13]) for row in rows]
+        return [Entry.of(row, reason=row[16]) for row in rows]
 
     def retry(self, entry_id: int) -> bool:
-        """Move a dead entry back to pending (attempts reset; the next facade to start runs it).
+        """Move a dead entry back to pending (attempts and failures reset; the next facade to start runs it).
 
         Returns:
             Whether there was such a dead entry.
@@ -503,9 +560,10 @@ class Journal:
             db = self._db
             db.execute("BEGIN IMMEDIATE")
             try:
+                afresh = _COLUMNS.replace("attempts", "0").replace("failures", "0")
                 moved = db.execute(
                     f"INSERT INTO entries ({_COLUMNS}, owner, lease_expires) "
-                    f"SELECT {_COLUMNS.replace('attempts', '0')}, '', 0 FROM dead WHERE id = ?",
+                    f"SELECT {afresh}, '', 0 FROM dead WHERE id = ?",
                     (entry_id,),
                 ).rowcount
                 db.execute("DELETE FROM dead WHERE id = ?", (entry_id,))

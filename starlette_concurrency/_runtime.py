@@ -168,6 +168,7 @@ class Runtime:
         self.journal: Journal | None = None
         self._journal_scope: anyio.CancelScope | None = None  # the lease renewal and replay of the current host
         self._replaying = False  # whether the host may still claim journal entries (not once it drains)
+        self._next_due: float | None = None  # when a retry a gone owner left is due (time.time()), if one waits
         if isinstance(default, Driver):
             self.default = default.name
             self.factories[default.name] = lambda settings: default
@@ -524,7 +525,8 @@ class Runtime:
                     # Look for what gone owners left at each renewal, and on while there is more.
                     if self._replaying and due and not more:
                         self._announce(await anyio.to_thread.run_sync(journal.claimable), journal)
-                    more = self._replaying and (due or more) and await self._replay_some(journal)
+                    retry_due = self._next_due is not None and time.time() >= self._next_due
+                    more = self._replaying and (due or more or retry_due) and await self._replay_some(journal)
                 except Exception as exc:  # a locked or vanished file: try again at the next renewal
                     logger.error("the journal %r could not be renewed or read: %s", journal.path, exc)
                     more = False
@@ -549,6 +551,7 @@ class Runtime:
             await anyio.sleep(0.05)  # bounded by max_pending_deferred: wait until some work has finished
             return True
         claim = await anyio.to_thread.run_sync(journal.claim, room)
+        self._next_due = claim.next_due
         if not self._replaying:  # the drain began meanwhile: the release hands these to the next start
             return False
         for entry, reason in claim.dead:

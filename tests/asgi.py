@@ -151,13 +151,17 @@ def uvicorn(app: str, log: Path, env: dict[str, str] | None = None, *options: st
 
 
 @contextmanager
-def example_server(tmp_path: Path) -> Iterator[Server]:
-    """Serve `examples/app.py` with a 2-worker process pool, its logs and activity notes under `tmp_path`."""
+def example_server(tmp_path: Path, **more: str) -> Iterator[Server]:
+    """Serve `examples/app.py` with a 2-worker process pool, its logs and activity notes under `tmp_path`.
+
+    `more`: further environment variables (``CONCURRENCY_JOURNAL=...``).
+    """
     env = {
         "EXAMPLE_METRICS_LOG": str(tmp_path / "metrics.log"),
         "EXAMPLE_ACTIVITY_DIR": str(tmp_path / "activity"),
         "CONCURRENCY_WORKERS": "2",
         "CONCURRENCY_DRIVER": "process",
+        **more,
     }
     with uvicorn("examples.app:app", tmp_path / "example.log", env) as server:
         yield server

@@ -36,6 +36,7 @@ def test_the_public_names_are_pinned() -> None:
         "ConcurrencyWSGIMiddleware",
         "ConfigurationError",
         "DaskOptions",
+        "Deferral",
         "DeferralRejected",
         "Driver",
         "DriverError",
@@ -55,6 +56,7 @@ def test_the_public_names_are_pinned() -> None:
         "WorkerStartFailed",
         "WrongContext",
         "__version__",
+        "current_deferral",
     ]
     for name in starlette_concurrency.__all__:
         value = getattr(starlette_concurrency, name)

@@ -153,6 +153,58 @@ def test_the_task_log_shows_what_tasks_logged_in_the_workers(example: Server) ->
     assert "about to end this worker" in page
 
 
+def test_with_a_journal_the_dashboard_shows_its_counters(tmp_path: Path) -> None:
+    import functools
+
+    from starlette_concurrency._journal import Journal, NewEntry, PayloadKind
+    from starlette_concurrency._pickling import dumps_task
+    from starlette_concurrency._tasks import Task
+
+    from . import journal_targets
+
+    journal, out = tmp_path / "deferred.db", tmp_path / "out.txt"
+    left = Journal(journal)  # an entry a crashed server left: this one replays it
+    task = functools.partial(journal_targets.record, str(out), "left", 1)
+    left.append(
+        [
+            NewEntry(
+                "process",
+                PayloadKind.PAYLOAD,
+                dumps_task(Task(0, task)),
+                "task 0 (record)",
+                "0",
+                "record",
+                0,
+                None,
+                None,
+            )
+        ]
+    )
+    left.release()
+    left.close()
+    with example_server(tmp_path, CONCURRENCY_JOURNAL=str(journal)) as server:
+        for _ in range(600):  # a bound against hangs
+            data = httpx.get(f"{server.url}/api/stats", timeout=60).json()
+            if (data["stats"]["replayed"], data["stats"]["journal_pending"]) == (1, 0):
+                break
+            time.sleep(0.1)
+        assert data["journal"] == str(journal)
+        assert (data["stats"]["replayed"], data["stats"]["journal_pending"], data["stats"]["journal_dead"]) == (1, 0, 0)
+        page = httpx.get(f"{server.url}/", timeout=60).text
+    assert out.read_text().startswith("left 1 ")
+    assert f"Journal <b>{journal}</b>" in page
+    assert re.search(r'replayed<b id="replayed">1</b>', page)
+    assert 'id="journal_pending"' in page
+    assert 'id="journal_dead"' in page
+
+
+def test_without_a_journal_the_dashboard_says_what_a_crash_loses(example: Server) -> None:
+    page = httpx.get(f"{example.url}/", timeout=60).text
+    assert "No journal: a crash loses the deferred work not yet run" in page
+    assert 'id="journal_pending"' not in page
+    assert httpx.get(f"{example.url}/api/stats", timeout=60).json()["journal"] is None
+
+
 # The worker pids the page's workers table lists (rows of live workers carry their pid).
 TABLE_PIDS = "Array.from(document.querySelectorAll('#activity tr[data-pid]'), (row) => Number(row.dataset.pid))"
 TABLE_ROWS = "Array.from(document.querySelectorAll('#activity tr[data-pid]'), (row) => row.textContent)"

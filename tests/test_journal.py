@@ -83,6 +83,30 @@ def test_a_killed_server_s_unfinished_tasks_run_in_the_next_one(tmp_path: Path, 
     assert replayed == 3
 
 
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_a_retry_waiting_at_a_sigkill_runs_in_the_next_process(tmp_path: Path, backend: str) -> None:
+    journal, out = tmp_path / "deferred.db", tmp_path / "out.txt"
+    first = server("retry", journal, out, backend)
+    try:
+        assert first.stdout is not None
+        assert first.stdout.readline().strip() == "READY"  # its first attempt failed; its retry waits 2 s
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.communicate(timeout=30)
+    [(entry, _, _)] = Journal(journal).entries()
+    assert (entry.attempts, entry.failures, entry.user_key) == (1, 1, "order-9")
+    second = server("replay", journal, out, backend)
+    output, _ = second.communicate(timeout=180)
+    assert second.returncode == 0, output
+    runs = [line.split() for line in out.read_text().splitlines()]
+    # The second attempt, in the second process, after the first one's failure: same key, same entry.
+    assert runs == [
+        ["retry", "1", str(first.pid), "order-9", str(entry.id)],
+        ["retry", "2", str(second.pid), "order-9", str(entry.id)],
+    ]
+    assert "REPLAYED 1 PENDING 0 DEAD 0" in output
+
+
 def test_two_live_processes_claim_each_entry_once(tmp_path: Path) -> None:
     journal, out = tmp_path / "deferred.db", tmp_path / "out.txt"
     out.touch()
@@ -150,6 +174,41 @@ def test_a_journal_of_a_newer_release_is_refused(tmp_path: Path) -> None:
         db.execute("UPDATE meta SET value = ? WHERE name = 'schema_version'", (str(SCHEMA_VERSION + 1),))
     with pytest.raises(ConfigurationError, match=r"deferred\.db.*newer release"):
         Concurrency(journal=str(journal), env_file=None)
+
+
+# The layout release 1 of the journal wrote (schema version 1), before retries.
+_VERSION_1 = """
+CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE entries (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, created REAL NOT NULL, driver TEXT NOT NULL, kind TEXT NOT NULL,
+    payload BLOB NOT NULL, label TEXT NOT NULL, task_key TEXT NOT NULL, function TEXT NOT NULL,
+    call INTEGER NOT NULL, method TEXT, path TEXT, attempts INTEGER NOT NULL, user_key TEXT UNIQUE,
+    owner TEXT NOT NULL, lease_expires REAL NOT NULL
+);
+CREATE TABLE dead (
+    id INTEGER PRIMARY KEY, created, driver, kind, payload, label, task_key, function, call, method, path,
+    attempts, user_key, reason TEXT NOT NULL, died REAL NOT NULL
+);
+INSERT INTO meta VALUES ('schema_version', '1');
+"""
+
+
+def test_a_journal_of_the_release_before_retries_is_upgraded(tmp_path: Path) -> None:
+    journal, out = tmp_path / "deferred.db", tmp_path / "out.txt"
+    payload = dumps_task(Task(0, functools.partial(journal_targets.record, str(out), "old", 1)))
+    with contextlib.closing(sqlite3.connect(journal)) as db, db:
+        db.executescript(_VERSION_1)
+        db.execute(
+            "INSERT INTO entries (created, driver, kind, payload, label, task_key, function, call, attempts, owner, "
+            "lease_expires) VALUES (0, 'process', 'payload', ?, 'task 0 (record)', '0', 'record', 0, 1, '', 0)",
+            (payload,),
+        )
+    store = Journal(journal)
+    [(entry, _, _)] = store.entries()
+    assert (entry.attempts, entry.retries, entry.failures) == (1, 0, 0)
+    store.close()
+    with contextlib.closing(sqlite3.connect(journal)) as db:
+        assert db.execute("SELECT value FROM meta WHERE name = 'schema_version'").fetchone() == (str(SCHEMA_VERSION),)
 
 
 def test_an_unwritable_place_is_refused_naming_it(tmp_path: Path) -> None:
@@ -336,8 +395,11 @@ async def test_what_the_drain_stops_stays_for_the_next_start(tmp_path: Path, cap
     assert "replaying 3 deferred task(s) left by a previous run" in caplog.text
 
 
-def killed_uvicorn(env: dict[str, str], log: Path) -> tuple[subprocess.Popen[bytes], str]:
-    """Start uvicorn on the journal's app (to be SIGKILLed, so not `asgi.uvicorn`, which stops it gracefully)."""
+def killed_uvicorn(env: dict[str, str], log: Path, *options: str) -> tuple[subprocess.Popen[bytes], str]:
+    """Start uvicorn on the journal's app (to be SIGKILLed, so not `asgi.uvicorn`, which stops it gracefully).
+
+    In a session of its own: `kill_server` kills its whole process group (``--workers`` processes too).
+    """
     import socket
 
     from .asgi import free_port
@@ -345,11 +407,21 @@ def killed_uvicorn(env: dict[str, str], log: Path) -> tuple[subprocess.Popen[byt
     port = free_port()
     with log.open("wb") as output:
         process = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "tests.journal_app:app", "--port", str(port), "--no-access-log"],
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "tests.journal_app:app",
+                "--port",
+                str(port),
+                "--no-access-log",
+                *options,
+            ],
             cwd=ROOT,
             env={**os.environ, **env},
             stdout=output,
             stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
     for _ in range(600):  # a bound against hangs
         assert process.poll() is None, log.read_text()
@@ -359,6 +431,27 @@ def killed_uvicorn(env: dict[str, str], log: Path) -> tuple[subprocess.Popen[byt
         except OSError:
             subprocess.run(["sleep", "0.05"], check=True)
     raise AssertionError(f"uvicorn never answered:\n{log.read_text()}")
+
+
+def kill_server(process: subprocess.Popen[bytes]) -> None:
+    """SIGKILL a `killed_uvicorn` server, every process of it at once (its pools' workers die with their parents)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait(30)
+
+
+def journaled(journal: Path) -> int:
+    """How many `/orders` entries the journal holds."""
+    with contextlib.closing(sqlite3.connect(journal)) as db:
+        return int(db.execute("SELECT count(*) FROM entries WHERE user_key LIKE 'order-%'").fetchone()[0])
+
+
+def wait_for(condition: Callable[[], bool], what: str) -> None:
+    for _ in range(1200):  # a bound against hangs, not a speed expectation
+        if condition():
+            return
+        subprocess.run(["sleep", "0.05"], check=True)
+    raise AssertionError(f"never happened: {what}")
 
 
 def test_under_uvicorn_every_accepted_task_runs_after_a_sigkill(tmp_path: Path) -> None:
@@ -376,8 +469,7 @@ def test_under_uvicorn_every_accepted_task_runs_after_a_sigkill(tmp_path: Path) 
         accepted = [n for n in range(20) if httpx.post(f"{url}/orders/{n}").status_code == 200]
         assert httpx.get(f"{url}/status/500").status_code == 500
     finally:
-        first.send_signal(signal.SIGKILL)  # mid-storm: tasks queued, one or two running (held)
-        first.wait(30)
+        kill_server(first)  # mid-storm: tasks queued, one or two running (held)
     assert accepted == list(range(20))
     hold.unlink()
     with uvicorn("tests.journal_app:app", tmp_path / "second.log", env) as second:
@@ -425,3 +517,85 @@ async def test_a_full_journal_refuses_defer_until_a_write_succeeds(
         concurrency.defer(functools.partial(journal_targets.record, str(out), "journaled", 2))
         await concurrency.wait_deferred(60)
     assert [tag for tag, _, _ in lines(out)] == ["unjournaled", "journaled"]
+
+
+def test_under_uvicorn_with_two_workers_every_accepted_task_runs_after_a_sigkill(tmp_path: Path) -> None:
+    import httpx
+
+    from .asgi import uvicorn
+
+    journal, out = tmp_path / "deferred.db", tmp_path / "out.txt"
+    out.touch()
+    hold = Path(str(out) + ".hold")
+    hold.touch()
+    env = {"JOURNAL_PATH": str(journal), "JOURNAL_OUT": str(out), "PYTHONPATH": str(ROOT)}
+    first, url = killed_uvicorn(env, tmp_path / "first.log", "--workers", "2")
+    try:
+        with httpx.Client(timeout=60) as client:
+            accepted = [n for n in range(20) if client.post(f"{url}/orders/{n}").status_code == 200]
+        assert accepted == list(range(20))
+        wait_for(lambda: journaled(journal) == 20, "every accepted task journaled")
+        wait_for(lambda: "start" in out.read_text(), "a task under way")
+    finally:
+        kill_server(first)  # the supervisor and both workers at once: a power cut, as far as they know
+    before = lines(out)
+    running_at_kill = {number for tag, number, _ in before if tag == "start"}
+    assert running_at_kill
+    assert all(tag == "start" for tag, _, _ in before)  # held: none had finished
+    hold.unlink()
+    with uvicorn("tests.journal_app:app", tmp_path / "second.log", env, "--workers", "2") as second:
+        wait_for(
+            lambda: {number for tag, number, _ in lines(out) if tag == "end"} == set(accepted),
+            "every accepted task ran to its end after the restart",
+        )
+        assert "replaying" in second.output()
+    after = lines(out)[len(before) :]
+    assert Counter(number for tag, number, _ in after if tag == "end") == dict.fromkeys(accepted, 1)
+    # Each ran once after the restart; the tasks running at the kill had started once before too.
+    starts = Counter(number for tag, number, _ in lines(out) if tag == "start")
+    duplicates = {number for number, count in starts.items() if count > 1}
+    assert duplicates == running_at_kill
+    assert Journal(journal).pending == 0
+
+
+def test_two_overlapping_servers_on_one_journal_hand_over_after_a_sigkill(tmp_path: Path) -> None:
+    import httpx
+
+    journal, out = tmp_path / "deferred.db", tmp_path / "out.txt"
+    out.touch()
+    hold = Path(str(out) + ".hold")
+    hold.touch()
+    env = {"JOURNAL_PATH": str(journal), "JOURNAL_OUT": str(out), "PYTHONPATH": str(ROOT)}
+    old, old_url = killed_uvicorn(env, tmp_path / "old.log")
+    new: subprocess.Popen[bytes] | None = None
+    try:
+        with httpx.Client(timeout=60) as client:
+            assert all(client.post(f"{old_url}/orders/{n}").status_code == 200 for n in range(8))
+            wait_for(lambda: journaled(journal) == 8 and "start" in out.read_text(), "the old server's work under way")
+            # A deploy that overlaps: the new server starts while the old one still serves (and owns its entries).
+            new, new_url = killed_uvicorn(env, tmp_path / "new.log")
+            assert all(client.post(f"{new_url}/orders/{n}").status_code == 200 for n in range(8, 12))
+            wait_for(lambda: journaled(journal) == 12, "the new server's work journaled")
+            assert all(tag == "start" for tag, _, _ in lines(out))
+        # While both live, neither claims the other's entries.
+        owners = {owner for entry, owner, _ in Journal(journal).entries()}
+        assert len(owners) == 2
+        kill_server(old)
+        before = lines(out)
+        running_at_kill = {number for tag, number, pid in before if tag == "start" and pid == old.pid}
+        hold.unlink()
+        wait_for(
+            lambda: {number for tag, number, _ in lines(out) if tag == "end"} == set(range(12)),
+            "every task ran to its end in the new server",
+        )
+        ends = [(number, pid) for tag, number, pid in lines(out) if tag == "end"]
+        assert Counter(number for number, _ in ends) == dict.fromkeys(range(12), 1)
+        assert {pid for _, pid in ends} == {new.pid}
+        starts = Counter(number for tag, number, _ in lines(out) if tag == "start")
+        assert {number for number, count in starts.items() if count > 1} == running_at_kill
+        wait_for(lambda: journaled(journal) == 0, "the journal emptied")
+        assert "replaying" in (tmp_path / "new.log").read_text()
+    finally:
+        kill_server(old)
+        if new is not None:
+            kill_server(new)

@@ -9,7 +9,7 @@ import functools
 from collections.abc import Awaitable, Callable
 from typing import assert_type
 
-from starlette_concurrency import Concurrency, DaskOptions, ProcessOptions, Settings
+from starlette_concurrency import Concurrency, DaskOptions, Deferral, ProcessOptions, Settings, current_deferral
 
 
 def count(table: str) -> int:
@@ -70,3 +70,16 @@ def option_shapes(settings: Settings) -> None:
     Concurrency(max_tasks_per_worker=100)  # a deprecated keyword: typed, and warned of at run time
     Concurrency(wokers=2)  # type: ignore[call-arg]  # pyright: ignore
     Concurrency(options={"max_tasks_per_worker": 100})  # type: ignore[dict-item]  # pyright: ignore
+
+
+def defer_shapes(c: Concurrency) -> None:
+    c.defer(fetch, key="order-42", retries=3, backoff=0.5)
+    c.defer([fetch, fetch], retries=1)
+    c.defer(fetch, retries="3")  # type: ignore[arg-type]  # pyright: ignore
+    c.defer(fetch, backoff="1s")  # type: ignore[arg-type]  # pyright: ignore
+    assert_type(current_deferral(), Deferral | None)
+    deferral = current_deferral()
+    if deferral is not None:
+        assert_type(deferral.key, str | None)
+        assert_type(deferral.attempt, int)
+        assert_type(deferral.entry_id, int | None)
