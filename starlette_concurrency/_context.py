@@ -16,31 +16,29 @@ each task carries those bytes: pickling a task then costs one more small object,
 variable. Our picklers also send a `ContextVar` met anywhere else by its place (`reduce_variable`):
 a lambda of an app module that reads a global variable (cloudpickle sends its globals by value).
 
-The running deferred task's `Deferral` (`current_deferral()`) travels the same way, as one more entry:
-its variable lives in a module object of its own, ``sys.modules["starlette_concurrency:deferral"]``,
-made by whichever side needs it first (`deferral_variable`), because a worker must find it without
-importing this package. It is set per attempt, around the pickled form `defer()` made once: `carry_deferral`
-wraps a stored payload without loading it (a payload that will not load still fails as it loads).
+The running deferred task's `Deferral` (`current_deferral()`) travels the same way, as one more entry
+(`_wire.context.DEFERRAL`). It is set per attempt, around the pickled form `defer()` made once:
+`carry_deferral` wraps a stored payload without loading it (a payload that will not load still fails
+as it loads).
 
-`call_in_context` and `find_variable` are defined outside any importable module, so that cloudpickle
-sends them by value (the pool's function cache: once per worker): a worker runs them without
-importing this package, which would pull in Starlette and anyio.
+`call_in_context` and `find_variable` live in `_wire/context.py`, which a worker imports without the
+package root (Starlette and anyio); they travel by reference.
 """
 
 from __future__ import annotations
 
 import functools
-import importlib
 import pickle
 import sys
 from collections.abc import Callable, Iterable
 from contextvars import ContextVar
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import cloudpickle  # type: ignore[import-untyped]
 
 from ._exceptions import ConfigurationError, SerializationError
+from ._wire.context import DEFERRAL, DEFERRAL_PLACE, call_in_context, find_variable
 
 if TYPE_CHECKING:
     from ._tasks import Task
@@ -53,7 +51,6 @@ __all__ = [
     "call_in_context",
     "carry_deferral",
     "current_deferral",
-    "deferral_variable",
     "reduce_variable",
     "with_context",
 ]
@@ -61,84 +58,9 @@ __all__ = [
 Entries = tuple[tuple[ContextVar[Any], Any], ...]
 Carried = Entries | bytes  # what a task carries: the entries, or (for a worker) their pickled places and values
 
-_SOURCE = '''
-def call_in_context(entries, fn):
-    """Call `fn` with the context variables of `entries` set; await what it returns with them set too.
 
-    `entries`: (variable, value) pairs, or the bytes `Carrier.capture` pickled them into for a worker.
-    """
-    if entries.__class__ is bytes:
-        import importlib
-        import pickle
-
-        entries = [(find_variable(module, attribute), value) for module, attribute, value in pickle.loads(entries)]
-    tokens = [(variable, variable.set(value)) for variable, value in entries]
-    try:
-        result = fn()
-    finally:
-        for variable, token in reversed(tokens):
-            variable.reset(token)
-    if not hasattr(result, "__await__"):
-        return result
-
-    async def awaited():  # nested, not a global: one function for the function cache to send, not two
-        tokens = [(variable, variable.set(value)) for variable, value in entries]
-        try:
-            return await result
-        finally:
-            for variable, token in reversed(tokens):
-                variable.reset(token)
-
-    return awaited()
-
-
-def find_variable(module, attribute):
-    """The context variable a server sent by its place."""
-    import importlib
-
-    if module == "starlette_concurrency:deferral":  # not importable: made here if need be
-        return deferral_variable()
-    return getattr(importlib.import_module(module), attribute)
-
-
-def deferral_variable():
-    """The variable that holds the running deferred task's (key, attempt, retries, entry), made on first use."""
-    import sys
-
-    slot = sys.modules.get("starlette_concurrency:deferral")
-    if slot is None:
-        import contextvars
-        import types
-
-        made = types.ModuleType("starlette_concurrency:deferral", "The running deferred task (see current_deferral).")
-        made.variable = contextvars.ContextVar("starlette_concurrency.deferral", default=None)
-        slot = sys.modules.setdefault("starlette_concurrency:deferral", made)  # a thread may have been first
-    return slot.variable
-
-
-def call_deferred(arguments):
-    """Call ``arguments["fn"]`` with ``arguments["value"]`` as the running deferral (see `carry_deferral`)."""
-    return call_in_context(((deferral_variable(), arguments["value"]),), arguments["fn"])
-
-
-def install_call_deferred():
-    """Keep `call_deferred` in the deferral's module, where a worker's later tasks find it; return it."""
-    import sys
-
-    deferral_variable()
-    sys.modules["starlette_concurrency:deferral"].call = call_deferred
-    return call_deferred
-'''
-_namespace: dict[str, Any] = {"__name__": "starlette_concurrency (context carried into tasks)"}
-exec(compile(_SOURCE, "<starlette_concurrency context>", "exec"), _namespace)
-call_in_context: Callable[[Carried, Callable[[], Any]], Any] = _namespace["call_in_context"]
-_find_variable: Callable[[str, str], ContextVar[Any]] = _namespace["find_variable"]
-deferral_variable: Callable[[], ContextVar[tuple[str | None, int, int, int | None] | None]] = _namespace[
-    "deferral_variable"
-]
-_DEFERRAL_PLACE = ("starlette_concurrency:deferral", "variable")
-
-_PLACES: dict[ContextVar[Any], tuple[str, str]] = {}  # where each variable pickled so far was found
+# Where each variable pickled so far was found (the deferral's: where a worker imports no more than it).
+_PLACES: dict[ContextVar[Any], tuple[str, str]] = {DEFERRAL: DEFERRAL_PLACE}
 
 
 def place_of(variable: ContextVar[Any]) -> tuple[str, str]:
@@ -174,7 +96,7 @@ def reduce_variable(variable: ContextVar[Any]) -> tuple[Any, ...]:
         pickle.PicklingError: no importable module holds it.
     """
     try:
-        return _find_variable, place_of(variable)
+        return find_variable, place_of(variable)
     except ConfigurationError as exc:
         raise pickle.PicklingError(str(exc)) from None
 
@@ -269,48 +191,27 @@ def current_deferral() -> Deferral | None:
     Returns:
         The `Deferral`, or ``None`` (a `run()` task, or code that is not a task).
     """
-    value = deferral_variable().get()
+    value = DEFERRAL.get()
     return None if value is None else Deferral(*value)
 
 
-class _Call:
-    """Pickles as the call ``fn(*args)``, made where the pickle is loaded (its arguments may be `_Call`s too)."""
+class _Load:
+    """Pickles as ``pickle.loads(data)``: a stored payload, loaded only where the task runs."""
 
-    __slots__ = ("args", "fn")
+    __slots__ = ("data",)
 
-    def __init__(self, fn: Callable[..., Any], *args: object) -> None:
-        self.fn, self.args = fn, args
+    def __init__(self, data: bytes) -> None:
+        self.data = data
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return self.fn, self.args
-
-
-@functools.cache
-def _deferred_call() -> bytes:
-    """What loads, in a worker, as the function that runs a task with its deferral set (`call_deferred`).
-
-    Loading a function cloudpickle sent by value costs tens of µs; a deferred task must not pay that
-    each time. So the first task a worker loads installs it in the deferral's module (``install``,
-    through ``eval``: the later tasks carry it but never call it), and the later ones find it there: the
-    load is ``getattr(sys.modules.get(SLOT), "call", <install, then call>)``, stdlib calls only, and
-    never imports this package.
-    """
-    installer = cloudpickle.dumps(_namespace["install_call_deferred"])
-    install = _Call(
-        functools.partial,
-        eval,
-        "__import__('pickle').loads(installer)()({'value': value, 'fn': fn})",
-        {"installer": installer},
-    )
-    modules = _Call(getattr, _Call(importlib.import_module, "sys"), "modules")
-    return pickle.dumps(_Call(getattr, _Call(dict.get, modules, _DEFERRAL_PLACE[0]), "call", install))
+        return pickle.loads, (self.data,)
 
 
 def carry_deferral(task: Task, value: tuple[str | None, int, int, int | None]) -> Task:
     """The task, to run with `value` as its `Deferral` (see `current_deferral`).
 
     A stored pickled form (``Task.prepared``: the process driver's payload, the dask driver's bytes) is
-    wrapped as it is, in a pickle of ``call_deferred({"value": value, "fn": <the stored pickle, loaded>})``
+    wrapped as it is, in a pickle of ``call_in_context(<the deferral>, <the stored pickle, loaded>)``
     (a payload that does not load fails as the wrapper loads, as before); otherwise the deferral joins
     the task's context entries.
     """
@@ -319,10 +220,11 @@ def carry_deferral(task: Task, value: tuple[str | None, int, int, int | None]) -
     prepared = task.prepared
     if isinstance(prepared, bytes) or (isinstance(prepared, Payload) and not prepared.skeletons):
         data = prepared if isinstance(prepared, bytes) else prepared.data
-        arguments = {"value": value, "fn": _Call(pickle.loads, data)}
-        wrapped = pickle.dumps(_Call(functools.partial, _Call(pickle.loads, _deferred_call()), arguments))
+        entries = pickle.dumps(((*DEFERRAL_PLACE, value),))
+        task_fn = cast("Callable[[], Any]", _Load(data))  # what it loads as, where the task runs
+        wrapped = pickle.dumps(functools.partial(call_in_context, entries, task_fn))
         return replace(task, prepared=wrapped if isinstance(prepared, bytes) else Payload(wrapped, ()))
     context = task.context
     if isinstance(context, bytes):  # pickled for a worker: their places and values
-        return replace(task, context=pickle.dumps((*pickle.loads(context), (*_DEFERRAL_PLACE, value))))
-    return replace(task, context=(*context, (deferral_variable(), value)))
+        return replace(task, context=pickle.dumps((*pickle.loads(context), (*DEFERRAL_PLACE, value))))
+    return replace(task, context=(*context, (DEFERRAL, value)))

@@ -12,9 +12,8 @@
 
 Only when `opentelemetry-api` is installed and a span is active where the call is made (a
 request's span, made by an instrumentation); otherwise `start` returns None after one check, and
-nothing else is done. `call_in_trace` is defined outside any importable module (like
-`_context.call_in_context`), so that it travels by value and a worker runs it without importing this
-package; a worker without OpenTelemetry just calls the task.
+nothing else is done. `call_in_trace` lives in `_wire/context.py`, which a worker imports without
+the package root; a worker without OpenTelemetry just calls the task.
 """
 
 from __future__ import annotations
@@ -26,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ._tasks import NOT_STARTED, Outcome, Task
+from ._wire.context import call_in_trace
 
 if TYPE_CHECKING:
     from opentelemetry.trace import Span
@@ -36,34 +36,6 @@ except ImportError:  # pragma: no cover - the [otel] extra is not installed: no 
     trace = None  # type: ignore[assignment]
 
 __all__ = ["TaskTrace", "call_in_trace", "end", "start"]
-
-_SOURCE = '''
-def call_in_trace(carrier, fn):
-    """Call `fn` with the trace context of `carrier` (a W3C traceparent) current; await what it returns so too."""
-    try:
-        from opentelemetry import context, propagate
-    except ImportError:
-        return fn()
-    token = context.attach(propagate.extract(carrier))
-    try:
-        result = fn()
-    finally:
-        context.detach(token)
-    if not hasattr(result, "__await__"):
-        return result
-
-    async def awaited():
-        token = context.attach(propagate.extract(carrier))
-        try:
-            return await result
-        finally:
-            context.detach(token)
-
-    return awaited()
-'''
-_namespace: dict[str, Any] = {"__name__": "starlette_concurrency (trace context carried into tasks)"}
-exec(compile(_SOURCE, "<starlette_concurrency tracing>", "exec"), _namespace)
-call_in_trace: Callable[[dict[str, str], Callable[[], Any]], Any] = _namespace["call_in_trace"]
 
 
 @dataclass(eq=False)

@@ -44,3 +44,10 @@ async def set_and_read_after_awaiting() -> tuple[str, str]:
     tenant.set("changed by the task")
     await anyio.lowlevel.checkpoint()
     return before, request_id.get()
+
+
+def package_root_loaded() -> tuple[str, bool]:
+    """The request id, and whether this process imported the package root (a worker must not need it)."""
+    import sys
+
+    return request_id.get("-"), "starlette_concurrency" in sys.modules

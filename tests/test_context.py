@@ -39,6 +39,18 @@ async def test_run_carries_the_callers_values_into_every_kind_of_task(
             assert a[2] != os.getpid()  # it ran elsewhere
 
 
+async def test_a_worker_sets_the_values_without_importing_the_package(tmp_path: Path) -> None:
+    # What sets them (`_wire/context.py`) is pickled so that a worker imports it alone: a plain reference
+    # would import `starlette_concurrency` itself in every worker (Starlette, anyio: tens of ms, MiB).
+    context = [targets.request_id]
+    async with Concurrency("process", workers=1, env_file=None, context=context) as concurrency:
+        token = targets.request_id.set("r-7")
+        try:
+            assert await concurrency.run(targets.package_root_loaded) == ("r-7", False)
+        finally:
+            targets.request_id.reset(token)
+
+
 async def test_a_worker_does_not_keep_one_calls_values_for_the_next(context_concurrency: Concurrency) -> None:
     # One worker runs both calls: what the first set is reset after its task.
     async with context_concurrency as concurrency:

@@ -11,4 +11,9 @@ must not pay for starlette and anyio (about 30 ms and 9 MiB each). `worker.py` l
 the package ``starlette_concurrency._wire`` without importing ``starlette_concurrency`` itself, so that
 these modules never take a top-level name that an app's own module could have (a `protocol.py` or
 `worker.py` of the app's, whose functions a task pickles by reference).
+
+So the modules here import names from each other (``from .protocol import frame``), never a sibling
+module itself (``from . import protocol``): Python does that through ``__import__`` of the dotted
+name, which imports the package root too. For the same reason what a worker must load is pickled as
+``importlib.import_module(<module>)`` (see `context.py`), not as a plain reference.
 """

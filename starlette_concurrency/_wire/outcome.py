@@ -26,14 +26,14 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from . import protocol
+from .protocol import ERROR, OK, REMOTE, UNPICKLABLE, frame
 
 __all__ = ["describe", "encode", "exception_str", "exception_type_name", "result_frame"]
 
 
 def result_frame(fn: Callable[[], Any], dumps: Callable[[Any], bytes]) -> bytes:
     """Call `fn` and frame how it ended, without a task id (a forked child's single answer)."""
-    return protocol.frame(*encode(fn, dumps))
+    return frame(*encode(fn, dumps))
 
 
 def encode(fn: Callable[[], Any], dumps: Callable[[Any], bytes]) -> tuple[bytes, bytes]:
@@ -49,14 +49,14 @@ def encode(fn: Callable[[], Any], dumps: Callable[[Any], bytes]) -> tuple[bytes,
     except BaseException as exc:
         return _encode_error(exc, dumps)
     try:
-        return protocol.OK, pickle.dumps(value, pickle.HIGHEST_PROTOCOL)
+        return OK, pickle.dumps(value, pickle.HIGHEST_PROTOCOL)
     except Exception:
         pass
     try:
         # cloudpickle is slower than pickle but also handles lambdas, local classes and __main__ objects.
-        return protocol.OK, dumps(value)
+        return OK, dumps(value)
     except BaseException as exc:
-        return protocol.UNPICKLABLE, describe(exc)
+        return UNPICKLABLE, describe(exc)
 
 
 def _await(awaitable: Any) -> Any:
@@ -82,8 +82,8 @@ def _encode_error(exc: BaseException, dumps: Callable[[Any], bytes]) -> tuple[by
                 pickle.loads(body)
             except BaseException:
                 continue
-            return protocol.ERROR, body
-    return protocol.REMOTE, describe(exc, text)
+            return ERROR, body
+    return REMOTE, describe(exc, text)
 
 
 _BUILTIN_REDUCE = (BaseException.__reduce__, OSError.__reduce__)

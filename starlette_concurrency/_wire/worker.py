@@ -71,12 +71,34 @@ import time
 from collections import deque
 from typing import Any, BinaryIO
 
-from . import closure_store, protocol
+from .closure_store import WorkerStore
 from .outcome import describe, encode
+from .protocol import (
+    IDLE_EXIT,
+    INIT,
+    LEVELS,
+    LOAD_FAILED,
+    LOG,
+    READY,
+    RESEND,
+    SINGLE,
+    SKIP,
+    SKIPPED,
+    SLOW_IMPORT,
+    START_FAILED,
+    TASKS,
+    ProtocolError,
+    answer,
+    frame,
+    parse_tasks,
+    read_frame,
+    resend_body,
+    split_skip,
+)
 
 # The function skeletons this process was sent (see _closures.py): its parent's mirror of it decides
 # what goes in and out, in frame order.
-_STORE = closure_store.WorkerStore()
+_STORE = WorkerStore()
 
 
 def load_definitions(blob: bytes) -> None:
@@ -101,8 +123,8 @@ def main(argv: list[str]) -> int:
     # group, and a worker that died of it would fail a task the server is about to drain.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
-    init = protocol.read_frame(reader)
-    if init is None or init[0] != protocol.INIT:
+    init = read_frame(reader)
+    if init is None or init[0] != INIT:
         return 0
     config = pickle.loads(init[1])
     sys.path[:] = config["sys_path"]
@@ -118,11 +140,11 @@ def main(argv: list[str]) -> int:
         if config["initializer"] is not None:
             cloudpickle.loads(config["initializer"])()
     except BaseException as exc:  # instead of READY: the parent raises it as the reason it failed to start
-        _write(writer, protocol.frame(protocol.START_FAILED, describe(exc)))
+        _write(writer, frame(START_FAILED, describe(exc)))
         return 1
     idle_timeout: float | None = config["idle_timeout"]
 
-    _write(writer, protocol.frame(protocol.READY, str(os.getpid()).encode()))
+    _write(writer, frame(READY, str(os.getpid()).encode()))
     first_task = True
     # The last group this worker loaded, by the id its slot 0 has: a group whose tasks come in several
     # frames (the pool cuts chunks as the queue shortens) is loaded once here. At most one is held.
@@ -132,12 +154,12 @@ def main(argv: list[str]) -> int:
         if not inbox.ahead:
             inbox.skip.clear()  # every task sent so far is answered: what was to be skipped is past
             if idle_timeout is not None and not _readable_within(reader, idle_timeout):
-                _write(writer, protocol.frame(protocol.IDLE_EXIT, b""))
+                _write(writer, frame(IDLE_EXIT, b""))
                 return 0
         message = inbox.next()  # a ProtocolError ends the worker: the parent sees a crash
         if message is None:
             return 0
-        definitions, entries = protocol.parse_tasks(message[1])
+        definitions, entries = parse_tasks(message[1])
         del message
         try:
             load_definitions(definitions)
@@ -145,13 +167,13 @@ def main(argv: list[str]) -> int:
             failure = describe(exc)
             for first, count, _, _ in entries:
                 for task_id in range(first, first + count):
-                    _write(writer, protocol.answer(protocol.LOAD_FAILED, task_id, failure))
+                    _write(writer, answer(LOAD_FAILED, task_id, failure))
             continue
         entries.reverse()  # popped from the end: each payload is let go of once its tasks ran
         skip = inbox.skip
         while entries:
             first, count, start, payload = entries.pop()
-            if start != protocol.SINGLE:  # a group pickled in one dump: one load for its tasks
+            if start != SINGLE:  # a group pickled in one dump: one load for its tasks
                 if first - start == held_base and held_fns is not None:
                     fns: list[Any] = held_fns
                 else:
@@ -159,7 +181,7 @@ def main(argv: list[str]) -> int:
                     try:
                         fns = _load(payload, writer, first_task)
                     except BaseException:  # none ran: the parent sends them one by one, so only the culprit fails
-                        _write(writer, protocol.frame(protocol.RESEND, protocol.resend_body(first, count)))
+                        _write(writer, frame(RESEND, resend_body(first, count)))
                         continue
                     finally:
                         first_task = False
@@ -170,7 +192,7 @@ def main(argv: list[str]) -> int:
                     fns[start + offset] = None  # let it go once it ran
                     inbox.look()
                     if skip and first + offset in skip:
-                        _write(writer, protocol.answer(protocol.SKIPPED, first + offset, b""))
+                        _write(writer, answer(SKIPPED, first + offset, b""))
                         continue
                     _running[0] = first + offset
                     _answer(writer, first + offset, encode(fn, cloudpickle.dumps))
@@ -179,12 +201,12 @@ def main(argv: list[str]) -> int:
                 continue
             inbox.look()
             if skip and first in skip:
-                _write(writer, protocol.answer(protocol.SKIPPED, first, b""))
+                _write(writer, answer(SKIPPED, first, b""))
                 continue
             try:
                 fn = _load(payload, writer, first_task)
             except BaseException as exc:
-                _answer(writer, first, (protocol.LOAD_FAILED, describe(exc)))
+                _answer(writer, first, (LOAD_FAILED, describe(exc)))
             else:
                 _running[0] = first
                 _answer(writer, first, encode(fn, cloudpickle.dumps))
@@ -221,7 +243,7 @@ class _Inbox:
     def next(self) -> tuple[bytes, bytes] | None:
         """The next TASKS frame (blocking), or None at the end of input."""
         while not self.ahead:
-            message = protocol.read_frame(self.reader)
+            message = read_frame(self.reader)
             if message is None:
                 return None
             self._take(message)
@@ -234,7 +256,7 @@ class _Inbox:
             return
         self._next_look = now + self.LOOK_EVERY
         while self._poller.poll(0):
-            message = protocol.read_frame(self.reader)
+            message = read_frame(self.reader)
             if message is None:  # the parent closed the pipe: the tasks already sent still run
                 self._poller.unregister(self.reader)
                 self._next_look = math.inf
@@ -243,19 +265,19 @@ class _Inbox:
 
     def _take(self, message: tuple[bytes, bytes]) -> None:
         tag, body = message
-        if tag == protocol.TASKS:
+        if tag == TASKS:
             self.ahead.append(message)
-        elif tag == protocol.SKIP:
-            self.skip.update(protocol.split_skip(body))
-        elif tag == protocol.LEVELS:
+        elif tag == SKIP:
+            self.skip.update(split_skip(body))
+        elif tag == LEVELS:
             set_levels(pickle.loads(body))
         else:
-            raise protocol.ProtocolError(f"unexpected frame tag {tag!r}")
+            raise ProtocolError(f"unexpected frame tag {tag!r}")
 
 
 def _answer(writer: BinaryIO, task_id: int, how: tuple[bytes, bytes]) -> None:
     _flush_stdio()  # before the answer, so that the output shows before run() returns
-    _write(writer, protocol.answer(how[0], task_id, how[1]))
+    _write(writer, answer(how[0], task_id, how[1]))
 
 
 def _load(payload: bytes, writer: BinaryIO, first: bool) -> Any:
@@ -280,7 +302,7 @@ def _load_timed(payload: bytes, writer: BinaryIO) -> Any:
         if seconds > SLOW_IMPORT_SECONDS:
             modules = sorted({name.partition(".")[0] for name in set(sys.modules) - before})
             report = f"{seconds:.2f} {','.join(modules[:12])}".encode("ascii", "replace")
-            _write(writer, protocol.frame(protocol.SLOW_IMPORT, report))
+            _write(writer, frame(SLOW_IMPORT, report))
 
 
 def die_with_parent(parent: int) -> None:
@@ -401,7 +423,7 @@ def log_forwarder(writer: BinaryIO) -> Any:
                     stack_info=record.stack_info,
                 )
                 body = pickle.dumps(fields, pickle.HIGHEST_PROTOCOL)
-                _write(writer, protocol.answer(protocol.LOG, _running[0], body))
+                _write(writer, answer(LOG, _running[0], body))
             except RecursionError:
                 raise
             except Exception:

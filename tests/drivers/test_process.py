@@ -284,6 +284,19 @@ async def test_a_worker_inherits_cwd_environment_and_sys_path(monkeypatch: pytes
     assert parent == os.getpid()
 
 
+async def test_a_worker_runs_without_importing_the_package_root(pool: tuple[Concurrency, ProcessDriver]) -> None:
+    # Starlette and anyio would cost every worker tens of ms and MiB: it loads _wire/ alone.
+    concurrency, _ = pool
+    loaded = functools.partial(eval, "sorted(m for m in __import__('sys').modules if m.startswith('starlette'))")
+    assert await concurrency.run(loaded) == [
+        "starlette_concurrency._wire",
+        "starlette_concurrency._wire.closure_store",
+        "starlette_concurrency._wire.outcome",
+        "starlette_concurrency._wire.protocol",
+        "starlette_concurrency._wire.worker",
+    ]
+
+
 async def test_an_app_s_modules_named_like_the_worker_s_own_are_the_app_s(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
