@@ -7,6 +7,7 @@ import math
 import sys
 import threading
 import types
+import weakref
 from collections import deque
 
 import anyio
@@ -15,6 +16,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from . import _exit
 from ._api import Concurrency
 from ._exceptions import ClientDisconnected
+from ._runtime import Runtime
 
 __all__ = ["ConcurrencyMiddleware"]
 
@@ -25,6 +27,10 @@ logger = logging.getLogger("starlette_concurrency")
 _MAX_BUFFERED = 64 * 1024
 
 _FINAL_LIFESPAN = {"lifespan.shutdown.complete", "lifespan.shutdown.failed", "lifespan.startup.failed"}
+
+# Facades already warned about serving without a lifespan: once per facade, not per middleware instance
+# (Litestar makes an instance of its `middleware=[...]` for every route handler).
+_warned_no_lifespan: weakref.WeakSet[Runtime] = weakref.WeakSet()
 
 
 class ConcurrencyMiddleware:
@@ -37,7 +43,8 @@ class ConcurrencyMiddleware:
       own lifespan keeps working; two lifespans at once are counted. An app that does not support
       the lifespan protocol keeps a usable facade (started on first use) and a warning says why;
       so does a middleware that serves requests without ever seeing a lifespan (Litestar's
-      ``middleware=``, a mounted sub-app).
+      ``middleware=``, a mounted sub-app): once per facade, and not if a lifespan entered the
+      facade all the same (the app's own, ``async with concurrency``).
     - ``http``: collects what the request `defer()`s and, as soon as the final response body has
       been sent (before the response's BackgroundTasks run), starts it: all of it if the status is
       below 400, only the ``always=True`` tasks otherwise (an unhandled exception counts as a 500).
@@ -113,7 +120,13 @@ class ConcurrencyMiddleware:
             batch.finish(succeeded=False)
 
     def _warn_no_lifespan(self) -> None:
+        runtime = self.concurrency._runtime
+        if runtime.users:  # a lifespan or `with` hosts the facade all the same (the app's own lifespan entered it)
+            return
         self._warned = True
+        if runtime in _warned_no_lifespan:
+            return
+        _warned_no_lifespan.add(runtime)
         logger.warning(
             "ConcurrencyMiddleware serves requests but never received the ASGI lifespan: its workers start on "
             "first use and deferred work is drained at SIGTERM or interpreter exit, not at the app's shutdown. "
