@@ -9,6 +9,8 @@ import threading
 import types
 import weakref
 from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import anyio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -27,6 +29,10 @@ logger = logging.getLogger("starlette_concurrency")
 _MAX_BUFFERED = 64 * 1024
 
 _FINAL_LIFESPAN = {"lifespan.shutdown.complete", "lifespan.shutdown.failed", "lifespan.startup.failed"}
+
+# Any ASGI app. Litestar's and Quart's type their scopes and messages more narrowly than Starlette's `ASGIApp`
+# does (typed dicts): they are not `ASGIApp`s to a type checker, and the middleware only passes them on.
+AnyASGIApp = Callable[[Any, Any, Any], Awaitable[None]]
 
 # Facades already warned about serving without a lifespan: once per facade, not per middleware instance
 # (Litestar makes an instance of its `middleware=[...]` for every route handler).
@@ -63,9 +69,9 @@ class ConcurrencyMiddleware:
     """
 
     def __init__(
-        self, app: ASGIApp, concurrency: Concurrency | None = None, *, cancel_on_disconnect: bool = True
+        self, app: AnyASGIApp, concurrency: Concurrency | None = None, *, cancel_on_disconnect: bool = True
     ) -> None:
-        self.app = app
+        self.app: ASGIApp = app
         self.concurrency = concurrency if concurrency is not None else Concurrency()
         self.cancel_on_disconnect = cancel_on_disconnect
         self._lifespan_seen = False

@@ -9,7 +9,10 @@ import functools
 from collections.abc import Awaitable, Callable
 from typing import assert_type
 
-from starlette_concurrency import Concurrency, DaskOptions, ProcessOptions, Settings
+import litestar
+import quart
+
+from starlette_concurrency import Concurrency, ConcurrencyMiddleware, DaskOptions, ProcessOptions, Settings
 
 
 def count(table: str) -> int:
@@ -70,3 +73,10 @@ def option_shapes(settings: Settings) -> None:
     Concurrency(max_tasks_per_worker=100)  # a deprecated keyword: typed, and warned of at run time
     Concurrency(wokers=2)  # type: ignore[call-arg]  # pyright: ignore
     Concurrency(options={"max_tasks_per_worker": 100})  # type: ignore[dict-item]  # pyright: ignore
+
+
+def other_frameworks_apps(c: Concurrency) -> None:
+    # Litestar's and Quart's apps type their scopes and messages more narrowly than Starlette's ASGIApp: the
+    # README's wirings wrap them all the same.
+    ConcurrencyMiddleware(litestar.Litestar(route_handlers=[]), concurrency=c)
+    ConcurrencyMiddleware(quart.Quart(__name__).asgi_app, concurrency=c)
