@@ -23,6 +23,9 @@ import os
 import threading
 import time
 from pathlib import Path
+from typing import Any
+
+import anyio
 
 from starlette_concurrency import Concurrency
 
@@ -30,6 +33,8 @@ THREAD_FIRST_ID = 1_000_000  # ids of the background thread's tasks start here; 
 THREAD_PAUSE = 0.01  # seconds between two deferrals of the background thread
 RETRY_PAUSE = 0.001  # seconds before it tries again after a refusal (shutdown has begun): it watches the door
 LATE_SECONDS = 1.0  # how long its tasks take once it has been refused
+WORKER_PAUSE = 0.3  # seconds a worker holds its task in `ask_workers()`: two tasks, two workers at once
+ANSWER_PAUSE = 0.3  # seconds `timed_deferral()` waits before it answers: a task started at once would have begun
 
 
 def _directory() -> Path:
@@ -109,3 +114,32 @@ def facade() -> Concurrency:
     if "DEPLOY_DIR" in os.environ:
         _log_to_file()
     return Concurrency(workers=2, env_file=None)
+
+
+def worker_view(seconds: float) -> dict[str, Any]:
+    """A task: which process runs it, and what the app's startup put in the environment (after a pause)."""
+    time.sleep(seconds)
+    return {"pid": os.getpid(), "started": os.environ.get("APP_STARTED")}
+
+
+async def ask_workers(concurrency: Concurrency) -> dict[str, Any]:
+    """What the frameworks' ``/startup`` answers: `run()`'s results, and what both workers see."""
+    return {
+        "server": os.getpid(),
+        "workers": await concurrency.run([functools.partial(worker_view, WORKER_PAUSE)] * 2),
+        "values": await concurrency.run(
+            {"sum": functools.partial(sum, [1, 2, 3]), "max": functools.partial(max, 4, 9)}
+        ),
+    }
+
+
+def note_start(marker: str) -> None:
+    """A deferred task: write when it started (wall clock, as the answer's time is) to DEPLOY_DIR/MARKER."""
+    (_directory() / marker).write_text(repr(time.time()))
+
+
+async def timed_deferral(concurrency: Concurrency, marker: str) -> dict[str, float]:
+    """What the frameworks' ``/after`` answers: defer `note_start`, wait, and say when the answer left."""
+    concurrency.defer(functools.partial(note_start, marker))
+    await anyio.sleep(ANSWER_PAUSE)
+    return {"answered": time.time()}

@@ -72,6 +72,8 @@ def python(*args: str) -> list[str]:
 
 
 ASGI, WSGI = "tests.deployment_asgi:app", "tests.deployment_wsgi:app"
+LITESTAR, LITESTAR_LISTED = "tests.deployment_litestar:app", "tests.deployment_litestar:listed"
+QUART = "tests.deployment_quart:app"
 
 ROWS = {
     row.name: row
@@ -105,6 +107,15 @@ ROWS = {
         Row("hypercorn --workers 0 (trio)", lambda port: python(
             "hypercorn", ASGI, "-k", "trio", "-w", "0", "-b", f"127.0.0.1:{port}", "--graceful-timeout", str(GRACE))),
         Row("daphne", lambda port: python("daphne", "-b", "127.0.0.1", "-p", str(port), ASGI)),
+        # Other frameworks, as the README wires them: ConcurrencyMiddleware around the whole app (Litestar,
+        # Quart), and Litestar's own `middleware=[...]`, which never sees the lifespan.
+        Row("uvicorn (Litestar)", lambda port: python("uvicorn", LITESTAR, "--port", str(port), "--no-access-log")),
+        Row("uvicorn (Litestar, middleware=[...])",
+            lambda port: python("uvicorn", LITESTAR_LISTED, "--port", str(port), "--no-access-log")),
+        Row("uvicorn (Quart)", lambda port: python("uvicorn", QUART, "--port", str(port), "--no-access-log")),
+        Row("hypercorn (Quart)", lambda port: python(
+            "hypercorn", QUART, "-b", f"127.0.0.1:{port}", "--graceful-timeout", str(GRACE)),
+            refuses_new_connections=False),
     ]
 }  # fmt: skip
 
