@@ -15,6 +15,7 @@ import anyio
 import httpx
 import litestar
 import pytest
+from litestar.handlers import HTTPRouteHandler
 from litestar.middleware import DefineMiddleware
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -491,7 +492,7 @@ async def test_serving_requests_without_a_lifespan_warns_once_how_to_wire_it(cap
     await concurrency.aclose()
 
 
-def _litestar_routes(concurrency: Concurrency) -> list[object]:
+def _litestar_routes(concurrency: Concurrency) -> list[HTTPRouteHandler]:
     """Two routes that call run() and defer() (Litestar makes a middleware stack per route)."""
 
     @litestar.get("/run")
@@ -514,7 +515,8 @@ async def test_litestars_middleware_list_is_warned_about_once_not_once_per_route
     concurrency = Concurrency(driver="sync", env_file=None)
     app = litestar.Litestar(
         route_handlers=_litestar_routes(concurrency),
-        middleware=[DefineMiddleware(ConcurrencyMiddleware, concurrency=concurrency)],
+        # Litestar types its middleware's scopes more narrowly than Starlette does: it objects to this wiring too.
+        middleware=[DefineMiddleware(ConcurrencyMiddleware, concurrency=concurrency)],  # type: ignore[arg-type]
         logging_config=None,  # Litestar's own would replace the root logger's handlers, caplog's among them
     )
     with caplog.at_level(logging.WARNING, logger="starlette_concurrency"):
@@ -534,7 +536,7 @@ async def test_a_facade_the_apps_own_lifespan_entered_is_not_warned_about(caplog
     concurrency = Concurrency(driver="sync", env_file=None)
     app = litestar.Litestar(
         route_handlers=_litestar_routes(concurrency),
-        middleware=[DefineMiddleware(ConcurrencyMiddleware, concurrency=concurrency)],
+        middleware=[DefineMiddleware(ConcurrencyMiddleware, concurrency=concurrency)],  # type: ignore[arg-type]
         lifespan=[concurrency],
         logging_config=None,
     )
