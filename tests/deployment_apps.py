@@ -135,7 +135,10 @@ async def ask_workers(concurrency: Concurrency) -> dict[str, Any]:
 
 def note_start(marker: str) -> None:
     """A deferred task: write when it started (wall clock, as the answer's time is) to DEPLOY_DIR/MARKER."""
-    (_directory() / marker).write_text(repr(time.time()))
+    started = time.time()
+    partial = _directory() / f"{marker}.partial"
+    partial.write_text(repr(started))
+    partial.replace(_directory() / marker)  # whole, or not there yet
 
 
 async def timed_deferral(concurrency: Concurrency, marker: str) -> dict[str, float]:
