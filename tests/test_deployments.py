@@ -1,10 +1,11 @@
 """The shutdown matrix: every server we document, a real process on 127.0.0.1, SIGTERM after the last response.
 
-Each row serves tests/deployment_asgi.py or tests/deployment_wsgi.py, defers tasks from requests (short ones,
-some about as long as the drain, some far longer) and from a background thread outside any request, then
-sends SIGTERM as `docker stop` or Kubernetes would. The files the app and its tasks write (deployment_apps.py)
-and the package's log lines tell, for each task, whether the facade accepted it, whether it ran, and whether
-it was logged as not run. Each row runs once (`shutdown()`); the tests below read what it left:
+Each row serves tests/deployment_asgi.py (Starlette), deployment_wsgi.py (Flask), deployment_litestar.py or
+deployment_quart.py, defers tasks from requests (short ones, some about as long as the drain, some far longer)
+and from a background thread outside any request, then sends SIGTERM as `docker stop` or Kubernetes would. The
+files the app and its tasks write (deployment_apps.py) and the package's log lines tell, for each task, whether
+the facade accepted it, whether it ran, and whether it was logged as not run. Each row runs once (`shutdown()`);
+the tests below read what it left:
 
 - every task accepted before shutdown began either ran or was logged by name — never neither (lost); no task
   ran twice, none was logged twice;
