@@ -35,6 +35,7 @@ RETRY_PAUSE = 0.001  # seconds before it tries again after a refusal (shutdown h
 LATE_SECONDS = 1.0  # how long its tasks take once it has been refused
 WORKER_PAUSE = 0.3  # seconds a worker holds its task in `ask_workers()`: two tasks, two workers at once
 ANSWER_PAUSE = 0.3  # seconds `timed_deferral()` waits before it answers: a task started at once would have begun
+HOLD_SECONDS = 60.0  # how long `held_run()`'s task takes: far longer than its client waits
 
 
 def _directory() -> Path:
@@ -133,12 +134,27 @@ async def ask_workers(concurrency: Concurrency) -> dict[str, Any]:
     }
 
 
+def _write(marker: str, text: str) -> None:
+    partial = _directory() / f"{marker}.partial"
+    partial.write_text(text)
+    partial.replace(_directory() / marker)  # whole, or not there yet
+
+
 def note_start(marker: str) -> None:
     """A deferred task: write when it started (wall clock, as the answer's time is) to DEPLOY_DIR/MARKER."""
-    started = time.time()
-    partial = _directory() / f"{marker}.partial"
-    partial.write_text(repr(started))
-    partial.replace(_directory() / marker)  # whole, or not there yet
+    _write(marker, repr(time.time()))
+
+
+def hold(marker: str) -> None:
+    """A task: say which worker holds it (its pid, in DEPLOY_DIR/MARKER), then take HOLD_SECONDS."""
+    _write(marker, str(os.getpid()))
+    time.sleep(HOLD_SECONDS)
+
+
+async def held_run(concurrency: Concurrency, marker: str) -> str:
+    """What the frameworks' ``/hold`` answers, if its client waits that long: `run()` of a long task."""
+    await concurrency.run(functools.partial(hold, marker))
+    return "finished"
 
 
 async def timed_deferral(concurrency: Concurrency, marker: str) -> dict[str, float]:

@@ -18,7 +18,7 @@ from litestar.middleware import DefineMiddleware
 
 from starlette_concurrency import ConcurrencyMiddleware
 
-from .deployment_apps import Deferrer, ask_workers, defer_one, facade, timed_deferral
+from .deployment_apps import Deferrer, ask_workers, defer_one, facade, held_run, timed_deferral
 
 concurrency = facade()
 deferrer = Deferrer(concurrency)
@@ -51,7 +51,11 @@ def _litestar(**options: Any) -> Litestar:
     async def after(request: Request[Any, Any, Any]) -> dict[str, float]:
         return await timed_deferral(concurrency, request.query_params["marker"])
 
-    return Litestar(route_handlers=[defer, thread, health, startup, after], on_startup=[_started], **options)
+    @get("/hold", media_type=MediaType.TEXT)
+    async def hold(request: Request[Any, Any, Any]) -> str:
+        return await held_run(concurrency, request.query_params["marker"])
+
+    return Litestar(route_handlers=[defer, thread, health, startup, after, hold], on_startup=[_started], **options)
 
 
 app = ConcurrencyMiddleware(_litestar(), concurrency=concurrency)

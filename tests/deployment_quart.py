@@ -12,7 +12,7 @@ from quart import Quart, request
 
 from starlette_concurrency import ConcurrencyMiddleware
 
-from .deployment_apps import Deferrer, ask_workers, defer_one, facade, timed_deferral
+from .deployment_apps import Deferrer, ask_workers, defer_one, facade, held_run, timed_deferral
 
 concurrency = facade()
 deferrer = Deferrer(concurrency)
@@ -50,3 +50,8 @@ async def startup() -> dict[str, Any]:
 @app.get("/after")
 async def after() -> dict[str, float]:
     return await timed_deferral(concurrency, request.args["marker"])
+
+
+@app.get("/hold")
+async def hold() -> str:
+    return await held_run(concurrency, request.args["marker"])

@@ -5,8 +5,9 @@
   answers from the workers, `defer()` reports, and SIGTERM leaves no process behind.
 - tests/deployment_litestar.py and tests/deployment_quart.py (the shutdown matrix's apps: tests/test_deployments.py
   counts what SIGTERM drains) say more: the workers see what the framework's own startup put in the
-  environment, a deferred task starts only once the answer has left, and Litestar's ``middleware=[...]``
-  still works, with one warning that names the fix.
+  environment, a deferred task starts only once the answer has left, a client that goes away stops its
+  `run()` call without an error in the logs, and Litestar's ``middleware=[...]`` still works, with one
+  warning that names the fix.
 """
 
 from __future__ import annotations
@@ -42,8 +43,12 @@ WAIT = 60.0  # seconds: a bound against hangs on a busy machine, not a speed exp
 @dataclass
 class Served:
     process: subprocess.Popen[bytes]
-    url: str
+    port: int
     output: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
 
     def text(self) -> str:
         return self.output.read_text(errors="replace")
@@ -73,7 +78,7 @@ def serve(server: str, app: str, directory: Path) -> Iterator[Served]:
         process = subprocess.Popen(
             command(server, app, port), cwd=ROOT, env=env, stdout=server_output, stderr=subprocess.STDOUT
         )
-    served = Served(process, f"http://127.0.0.1:{port}", output)
+    served = Served(process, port, output)
     try:
         deadline = time.monotonic() + WAIT
         while True:  # listening; no request is made here (the examples' workers must start without one)
@@ -232,3 +237,24 @@ def test_the_workers_see_what_the_frameworks_startup_did_and_defer_waits_for_the
         assert "Litestar: `app = ConcurrencyMiddleware(Litestar(...), concurrency=c)`" in warnings[0]
     else:
         assert warnings == [], log
+
+
+@pytest.mark.parametrize(("server", "app", "framework"), FRAMEWORK_APPS)
+def test_a_client_that_goes_away_stops_its_run_call_quietly(
+    server: str, app: str, framework: str, tmp_path: Path
+) -> None:
+    # Litestar turns an exception in a handler into a 500 and Quart cancels its handler when the client
+    # leaves: either way the call's worker is stopped, and nothing is logged as an error.
+    with serve(server, app, tmp_path) as served:
+        marker = tmp_path / "held"
+        with socket.create_connection(("127.0.0.1", served.port), timeout=WAIT) as client:
+            client.sendall(b"GET /hold?marker=held HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            wait_for(marker.exists, f"the task never started:\n{served.text()}")
+        holder = int(marker.read_text())  # the client has gone: the worker holding the task is stopped
+        wait_for(lambda: not alive(holder), f"the worker of a run() whose client left still runs:\n{served.text()}")
+    output = served.text()
+    assert "Traceback" not in output
+    assert "ERROR" not in output
+    assert not (tmp_path / "log").exists() or (tmp_path / "log").read_text().count(" WARNING ") == (
+        1 if app.endswith(":listed") else 0  # Litestar's middleware list: the one warning about its wiring
+    ), (tmp_path / "log").read_text()
