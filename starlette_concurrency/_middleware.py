@@ -7,7 +7,10 @@ import math
 import sys
 import threading
 import types
+import weakref
 from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import anyio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -15,6 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from . import _exit
 from ._api import Concurrency
 from ._exceptions import ClientDisconnected
+from ._runtime import Runtime
 
 __all__ = ["ConcurrencyMiddleware"]
 
@@ -25,6 +29,14 @@ logger = logging.getLogger("starlette_concurrency")
 _MAX_BUFFERED = 64 * 1024
 
 _FINAL_LIFESPAN = {"lifespan.shutdown.complete", "lifespan.shutdown.failed", "lifespan.startup.failed"}
+
+# Any ASGI app. Litestar's and Quart's type their scopes and messages more narrowly than Starlette's `ASGIApp`
+# does (typed dicts): they are not `ASGIApp`s to a type checker, and the middleware only passes them on.
+AnyASGIApp = Callable[[Any, Any, Any], Awaitable[None]]
+
+# Facades already warned about serving without a lifespan: once per facade, not per middleware instance
+# (Litestar makes an instance of its `middleware=[...]` for every route handler).
+_warned_no_lifespan: weakref.WeakSet[Runtime] = weakref.WeakSet()
 
 
 class ConcurrencyMiddleware:
@@ -37,7 +49,8 @@ class ConcurrencyMiddleware:
       own lifespan keeps working; two lifespans at once are counted. An app that does not support
       the lifespan protocol keeps a usable facade (started on first use) and a warning says why;
       so does a middleware that serves requests without ever seeing a lifespan (Litestar's
-      ``middleware=``, a mounted sub-app).
+      ``middleware=``, a mounted sub-app): once per facade, and not if a lifespan entered the
+      facade all the same (the app's own, ``async with concurrency``).
     - ``http``: collects what the request `defer()`s and, as soon as the final response body has
       been sent (before the response's BackgroundTasks run), starts it: all of it if the status is
       below 400, only the ``always=True`` tasks otherwise (an unhandled exception counts as a 500).
@@ -56,9 +69,9 @@ class ConcurrencyMiddleware:
     """
 
     def __init__(
-        self, app: ASGIApp, concurrency: Concurrency | None = None, *, cancel_on_disconnect: bool = True
+        self, app: AnyASGIApp, concurrency: Concurrency | None = None, *, cancel_on_disconnect: bool = True
     ) -> None:
-        self.app = app
+        self.app: ASGIApp = app
         self.concurrency = concurrency if concurrency is not None else Concurrency()
         self.cancel_on_disconnect = cancel_on_disconnect
         self._lifespan_seen = False
@@ -113,7 +126,13 @@ class ConcurrencyMiddleware:
             batch.finish(succeeded=False)
 
     def _warn_no_lifespan(self) -> None:
+        runtime = self.concurrency._runtime
+        if runtime.users:  # a lifespan or `with` hosts the facade all the same (the app's own lifespan entered it)
+            return
         self._warned = True
+        if runtime in _warned_no_lifespan:
+            return
+        _warned_no_lifespan.add(runtime)
         logger.warning(
             "ConcurrencyMiddleware serves requests but never received the ASGI lifespan: its workers start on "
             "first use and deferred work is drained at SIGTERM or interpreter exit, not at the app's shutdown. "

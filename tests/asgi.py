@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,9 +17,12 @@ from typing import Any
 
 import anyio
 import httpx
-from starlette.types import ASGIApp, Message
+from starlette.types import Message
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# Any ASGI app: Litestar's, for one, types its scopes and messages more narrowly than Starlette's ASGIApp.
+ASGIApp = Callable[[Any, Any, Any], Awaitable[None]]
 
 
 class LifespanFailed(Exception):

@@ -23,6 +23,9 @@ import os
 import threading
 import time
 from pathlib import Path
+from typing import Any
+
+import anyio
 
 from starlette_concurrency import Concurrency
 
@@ -30,6 +33,9 @@ THREAD_FIRST_ID = 1_000_000  # ids of the background thread's tasks start here; 
 THREAD_PAUSE = 0.01  # seconds between two deferrals of the background thread
 RETRY_PAUSE = 0.001  # seconds before it tries again after a refusal (shutdown has begun): it watches the door
 LATE_SECONDS = 1.0  # how long its tasks take once it has been refused
+WORKER_PAUSE = 0.3  # seconds a worker holds its task in `ask_workers()`: two tasks, two workers at once
+ANSWER_PAUSE = 0.3  # seconds `timed_deferral()` waits before it answers: a task started at once would have begun
+HOLD_SECONDS = 60.0  # how long `held_run()`'s task takes: far longer than its client waits
 
 
 def _directory() -> Path:
@@ -109,3 +115,50 @@ def facade() -> Concurrency:
     if "DEPLOY_DIR" in os.environ:
         _log_to_file()
     return Concurrency(workers=2, env_file=None)
+
+
+def worker_view(seconds: float) -> dict[str, Any]:
+    """A task: which process runs it, and what the app's startup put in the environment (after a pause)."""
+    time.sleep(seconds)
+    return {"pid": os.getpid(), "started": os.environ.get("APP_STARTED")}
+
+
+async def ask_workers(concurrency: Concurrency) -> dict[str, Any]:
+    """What the frameworks' ``/startup`` answers: `run()`'s results, and what both workers see."""
+    return {
+        "server": os.getpid(),
+        "workers": await concurrency.run([functools.partial(worker_view, WORKER_PAUSE)] * 2),
+        "values": await concurrency.run(
+            {"sum": functools.partial(sum, [1, 2, 3]), "max": functools.partial(max, 4, 9)}
+        ),
+    }
+
+
+def _write(marker: str, text: str) -> None:
+    partial = _directory() / f"{marker}.partial"
+    partial.write_text(text)
+    partial.replace(_directory() / marker)  # whole, or not there yet
+
+
+def note_start(marker: str) -> None:
+    """A deferred task: write when it started (wall clock, as the answer's time is) to DEPLOY_DIR/MARKER."""
+    _write(marker, repr(time.time()))
+
+
+def hold(marker: str) -> None:
+    """A task: say which worker holds it (its pid, in DEPLOY_DIR/MARKER), then take HOLD_SECONDS."""
+    _write(marker, str(os.getpid()))
+    time.sleep(HOLD_SECONDS)
+
+
+async def held_run(concurrency: Concurrency, marker: str) -> str:
+    """What the frameworks' ``/hold`` answers, if its client waits that long: `run()` of a long task."""
+    await concurrency.run(functools.partial(hold, marker))
+    return "finished"
+
+
+async def timed_deferral(concurrency: Concurrency, marker: str) -> dict[str, float]:
+    """What the frameworks' ``/after`` answers: defer `note_start`, wait, and say when the answer left."""
+    concurrency.defer(functools.partial(note_start, marker))
+    await anyio.sleep(ANSWER_PAUSE)
+    return {"answered": time.time()}

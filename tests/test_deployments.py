@@ -1,10 +1,11 @@
 """The shutdown matrix: every server we document, a real process on 127.0.0.1, SIGTERM after the last response.
 
-Each row serves tests/deployment_asgi.py or tests/deployment_wsgi.py, defers tasks from requests (short ones,
-some about as long as the drain, some far longer) and from a background thread outside any request, then
-sends SIGTERM as `docker stop` or Kubernetes would. The files the app and its tasks write (deployment_apps.py)
-and the package's log lines tell, for each task, whether the facade accepted it, whether it ran, and whether
-it was logged as not run. Each row runs once (`shutdown()`); the tests below read what it left:
+Each row serves tests/deployment_asgi.py (Starlette), deployment_wsgi.py (Flask), deployment_litestar.py or
+deployment_quart.py, defers tasks from requests (short ones, some about as long as the drain, some far longer)
+and from a background thread outside any request, then sends SIGTERM as `docker stop` or Kubernetes would. The
+files the app and its tasks write (deployment_apps.py) and the package's log lines tell, for each task, whether
+the facade accepted it, whether it ran, and whether it was logged as not run. Each row runs once (`shutdown()`);
+the tests below read what it left:
 
 - every task accepted before shutdown began either ran or was logged by name — never neither (lost); no task
   ran twice, none was logged twice;
@@ -72,6 +73,8 @@ def python(*args: str) -> list[str]:
 
 
 ASGI, WSGI = "tests.deployment_asgi:app", "tests.deployment_wsgi:app"
+LITESTAR, LITESTAR_LISTED = "tests.deployment_litestar:app", "tests.deployment_litestar:listed"
+QUART = "tests.deployment_quart:app"
 
 ROWS = {
     row.name: row
@@ -105,6 +108,15 @@ ROWS = {
         Row("hypercorn --workers 0 (trio)", lambda port: python(
             "hypercorn", ASGI, "-k", "trio", "-w", "0", "-b", f"127.0.0.1:{port}", "--graceful-timeout", str(GRACE))),
         Row("daphne", lambda port: python("daphne", "-b", "127.0.0.1", "-p", str(port), ASGI)),
+        # Other frameworks, as the README wires them: ConcurrencyMiddleware around the whole app (Litestar,
+        # Quart), and Litestar's own `middleware=[...]`, which never sees the lifespan.
+        Row("uvicorn (Litestar)", lambda port: python("uvicorn", LITESTAR, "--port", str(port), "--no-access-log")),
+        Row("uvicorn (Litestar, middleware=[...])",
+            lambda port: python("uvicorn", LITESTAR_LISTED, "--port", str(port), "--no-access-log")),
+        Row("uvicorn (Quart)", lambda port: python("uvicorn", QUART, "--port", str(port), "--no-access-log")),
+        Row("hypercorn (Quart)", lambda port: python(
+            "hypercorn", QUART, "-b", f"127.0.0.1:{port}", "--graceful-timeout", str(GRACE)),
+            refuses_new_connections=False),
     ]
 }  # fmt: skip
 

@@ -13,7 +13,10 @@ from pathlib import Path
 
 import anyio
 import httpx
+import litestar
 import pytest
+from litestar.handlers import HTTPRouteHandler
+from litestar.middleware import DefineMiddleware
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -487,6 +490,63 @@ async def test_serving_requests_without_a_lifespan_warns_once_how_to_wire_it(cap
     assert "never received the ASGI lifespan" in warning
     assert "Litestar" in warning
     await concurrency.aclose()
+
+
+def _litestar_routes(concurrency: Concurrency) -> list[HTTPRouteHandler]:
+    """Two routes that call run() and defer() (Litestar makes a middleware stack per route)."""
+
+    @litestar.get("/run")
+    async def run() -> str:
+        return str(await concurrency.run(lambda: 1))
+
+    @litestar.get("/defer")
+    async def defer() -> str:
+        concurrency.defer(lambda: None)
+        return "deferred"
+
+    return [run, defer]
+
+
+async def test_litestars_middleware_list_is_warned_about_once_not_once_per_route(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Litestar builds one instance of each of its `middleware=[...]` per route handler (and method):
+    # the warning is the facade's, once, however many instances serve requests.
+    concurrency = Concurrency(driver="sync", env_file=None)
+    app = litestar.Litestar(
+        route_handlers=_litestar_routes(concurrency),
+        # Litestar types its middleware's scopes more narrowly than Starlette does: it objects to this wiring too.
+        middleware=[DefineMiddleware(ConcurrencyMiddleware, concurrency=concurrency)],  # type: ignore[arg-type]
+        logging_config=None,  # Litestar's own would replace the root logger's handlers, caplog's among them
+    )
+    with caplog.at_level(logging.WARNING, logger="starlette_concurrency"):
+        async with client(app) as http:
+            for _ in range(2):
+                assert (await http.get("/run")).text == "1"
+                assert (await http.get("/defer")).text == "deferred"
+    [warning] = [record.getMessage() for record in caplog.records]
+    assert "never received the ASGI lifespan" in warning
+    assert "Litestar" in warning
+    await concurrency.aclose()
+
+
+async def test_a_facade_the_apps_own_lifespan_entered_is_not_warned_about(caplog: pytest.LogCaptureFixture) -> None:
+    # The warning's own advice for a middleware that cannot see the lifespan: enter the facade in the app's
+    # lifespan (here Litestar's `lifespan=[concurrency]`). Followed, it is not given again.
+    concurrency = Concurrency(driver="sync", env_file=None)
+    app = litestar.Litestar(
+        route_handlers=_litestar_routes(concurrency),
+        middleware=[DefineMiddleware(ConcurrencyMiddleware, concurrency=concurrency)],  # type: ignore[arg-type]
+        lifespan=[concurrency],
+        logging_config=None,
+    )
+    with caplog.at_level(logging.WARNING, logger="starlette_concurrency"):
+        async with lifespan(app), client(app) as http:
+            assert concurrency.stats().workers == 1  # the app's lifespan started the pool
+            assert (await http.get("/run")).text == "1"
+            assert (await http.get("/defer")).text == "deferred"
+            await concurrency.wait_deferred(timeout=30)  # else the drain says, at WARNING, that it has work
+    assert [record.getMessage() for record in caplog.records] == []
 
 
 async def test_a_middleware_that_saw_the_lifespan_does_not_warn(caplog: pytest.LogCaptureFixture) -> None:

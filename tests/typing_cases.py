@@ -9,7 +9,18 @@ import functools
 from collections.abc import Awaitable, Callable
 from typing import assert_type
 
-from starlette_concurrency import Concurrency, DaskOptions, Deferral, ProcessOptions, Settings, current_deferral
+import litestar
+import quart
+
+from starlette_concurrency import (
+    Concurrency,
+    ConcurrencyMiddleware,
+    DaskOptions,
+    Deferral,
+    ProcessOptions,
+    Settings,
+    current_deferral,
+)
 
 
 def count(table: str) -> int:
@@ -83,3 +94,10 @@ def defer_shapes(c: Concurrency) -> None:
         assert_type(deferral.key, str | None)
         assert_type(deferral.attempt, int)
         assert_type(deferral.entry_id, int | None)
+
+
+def other_frameworks_apps(c: Concurrency) -> None:
+    # Litestar's and Quart's apps type their scopes and messages more narrowly than Starlette's ASGIApp: the
+    # README's wirings wrap them all the same.
+    ConcurrencyMiddleware(litestar.Litestar(route_handlers=[]), concurrency=c)
+    ConcurrencyMiddleware(quart.Quart(__name__).asgi_app, concurrency=c)
