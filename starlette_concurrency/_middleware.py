@@ -7,7 +7,6 @@ import math
 import sys
 import threading
 import types
-import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -18,7 +17,6 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from . import _exit
 from ._api import Concurrency
 from ._exceptions import ClientDisconnected
-from ._runtime import Runtime
 
 __all__ = ["ConcurrencyMiddleware"]
 
@@ -33,10 +31,6 @@ _FINAL_LIFESPAN = {"lifespan.shutdown.complete", "lifespan.shutdown.failed", "li
 # Any ASGI app. Litestar's and Quart's type their scopes and messages more narrowly than Starlette's `ASGIApp`
 # does (typed dicts): they are not `ASGIApp`s to a type checker, and the middleware only passes them on.
 AnyASGIApp = Callable[[Any, Any, Any], Awaitable[None]]
-
-# Facades already warned about serving without a lifespan: once per facade, not per middleware instance
-# (Litestar makes an instance of its `middleware=[...]` for every route handler).
-_warned_no_lifespan: weakref.WeakSet[Runtime] = weakref.WeakSet()
 
 
 class ConcurrencyMiddleware:
@@ -130,9 +124,9 @@ class ConcurrencyMiddleware:
         if runtime.users:  # a lifespan or `with` hosts the facade all the same (the app's own lifespan entered it)
             return
         self._warned = True
-        if runtime in _warned_no_lifespan:
+        if runtime.warned_no_lifespan:  # Litestar makes a middleware of its `middleware=[...]` per route
             return
-        _warned_no_lifespan.add(runtime)
+        runtime.warned_no_lifespan = True
         logger.warning(
             "ConcurrencyMiddleware serves requests but never received the ASGI lifespan: its workers start on "
             "first use and deferred work is drained at SIGTERM or interpreter exit, not at the app's shutdown. "

@@ -144,6 +144,7 @@ class Runtime:
         self.facades: dict[str, object] = {}  # the facade of each driver name handed out, the default first
         self.context = Carrier(())  # the context variables its calls carry (set by the facade)
         self.warned_unwrapped = False  # defer() was seen serving a request no middleware wraps (said once)
+        self.warned_no_lifespan = False  # a middleware served it without a lifespan (said once per facade)
         self.state = State.NOT_STARTED
         self.host: Host | None = None
         self.closed_by: str | None = None  # set by aclose()/close() or the process's shutdown: refuse work
