@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from starlette_concurrency._drivers.process._machine import (
+    CHUNK,
     DEFERRED_WAIT,
     SHORT,
     Call,
@@ -455,11 +456,24 @@ def test_short_tasks_never_wait_behind_a_long_one_while_another_worker_can_take_
 
 def test_a_chunk_holds_only_tasks_known_short() -> None:
     machine, _actions, (slot,) = ready_machine(1)
+    machine.estimates[SHORT_KIND] = CHUNK / 100  # a hundred fit in a chunk's time
     call = Call()
     kinds = [SHORT_KIND] * 2 + [LONG_KIND] + [SHORT_KIND] * 20
     machine.submit([Job(i + 1, call, i, kind) for i, kind in enumerate(kinds)], False, 0.0)
     assert len(slot.inflight) == 2  # a chunk, up to the task not known short
     assert all(machine.short(job.kind) for job in slot.inflight)
+
+
+def test_a_chunk_holds_the_queue_s_share_of_each_idle_worker_up_to_chunk_seconds_of_work() -> None:
+    machine, _actions, slots = ready_machine(2)
+    machine.estimates[SHORT_KIND] = CHUNK / 100
+    machine.submit([Job(i + 1, Call(), 0, SHORT_KIND) for i in range(40)], False, 0.0)
+    assert [len(slot.inflight) for slot in slots] == [20, 20]  # two idle workers: half each
+    machine, _actions, slots = ready_machine(2)
+    machine.estimates[SHORT_KIND] = CHUNK / 4
+    machine.submit([Job(i + 1, Call(), 0, SHORT_KIND) for i in range(40)], False, 0.0)
+    assert [len(slot.inflight) for slot in slots] == [4, 4]  # no more work in a frame than CHUNK seconds
+    assert [list(slot.frames) for slot in slots] == [[4], [4]]
 
 
 def test_deferred_work_keeps_a_worker_free_for_run_until_the_drain_then_uses_every_worker() -> None:

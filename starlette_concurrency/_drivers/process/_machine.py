@@ -69,6 +69,8 @@ __all__ = [
 ]
 
 MAX_CHUNK = 128  # tasks in one frame
+CHUNK = 0.002  # seconds of estimated work in one frame of short tasks
+MIN_ESTIMATE = 0.00001  # seconds: what a task's run time counts for at least when chunking
 WINDOW = 2  # frames in flight per worker (the second one only behind short work)
 SHORT = 0.005  # seconds: a function whose estimated run time is at most this may be chunked and pipelined
 DEFERRED_WAIT = 2.0  # seconds a deferred job waits at most for a worker while run() jobs keep coming
@@ -552,7 +554,7 @@ class Machine:
                     deferred_busy += slot.deferred > 0
                 else:
                     idle.append(slot)
-        for slot in idle:
+        for position, slot in enumerate(idle):
             if not (run or deferred):
                 return
             if (reason := self._recycle_due(slot)) is not None:
@@ -567,7 +569,7 @@ class Machine:
             else:
                 break
             deferred_busy += queue is deferred
-            self._send(slot, queue, now)
+            self._send(slot, queue, now, len(idle) - position)
         # Pipelining saves short tasks a round trip; never behind work that may be long.
         if len(run) >= self.size and busy:
             for slot in busy:
@@ -579,9 +581,9 @@ class Machine:
                     and slot.phase is Phase.READY
                     and all(self.short(job.kind) for job in slot.inflight)
                 ):
-                    self._send(slot, run, now)
+                    self._send(slot, run, now, len(busy))
 
-    def _send(self, slot: Slot, queue: deque[Job], now: float) -> None:
+    def _send(self, slot: Slot, queue: deque[Job], now: float, ways: int = 1) -> None:
         budget = MAX_CHUNK
         if self.max_tasks_per_worker is not None:
             budget = self.max_tasks_per_worker - slot.tasks_done - len(slot.inflight)
@@ -590,7 +592,11 @@ class Machine:
         first = queue.popleft()
         jobs = [first]
         if self.short(first.kind):
-            size = min(budget, MAX_CHUNK, len(queue) // (self.size * 4) + 1)
+            # A chunk saves each task a frame, a write and a wake-up on both sides: the queue shared
+            # among the `ways` workers taking work now, up to CHUNK seconds of estimated work, so that
+            # what waits behind it in the worker waits no longer than one short task could.
+            estimate = max(self.estimates.get(first.kind, SHORT), MIN_ESTIMATE)
+            size = min(budget, MAX_CHUNK, -(-(len(queue) + 1) // ways), max(1, int(CHUNK / estimate)))
             while queue and len(jobs) < size and self.short(queue[0].kind):
                 jobs.append(queue.popleft())
         for job in jobs:
