@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, cast
 import cloudpickle  # type: ignore[import-untyped]
 
 from ._exceptions import ConfigurationError, SerializationError
-from ._wire.context import DEFERRAL, DEFERRAL_PLACE, call_in_context, find_variable
+from ._wire.context import DEFERRAL, DEFERRAL_PLACE, CalledOnLoad, call_in_context, find_variable
 
 if TYPE_CHECKING:
     from ._tasks import Task
@@ -195,18 +195,6 @@ def current_deferral() -> Deferral | None:
     return None if value is None else Deferral(*value)
 
 
-class _Load:
-    """Pickles as ``pickle.loads(data)``: a stored payload, loaded only where the task runs."""
-
-    __slots__ = ("data",)
-
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return pickle.loads, (self.data,)
-
-
 def carry_deferral(task: Task, value: tuple[str | None, int, int, int | None]) -> Task:
     """The task, to run with `value` as its `Deferral` (see `current_deferral`).
 
@@ -221,7 +209,7 @@ def carry_deferral(task: Task, value: tuple[str | None, int, int, int | None]) -
     if isinstance(prepared, bytes) or (isinstance(prepared, Payload) and not prepared.skeletons):
         data = prepared if isinstance(prepared, bytes) else prepared.data
         entries = pickle.dumps(((*DEFERRAL_PLACE, value),))
-        task_fn = cast("Callable[[], Any]", _Load(data))  # what it loads as, where the task runs
+        task_fn = cast("Callable[[], Any]", CalledOnLoad(pickle.loads, data))  # loaded only where it runs
         wrapped = pickle.dumps(functools.partial(call_in_context, entries, task_fn))
         return replace(task, prepared=wrapped if isinstance(prepared, bytes) else Payload(wrapped, ()))
     context = task.context

@@ -16,19 +16,19 @@ from collections.abc import Callable
 from contextvars import ContextVar
 from typing import Any
 
-__all__ = ["DEFERRAL", "DEFERRAL_PLACE", "call_in_context", "call_in_trace", "find_variable"]
+__all__ = ["DEFERRAL", "DEFERRAL_PLACE", "CalledOnLoad", "call_in_context", "call_in_trace", "find_variable"]
 
 
-class _Module:
-    """Pickles as ``importlib.import_module(name)``: the module alone, not its top-level package."""
+class CalledOnLoad:
+    """Pickles as the call ``fn(*args)``, made where the pickle is loaded."""
 
-    __slots__ = ("name",)
+    __slots__ = ("args", "fn")
 
-    def __init__(self, name: str) -> None:
-        self.name = name
+    def __init__(self, fn: Callable[..., Any], *args: Any) -> None:
+        self.fn, self.args = fn, args
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return importlib.import_module, (self.name,)
+        return self.fn, self.args
 
 
 class _Exported:
@@ -43,7 +43,7 @@ class _Exported:
         return self.fn(*args)
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return getattr, (_Module(__name__), self.__name__)
+        return getattr, (CalledOnLoad(importlib.import_module, __name__), self.__name__)  # this module alone
 
 
 DEFERRAL: ContextVar[tuple[str | None, int, int, int | None] | None] = ContextVar(
