@@ -12,6 +12,8 @@
                                                            each called, awaited if needed
                                   ◀──────── pipe W ────  one answer per task, in order, naming its id
                                   ◀─ RESEND id, count ─  a group that would not load: none of it ran
+   SKIP ids (a cancelled call's)  ── pipe R ───────────▶ read between tasks (_Inbox): one not started yet
+                                  ◀──── SKIPPED id ────    is answered so, never run
    close pipe R (or die)          ─────── EOF/HUP ─────▶ exit
 ```
 
