@@ -31,17 +31,24 @@ def markers() -> Path:
     return Path(os.environ["TEST_MARKERS"])
 
 
+def _write_marker(name: str, value: object) -> None:
+    # Whole or not at all: a test polls for the file and reads it as soon as it exists.
+    partial = markers() / f"{name}.json.tmp"
+    partial.write_text(json.dumps(value))
+    partial.rename(markers() / f"{name}.json")
+
+
 def mark(name: str, seconds: float = 0.0) -> str:
     """A deferred task: sleep, then record that it ran."""
     start = time.time()
     time.sleep(seconds)
-    (markers() / f"{name}.json").write_text(json.dumps({"pid": os.getpid(), "start": start, "end": time.time()}))
+    _write_marker(name, {"pid": os.getpid(), "start": start, "end": time.time()})
     return name
 
 
 def mark_state(name: str, state: dict[str, object]) -> None:
     """A deferred task: record ``state["value"]`` as the worker got it."""
-    (markers() / f"{name}.json").write_text(json.dumps(state["value"]))
+    _write_marker(name, state["value"])
 
 
 def report_and_mark(name: str, seconds: float) -> str:
