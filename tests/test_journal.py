@@ -11,11 +11,13 @@ import sqlite3
 import subprocess
 import sys
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
+from starlette.types import Message, Receive, Scope, Send
 
 from starlette_concurrency import Concurrency, ConfigurationError
 from starlette_concurrency._journal import SCHEMA_VERSION, Journal, NewEntry, PayloadKind
@@ -628,3 +630,113 @@ def test_two_overlapping_servers_on_one_journal_hand_over_after_a_sigkill(tmp_pa
         kill_server(old)
         if new is not None:
             kill_server(new)
+
+
+def order_app(concurrency: Concurrency, out: Path) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
+    """An ASGI app deferring a task and an ``always`` one, answering the status its path names in two parts."""
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        concurrency.defer(functools.partial(journal_targets.record, str(out), "normal", 1))
+        concurrency.defer(functools.partial(journal_targets.record, str(out), "always", 2), always=True)
+        await send({"type": "http.response.start", "status": int(scope["path"][1:]), "headers": []})
+        await send({"type": "http.response.body", "body": b"part", "more_body": True})
+        await send({"type": "http.response.body", "body": b"end"})
+
+    return app
+
+
+async def serve_once(app: Callable[[Scope, Receive, Send], Awaitable[None]], path: str, send: Send) -> None:
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    with anyio.fail_after(60):  # a bound against hangs
+        await app({"type": "http", "method": "POST", "path": path, "headers": []}, receive, send)
+
+
+@pytest.mark.anyio
+async def test_a_response_ends_once_its_batch_is_journaled_and_the_batch_starts_after_it(tmp_path: Path) -> None:
+    from starlette_concurrency import ConcurrencyMiddleware
+
+    journal, out = tmp_path / "deferred.db", tmp_path / "out.txt"
+    out.touch()
+    concurrency = Concurrency(workers=2, journal=journal, env_file=None)
+    app = ConcurrencyMiddleware(order_app(concurrency, out), concurrency=concurrency)
+    async with concurrency:
+        for status, journaled_at_end, ran in [(200, 2, ["always", "normal"]), (500, 1, ["always"])]:
+            seen: list[tuple[bytes, int, str]] = []
+
+            async def send(message: Message) -> None:
+                if message["type"] == "http.response.body":
+                    seen.append((message["body"], Journal(journal).pending, out.read_text()))  # noqa: B023
+
+            await serve_once(app, f"/{status}", send)
+            # Written before the end went out (none of it before: the request was open), started after it.
+            assert seen == [(b"part", 0, ""), (b"end", journaled_at_end, "")]
+            await concurrency.wait_deferred(60)
+            assert sorted(tag for tag, _, _ in lines(out)) == ran
+            out.write_text("")
+            with anyio.fail_after(60):  # removed a tenth of a second after they finish
+                while Journal(journal).pending:  # noqa: ASYNC110
+                    await anyio.sleep(0.05)
+
+
+@pytest.mark.anyio
+async def test_a_failed_journal_write_neither_holds_nor_fails_the_response(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from starlette_concurrency import ConcurrencyMiddleware
+
+    journal, out = tmp_path / "deferred.db", tmp_path / "out.txt"
+    out.touch()
+    caplog.set_level(logging.INFO, "starlette_concurrency")
+    concurrency = Concurrency(workers=2, journal=journal, env_file=None)
+    ballast = b"x" * 100_000  # travels with the lambda: more than the pages the file has room for
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        concurrency.defer(lambda: journal_targets.record(str(out), "unjournaled", len(ballast) // 100_000))
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    sent: list[Message] = []
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    async with concurrency:
+        store = concurrency._runtime.journal
+        assert store is not None
+        # A full disk, as SQLite sees it: no page may be added to the file.
+        store._db.execute(f"PRAGMA max_page_count = {store._db.execute('PRAGMA page_count').fetchone()[0]}")
+        await serve_once(ConcurrencyMiddleware(app, concurrency=concurrency), "/orders", send)
+        assert [message.get("body") for message in sent] == [None, b"ok"]
+        await concurrency.wait_deferred(60)
+        store._db.execute("PRAGMA max_page_count = 1073741823")
+    assert "could not be written to the journal" in caplog.text
+    assert [tag for tag, _, _ in lines(out)] == ["unjournaled"]  # accepted: it ran, not dropped
+
+
+@pytest.mark.parametrize("sized", [True, False], ids=["content-length", "chunked"])
+def test_wsgi_the_last_bytes_go_out_once_the_batch_is_journaled(tmp_path: Path, sized: bool) -> None:
+    from starlette_concurrency import ConcurrencyWSGIMiddleware
+
+    journal, out = tmp_path / "deferred.db", tmp_path / "out.txt"
+    out.touch()
+    concurrency = Concurrency(workers=2, journal=journal, env_file=None)
+
+    def app(environ: dict[str, Any], start_response: Callable[..., object]) -> Iterator[bytes]:
+        concurrency.defer(functools.partial(journal_targets.record, str(out), "normal", 1))
+        start_response("200 OK", [("Content-Length", "8")] if sized else [])  # lazily, as a generator may
+        yield b"part"
+        yield b"end!"
+
+    with concurrency:
+        response = ConcurrencyWSGIMiddleware(app, concurrency)({"REQUEST_METHOD": "POST"}, lambda *_: print)
+        chunks = iter(response)
+        assert (next(chunks), Journal(journal).pending) == (b"part", 0)
+        # The chunk that completes the Content-Length waits for the journal; without one, the iterable's end does.
+        assert (next(chunks), Journal(journal).pending) == (b"end!", 1 if sized else 0)
+        assert list(chunks) == []
+        assert (Journal(journal).pending, out.read_text()) == (1, "")  # written, not started before close()
+        response.close()  # type: ignore[attr-defined]
+        concurrency.wait_deferred_blocking(timeout=60)
+    assert [tag for tag, _, _ in lines(out)] == ["normal"]
