@@ -24,6 +24,7 @@ waiting at a crash runs at the next start. Every attempt runs with its `Deferral
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
@@ -36,6 +37,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import anyio
+import anyio.lowlevel
 import anyio.to_thread
 
 from . import _tracing as tracing
@@ -47,7 +49,7 @@ from ._journal import Entry, Journal, NewEntry, PayloadKind
 from ._pickling import TaskLoadFailed
 from ._tasks import NOT_STARTED, Outcome, Task, function_name
 
-__all__ = ["Deferred", "DeferredWork", "DisconnectWatch", "Gate", "HostStopping", "RequestBatch", "wait_written"]
+__all__ = ["Deferred", "DeferredWork", "DisconnectWatch", "Gate", "HostStopping", "RequestBatch"]
 
 logger = logging.getLogger("starlette_concurrency")
 
@@ -164,7 +166,7 @@ class RequestBatch:
         # follows the fate of its request.
         self._work.start([entry], outcome, self)
 
-    def commit(self, succeeded: bool) -> threading.Event | None:
+    def commit(self, succeeded: bool) -> Gate | None:
         """With a journal, write what will run before the response ends: call it just before its last part goes out.
 
         Writes what `finish(succeeded)` would start (all of it if the request `succeeded`, the
@@ -175,9 +177,10 @@ class RequestBatch:
         without a commit.
 
         Returns:
-            An event set once the work is in the journal (or its write failed: logged, it then runs
-            unjournaled), to wait for before sending the last part; ``None`` if there is nothing to
-            wait for (no journal, nothing that will run, already committed or finished).
+            The gate to wait for (``wait()`` or ``wait_async()``) before sending the last part: open
+            once the work is in the journal (or its write failed: logged, it then runs unjournaled);
+            ``None`` if there is nothing to wait for (no journal, nothing that will run, already
+            committed or finished).
         """
         if self._work.journal is None:
             return None
@@ -243,7 +246,7 @@ class Gate:
     """A request's batch committed before its response's end: each part starts once written and released.
 
     The journal's writer thread reports each part (a batch per driver) written; the middleware waits
-    for `sealed()`'s event, sends the response's end, then releases the gate. Whichever of the two
+    for that (`wait()`, `wait_async()`), sends the response's end, then releases the gate. Whichever of the two
     comes second for a part hands it over: the work starts after the response, and never waits for a
     write that the response stopped waiting for.
     """
@@ -254,6 +257,7 @@ class Gate:
         self._parts = 1  # the commit's own hold: not written before every part has been queued
         self._ready: list[Callable[[], None]] = []  # parts written, waiting for the release
         self._released = False
+        self._wakers: list[Callable[[], None]] = []  # called once every part is written
 
     def add(self) -> None:
         """Count in a part queued for the writer."""
@@ -272,12 +276,41 @@ class Gate:
             assert hand_over is not None
             hand_over()
         if written:
-            self.written.set()
+            with self._lock:
+                self.written.set()
+                wakers, self._wakers = self._wakers, []
+            for wake in wakers:
+                wake()
 
-    def sealed(self) -> threading.Event | None:
-        """Every part is queued: the event to wait for, or ``None`` if nothing was queued (or all is written)."""
+    def sealed(self) -> Gate | None:
+        """Every part is queued: the gate to wait for, or ``None`` if nothing was queued (or all is written)."""
         self.wrote(None)
-        return None if self.written.is_set() else self.written
+        return None if self.written.is_set() else self
+
+    def wait(self) -> None:
+        """Block until every part is written (a WSGI server's thread); bounded, see `_log_late`."""
+        if not self.written.wait(_JOURNAL_WAIT):
+            _log_late()
+
+    async def wait_async(self) -> None:
+        """Wait until every part is written, without blocking the loop or taking a thread; bounded."""
+        token = anyio.lowlevel.current_token()
+        done = anyio.Event()
+
+        def wake() -> None:  # on the writer's thread: the loop sets the event
+            with contextlib.suppress(BaseException):  # the loop has ended: nobody waits any more
+                token.backend_class.run_sync_soon(done.set, (), token.native_token)
+
+        with self._lock:  # `wrote()` sets `written` under it: no wake is lost between the two
+            waiting = not self.written.is_set()
+            if waiting:
+                self._wakers.append(wake)
+        if not waiting:
+            return
+        with anyio.move_on_after(_JOURNAL_WAIT) as late:
+            await done.wait()
+        if late.cancelled_caught:
+            _log_late()
 
     def release(self) -> None:
         """The response's end is out (or will never be): start what is written, and the rest once it is."""
@@ -288,18 +321,16 @@ class Gate:
             hand_over()
 
 
-def wait_written(written: threading.Event) -> None:
-    """Block until a committed batch is in the journal (see `RequestBatch.commit`), or log why the wait ends first.
+def _log_late() -> None:
+    """Say that a response stopped waiting for the journal (bounded: it never hangs on the journal).
 
-    Bounded: the response never hangs on the journal. Nothing is lost when the wait gives up: the
-    batch is written whenever the journal answers, and starts once it is.
+    Nothing is lost but durability: the batch is written whenever the journal answers, and starts once it is.
     """
-    if not written.wait(_JOURNAL_WAIT):
-        logger.warning(
-            "the journal did not write a request's deferred work within %s s: its response goes out first, and a "
-            "crash before the write loses that work",
-            _JOURNAL_WAIT,
-        )
+    logger.warning(
+        "the journal did not write a request's deferred work within %s s: its response goes out first, and a "
+        "crash before the write loses that work",
+        _JOURNAL_WAIT,
+    )
 
 
 @dataclass(eq=False)

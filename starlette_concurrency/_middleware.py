@@ -12,12 +12,10 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
-import anyio.to_thread
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import _exit
 from ._api import Concurrency
-from ._deferred import wait_written
 from ._exceptions import ClientDisconnected
 
 __all__ = ["ConcurrencyMiddleware"]
@@ -110,9 +108,9 @@ class ConcurrencyMiddleware:
             if final:
                 # With a journal, what will run is in it before the client can have the whole response:
                 # a crash the moment after loses none of it.
-                written = batch.commit(succeeded=status < 400)
-                if written is not None:  # off the loop: the writer thread sets it
-                    await anyio.to_thread.run_sync(wait_written, written, abandon_on_cancel=True)
+                gate = batch.commit(succeeded=status < 400)
+                if gate is not None:
+                    await gate.wait_async()
             await send(message)
             if final:
                 # The response is out: start the batch now, not after the response's BackgroundTasks.

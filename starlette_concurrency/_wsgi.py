@@ -8,7 +8,7 @@ from typing import Any
 
 from . import _exit
 from ._api import Concurrency
-from ._deferred import RequestBatch, wait_written
+from ._deferred import RequestBatch
 
 __all__ = ["ConcurrencyWSGIMiddleware"]
 
@@ -130,9 +130,9 @@ class _JournaledResponse(_Response):
             self.batch.deactivate(token)
 
     def _commit(self) -> None:
-        written = self.batch.commit(succeeded=self.status < 400)
-        if written is not None:
-            wait_written(written)
+        gate = self.batch.commit(succeeded=self.status < 400)
+        if gate is not None:
+            gate.wait()
 
 
 def _content_length(headers: list[tuple[str, str]]) -> int | None:
