@@ -637,7 +637,9 @@ class Concurrency:
 
         Both middlewares use it; so can any other framework: ``token = batch.activate()`` around
         the request's code, ``batch.deactivate(token)``, then ``batch.finish(succeeded)`` once the
-        response has been sent.
+        response has been sent. With a journal, call ``batch.commit(succeeded)`` just before the
+        response's last part goes out, and wait for the event it returns (if any) first: a crash after
+        the client has its response then loses none of the batch.
 
         Args:
             method: the request's method, for the logs of its deferred tasks.

@@ -3,13 +3,15 @@
 A middleware (ASGI or WSGI) opens a `RequestBatch` per request with `Concurrency.request_batch()`
 and activates it around the app: `defer()` appends to the active batch (a ContextVar, shared with
 the tasks and threads the request spawns). Once the response has been sent the middleware calls
-`finish()`, which hands the batch to `DeferredWork` to run on the facade's host loop. That is the
-whole interface between a middleware and the facade.
+`finish()`, which hands the batch to `DeferredWork` to run on the facade's host loop (with a journal,
+`commit()` first: see below). That is the whole interface between a middleware and the facade.
 
 `DeferredWork` keeps count of what was accepted and not yet finished, runs each batch (the one
 place deferred tasks reach a driver), logs failures and drops by name with structured fields, and
-drains at shutdown. With a journal (see `_journal`) it writes each batch there before it starts, and
-settles each entry once the batch has finished: done (it ran, or raised), dead (it would not load
+drains at shutdown. With a journal (see `_journal`) it writes each batch there before it starts — a
+request's before its response ends: the middleware calls `commit()` before sending the last part,
+waits for the journal's writer thread, sends, then `finish()` starts what was written — and settles
+each entry once the batch has finished: done (it ran, or raised), dead (it would not load
 in the worker, or crashed its worker `max_attempts` times), or left pending for the next start (the
 drain stopped it, or the process is exiting).
 
@@ -22,6 +24,8 @@ waiting at a crash runs at the next start. Every attempt runs with its `Deferral
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import math
 import sqlite3
@@ -33,6 +37,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import anyio
+import anyio.lowlevel
 import anyio.to_thread
 
 from . import _tracing as tracing
@@ -44,7 +49,7 @@ from ._journal import Entry, Journal, NewEntry, PayloadKind
 from ._pickling import TaskLoadFailed
 from ._tasks import NOT_STARTED, Outcome, Task, function_name
 
-__all__ = ["Deferred", "DeferredWork", "DisconnectWatch", "HostStopping", "RequestBatch"]
+__all__ = ["Deferred", "DeferredWork", "DisconnectWatch", "Gate", "HostStopping", "RequestBatch"]
 
 logger = logging.getLogger("starlette_concurrency")
 
@@ -53,6 +58,10 @@ _KEPT = "; it stays in the journal and runs at the next start"
 
 # How many batches the journal's writer thread writes in one transaction at most.
 _WRITE_GROUP = 256
+
+# How long a response's end waits for the journal to write its request's batch (see `RequestBatch.commit`). A
+# write that fails (a full disk) ends the wait at once; one that waits for another process's lock, after 5 s.
+_JOURNAL_WAIT = 30.0
 
 # How often a drain or `wait_deferred()` looks at the count: batches settle from any thread, and no
 # anyio primitive may be shared across the loops that call these.
@@ -132,6 +141,7 @@ class RequestBatch:
         self._calls = 0  # defer() calls joined so far
         self._lock = threading.Lock()
         self._outcome: bool | None = None  # None while the request is open; then whether it succeeded
+        self._gate: Gate | None = None  # what `commit()` wrote, handed over by `finish()`
         work.opened(self)
 
     def activate(self) -> Token[RequestBatch | None]:
@@ -156,24 +166,57 @@ class RequestBatch:
         # follows the fate of its request.
         self._work.start([entry], outcome, self)
 
+    def commit(self, succeeded: bool) -> Gate | None:
+        """With a journal, write what will run before the response ends: call it just before its last part goes out.
+
+        Writes what `finish(succeeded)` would start (all of it if the request `succeeded`, the
+        ``always`` tasks otherwise) to the journal, in the writer thread's next transaction, and
+        keeps it for `finish()`, which starts it without writing it again. Once committed, the work
+        runs even if the response's end then fails to go out: it is in the journal, which would run
+        it after a crash anyway. What is deferred after this call is written by `finish()`, as
+        without a commit.
+
+        Returns:
+            The gate to wait for (``wait()`` or ``wait_async()``) before sending the last part: open
+            once the work is in the journal (or its write failed: logged, it then runs unjournaled);
+            ``None`` if there is nothing to wait for (no journal, nothing that will run, already
+            committed or finished).
+        """
+        if self._work.journal is None:
+            return None
+        with self._lock:
+            if self._outcome is not None or self._gate is not None:
+                return None
+            entries, self._entries = self._entries, []
+            self._gate = gate = Gate()
+        self._work.start(entries, succeeded, self, gate)
+        return gate.sealed()
+
     def finish(self, succeeded: bool) -> None:
         """Start the batch: all of it if the request `succeeded`, the ``always`` tasks otherwise.
 
-        Idempotent: the first call decides. Returns at once; the work runs on the facade's loop.
+        Idempotent: the first call decides (what `commit()` wrote runs in any case). Returns at once;
+        the work runs on the facade's loop.
         """
         with self._lock:
             if self._outcome is not None:
                 return
             self._outcome = succeeded
             entries, self._entries = self._entries, []
+            gate = self._gate
         self._work.closed(self)
         self._work.start(entries, succeeded, self)
+        if gate is not None:
+            gate.release()
 
     def abandon(self) -> list[Task]:
         """Drop what the batch holds (the facade is shutting down while the request is open); count it out."""
         with self._lock:
             entries, self._entries = self._entries, []
             self._outcome = False
+            gate = self._gate
+        if gate is not None:  # committed: in the journal, and counted as launched; the drain decides its fate
+            gate.release()
         tasks = [task for entry in entries for task in entry.tasks]
         if tasks:
             self._work.settle_skipped(len(tasks))
@@ -199,15 +242,107 @@ class _Running:
     waiting: bool = False  # a retry waiting for its backoff: its start is not counted in the journal yet
 
 
+class Gate:
+    """A request's batch committed before its response's end: each part starts once written and released.
+
+    The journal's writer thread reports each part (a batch per driver) written; the middleware waits
+    for that (`wait()`, `wait_async()`), sends the response's end, then releases the gate. Whichever of the two
+    comes second for a part hands it over: the work starts after the response, and never waits for a
+    write that the response stopped waiting for.
+    """
+
+    def __init__(self) -> None:
+        self.written = threading.Event()
+        self._lock = threading.Lock()
+        self._parts = 1  # the commit's own hold: not written before every part has been queued
+        self._ready: list[Callable[[], None]] = []  # parts written, waiting for the release
+        self._released = False
+        self._wakers: list[Callable[[], None]] = []  # called once every part is written
+
+    def add(self) -> None:
+        """Count in a part queued for the writer."""
+        with self._lock:
+            self._parts += 1
+
+    def wrote(self, hand_over: Callable[[], None] | None) -> None:
+        """A part is written (``None``: nothing of it is left to run); hand it over now if released."""
+        with self._lock:
+            now = hand_over is not None and self._released
+            if hand_over is not None and not now:
+                self._ready.append(hand_over)
+            self._parts -= 1
+            written = self._parts == 0
+        if now:
+            assert hand_over is not None
+            hand_over()
+        if written:
+            with self._lock:
+                self.written.set()
+                wakers, self._wakers = self._wakers, []
+            for wake in wakers:
+                wake()
+
+    def sealed(self) -> Gate | None:
+        """Every part is queued: the gate to wait for, or ``None`` if nothing was queued (or all is written)."""
+        self.wrote(None)
+        return None if self.written.is_set() else self
+
+    def wait(self) -> None:
+        """Block until every part is written (a WSGI server's thread); bounded, see `_log_late`."""
+        if not self.written.wait(_JOURNAL_WAIT):
+            _log_late()
+
+    async def wait_async(self) -> None:
+        """Wait until every part is written, without blocking the loop or taking a thread; bounded."""
+        token = anyio.lowlevel.current_token()
+        done = anyio.Event()
+
+        def wake() -> None:  # on the writer's thread: the loop sets the event
+            with contextlib.suppress(BaseException):  # the loop has ended: nobody waits any more
+                token.backend_class.run_sync_soon(done.set, (), token.native_token)
+
+        with self._lock:  # `wrote()` sets `written` under it: no wake is lost between the two
+            waiting = not self.written.is_set()
+            if waiting:
+                self._wakers.append(wake)
+        if not waiting:
+            return
+        with anyio.move_on_after(_JOURNAL_WAIT) as late:
+            await done.wait()
+        if late.cancelled_caught:
+            _log_late()
+
+    def release(self) -> None:
+        """The response's end is out (or will never be): start what is written, and the rest once it is."""
+        with self._lock:
+            self._released = True
+            ready, self._ready = self._ready, []
+        for hand_over in ready:
+            hand_over()
+
+
+def _log_late() -> None:
+    """Say that a response stopped waiting for the journal (bounded: it never hangs on the journal).
+
+    Nothing is lost but durability: the batch is written whenever the journal answers, and starts once it is.
+    """
+    logger.warning(
+        "the journal did not write a request's deferred work within %s s: its response goes out first, and a "
+        "crash before the write loses that work",
+        _JOURNAL_WAIT,
+    )
+
+
 @dataclass(eq=False)
 class _Unwritten:
-    """A batch waiting for the journal's writer thread: written, then handed to the host."""
+    """A batch waiting for the journal's writer thread: written, then handed to the host (or to its gate)."""
 
     driver: str
     tasks: list[Task]
     origin: RequestBatch | None
     join: bool
     terms: list[Terms] | None
+    gate: Gate | None = None
 
 
 # What the writer hands over of a batch: its tasks to run, their journal entries (None: unjournaled), their terms.
@@ -305,8 +440,10 @@ class DeferredWork:
             if launched:
                 self.launched = max(0, self.launched - count)
 
-    def start(self, entries: list[Deferred], succeeded: bool, origin: RequestBatch | None) -> None:
-        """Launch what a finished request deferred (everything, or only ``always`` entries)."""
+    def start(
+        self, entries: list[Deferred], succeeded: bool, origin: RequestBatch | None, gate: Gate | None = None
+    ) -> None:
+        """Launch what a finished request deferred (everything, or only ``always`` entries); `gate`: see `commit()`."""
         chosen: dict[str, tuple[list[Task], list[Terms]]] = {}
         skipped: list[Deferred] = []
         for entry in entries:
@@ -325,7 +462,9 @@ class DeferredWork:
             self._settle(sum(len(entry.tasks) for entry in skipped), launched=False)
             self.release_keys([entry.key for entry in skipped])
         for driver, (tasks, terms) in chosen.items():
-            self.launch(driver, tasks, origin, terms=None if all(term == _PLAIN for term in terms) else terms)
+            self.launch(
+                driver, tasks, origin, terms=None if all(term == _PLAIN for term in terms) else terms, gate=gate
+            )
 
     def launch(
         self,
@@ -337,6 +476,7 @@ class DeferredWork:
         entries: list[int | None] | None = None,
         terms: list[Terms] | None = None,
         delay: float = 0.0,
+        gate: Gate | None = None,
     ) -> None:
         """Hand accepted tasks to the host loop without waiting; if that is impossible, log each by name.
 
@@ -345,18 +485,25 @@ class DeferredWork:
         are replayed or run again; otherwise, with a journal, the journal's writer thread writes them
         first (see `_write_loop`) and hands them over then. `terms`: each task's terms (its key is
         released when it settles). `delay`: seconds to wait before they start (a retry's backoff).
+        `gate`: a request's `commit()`; written tasks start when it is released.
         """
         with self._lock:
             self.launched += len(tasks)  # now, written or not: a drain waits for them
         if entries is None and self.journal is not None:
+            if gate is not None:
+                gate.add()
             with self._writes_ready:
-                self._writes.append(_Unwritten(driver, tasks, origin, join, terms))
+                self._writes.append(_Unwritten(driver, tasks, origin, join, terms, gate))
                 if self._writer is None:
                     self._writer = threading.Thread(
                         target=self._write_loop, name="starlette-concurrency-journal", daemon=True
                     )
                     self._writer.start()
                 self._writes_ready.notify()
+            return
+        if gate is not None:  # no journal after all (a forked child's failed reopen): after the response all the same
+            gate.add()
+            gate.wrote(functools.partial(self._hand_over, driver, tasks, origin, join, entries, terms, delay))
             return
         self._hand_over(driver, tasks, origin, join, entries, terms, delay)
 
@@ -406,8 +553,15 @@ class DeferredWork:
                 logger.exception("the journal's writer failed; %d batch(es) run unjournaled", len(group))
                 written = [(batch.tasks, None, batch.terms) for batch in group]
             for batch, (tasks, entries, terms) in zip(group, written, strict=True):
-                if tasks:
-                    self._hand_over(batch.driver, tasks, batch.origin, batch.join, entries, terms)
+                hand_over = (
+                    functools.partial(self._hand_over, batch.driver, tasks, batch.origin, batch.join, entries, terms)
+                    if tasks
+                    else None
+                )
+                if batch.gate is not None:  # its response's end waits for the write; the work, for that end
+                    batch.gate.wrote(hand_over)
+                elif hand_over is not None:
+                    hand_over()
 
     def _write(self, group: list[_Unwritten]) -> list[_Written]:
         """Write batches to the journal in one transaction; on failure log it and run them unjournaled.

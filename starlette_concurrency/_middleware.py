@@ -48,7 +48,10 @@ class ConcurrencyMiddleware:
     - ``http``: collects what the request `defer()`s and, as soon as the final response body has
       been sent (before the response's BackgroundTasks run), starts it: all of it if the status is
       below 400, only the ``always=True`` tasks otherwise (an unhandled exception counts as a 500).
-      While the request awaits `run()`, a disconnect of its client stops that call, which raises
+      With a journal, what will run is written to it before the final body goes out (the response
+      waits for the write, off the loop: group commit), so that a crash once the client has its
+      response loses none of it; it still starts only after the body has been sent. While the
+      request awaits `run()`, a disconnect of its client stops that call, which raises
       `ClientDisconnected` (swallowed here, logged at INFO: nobody is left to answer). Once the
       process's shutdown has begun without a lifespan to drain it (see `Concurrency.shutting_down`),
       new requests are answered 503 with ``Connection: close`` so that a load balancer retries
@@ -97,10 +100,19 @@ class ConcurrencyMiddleware:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-            await send(message)
-            if message["type"] == "http.response.pathsend" or (
+                await send(message)
+                return
+            final = message["type"] == "http.response.pathsend" or (
                 message["type"] == "http.response.body" and not message.get("more_body", False)
-            ):
+            )
+            if final:
+                # With a journal, what will run is in it before the client can have the whole response:
+                # a crash the moment after loses none of it.
+                gate = batch.commit(succeeded=status < 400)
+                if gate is not None:
+                    await gate.wait_async()
+            await send(message)
+            if final:
                 # The response is out: start the batch now, not after the response's BackgroundTasks.
                 batch.finish(succeeded=status < 400)
 

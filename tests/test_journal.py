@@ -11,11 +11,13 @@ import sqlite3
 import subprocess
 import sys
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
+from starlette.types import Message, Receive, Scope, Send
 
 from starlette_concurrency import Concurrency, ConfigurationError
 from starlette_concurrency._journal import SCHEMA_VERSION, Journal, NewEntry, PayloadKind
@@ -395,8 +397,20 @@ async def test_what_the_drain_stops_stays_for_the_next_start(tmp_path: Path, cap
     assert "replaying 3 deferred task(s) left by a previous run" in caplog.text
 
 
+# How each server of the crash tests is started, with ``{port}`` for its port: one per event loop.
+SERVERS = {
+    "uvicorn (asyncio)": ["uvicorn", "tests.journal_app:app", "--port", "{port}", "--no-access-log"],
+    "hypercorn (trio)": ["hypercorn", "tests.journal_app:app", "-k", "trio", "-b", "127.0.0.1:{port}"],
+}
+
+
 def killed_uvicorn(env: dict[str, str], log: Path, *options: str) -> tuple[subprocess.Popen[bytes], str]:
-    """Start uvicorn on the journal's app (to be SIGKILLed, so not `asgi.uvicorn`, which stops it gracefully).
+    """Start uvicorn on the journal's app (to be SIGKILLed, so not `asgi.uvicorn`, which stops it gracefully)."""
+    return killed_server("uvicorn (asyncio)", env, log, *options)
+
+
+def killed_server(name: str, env: dict[str, str], log: Path, *options: str) -> tuple[subprocess.Popen[bytes], str]:
+    """Start one of `SERVERS` on the journal's app, to be SIGKILLed; return it and its URL once it answers.
 
     In a session of its own: `kill_server` kills its whole process group (``--workers`` processes too).
     """
@@ -405,18 +419,10 @@ def killed_uvicorn(env: dict[str, str], log: Path, *options: str) -> tuple[subpr
     from .asgi import free_port
 
     port = free_port()
+    command = [part.format(port=port) for part in SERVERS[name]]
     with log.open("wb") as output:
         process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "uvicorn",
-                "tests.journal_app:app",
-                "--port",
-                str(port),
-                "--no-access-log",
-                *options,
-            ],
+            [sys.executable, "-m", *command, *options],
             cwd=ROOT,
             env={**os.environ, **env},
             stdout=output,
@@ -430,7 +436,7 @@ def killed_uvicorn(env: dict[str, str], log: Path, *options: str) -> tuple[subpr
                 return process, f"http://127.0.0.1:{port}"
         except OSError:
             subprocess.run(["sleep", "0.05"], check=True)
-    raise AssertionError(f"uvicorn never answered:\n{log.read_text()}")
+    raise AssertionError(f"{name} never answered:\n{log.read_text()}")
 
 
 def kill_server(process: subprocess.Popen[bytes]) -> None:
@@ -454,33 +460,58 @@ def wait_for(condition: Callable[[], bool], what: str) -> None:
     raise AssertionError(f"never happened: {what}")
 
 
-def test_under_uvicorn_every_accepted_task_runs_after_a_sigkill(tmp_path: Path) -> None:
-    import httpx
+# The crash test's storm: requests sent by `_STORM_CLIENTS` threads at once, the server killed the moment the
+# `_KILL_AT`-th 2xx response has arrived (the rest are in flight, or never sent).
+_STORM, _STORM_CLIENTS, _KILL_AT = 40, 8, 16
 
-    from .asgi import uvicorn
+
+@pytest.mark.parametrize("name", list(SERVERS))
+def test_every_task_whose_response_arrived_runs_after_a_sigkill_right_after_it(tmp_path: Path, name: str) -> None:
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
 
     journal, out = tmp_path / "deferred.db", tmp_path / "out.txt"
     out.touch()
     hold = Path(str(out) + ".hold")
     hold.touch()
     env = {"JOURNAL_PATH": str(journal), "JOURNAL_OUT": str(out), "PYTHONPATH": str(ROOT)}
-    first, url = killed_uvicorn(env, tmp_path / "first.log")
+    first, url = killed_server(name, env, tmp_path / "first.log")
+    accepted: list[int] = []
+    counting = threading.Lock()
+
+    def order(client: httpx.Client, number: int) -> None:
+        try:
+            response = client.post(f"{url}/orders/{number}")
+        except httpx.TransportError:  # in flight at the kill, or sent after it: not accepted
+            return
+        with counting:
+            if response.status_code == 200 and len(accepted) < _KILL_AT:
+                accepted.append(number)
+                if len(accepted) == _KILL_AT:
+                    kill_server(first)  # at once: nothing waits for the journal, or for the tasks
+
     try:
-        accepted = [n for n in range(20) if httpx.post(f"{url}/orders/{n}").status_code == 200]
-        assert httpx.get(f"{url}/status/500").status_code == 500
+        with httpx.Client(timeout=60) as client:
+            assert client.get(f"{url}/status/500").status_code == 500
+            with ThreadPoolExecutor(_STORM_CLIENTS) as clients:
+                list(clients.map(functools.partial(order, client), range(_STORM)))
     finally:
-        kill_server(first)  # mid-storm: tasks queued, one or two running (held)
-    assert accepted == list(range(20))
+        kill_server(first)  # mid-storm: tasks queued, one or two running (held), batches being written
+    assert len(accepted) == _KILL_AT, (tmp_path / "first.log").read_text()
+    before = len(lines(out))
+    assert all(tag == "start" for tag, _, _ in lines(out))  # held: none had finished
     hold.unlink()
-    with uvicorn("tests.journal_app:app", tmp_path / "second.log", env) as second:
-        for _ in range(1200):  # a bound against hangs, not a speed expectation
-            ends = {number for tag, number, pid in lines(out) if tag == "end" and pid == second.process.pid}
-            if ends == set(accepted):
-                break
-            subprocess.run(["sleep", "0.1"], check=True)
-        assert ends == set(accepted)  # every accepted task ran after the restart
-        assert "replaying" in second.output()
-    assert {number for tag, number, _ in lines(out) if tag == "end"} == ends  # none ended in the killed server
+    second, _ = killed_server(name, env, tmp_path / "second.log")
+    try:
+        wait_for(lambda: journaled(journal) == 0, "the journal emptied after the restart")
+        ends = {number for tag, number, _ in lines(out)[before:] if tag == "end"}
+        # Every task whose 2xx arrived ran after the restart; so may tasks whose responses were in flight.
+        assert set(accepted) <= ends, (sorted(set(accepted) - ends), (tmp_path / "second.log").read_text())
+        assert "replaying" in (tmp_path / "second.log").read_text()
+    finally:
+        kill_server(second)
     assert all(tag != "failed" for tag, _, _ in lines(out))  # a failed request's deferral is never journaled
     assert Journal(journal).pending == 0
 
@@ -532,12 +563,15 @@ def test_under_uvicorn_with_two_workers_every_accepted_task_runs_after_a_sigkill
     first, url = killed_uvicorn(env, tmp_path / "first.log", "--workers", "2")
     try:
         with httpx.Client(timeout=60) as client:
-            accepted = [n for n in range(20) if client.post(f"{url}/orders/{n}").status_code == 200]
-        assert accepted == list(range(20))
-        wait_for(lambda: journaled(journal) == 20, "every accepted task journaled")
-        wait_for(lambda: "start" in out.read_text(), "a task under way")
+            accepted = [n for n in range(10) if client.post(f"{url}/orders/{n}").status_code == 200]
+            wait_for(lambda: "start" in out.read_text(), "a task under way")
+            accepted += [n for n in range(10, 20) if client.post(f"{url}/orders/{n}").status_code == 200]
+            # The moment the last response has arrived, the supervisor and both workers at once: a power cut,
+            # as far as they know. Nothing waits for the journal.
+            kill_server(first)
     finally:
-        kill_server(first)  # the supervisor and both workers at once: a power cut, as far as they know
+        kill_server(first)
+    assert accepted == list(range(20))
     before = lines(out)
     running_at_kill = {number for tag, number, _ in before if tag == "start"}
     assert running_at_kill
@@ -571,25 +605,25 @@ def test_two_overlapping_servers_on_one_journal_hand_over_after_a_sigkill(tmp_pa
     try:
         with httpx.Client(timeout=60) as client:
             assert all(client.post(f"{old_url}/orders/{n}").status_code == 200 for n in range(8))
-            wait_for(lambda: journaled(journal) == 8 and "start" in out.read_text(), "the old server's work under way")
+            wait_for(lambda: "start" in out.read_text(), "the old server's work under way")
             # A deploy that overlaps: the new server starts while the old one still serves (and owns its entries).
             new, new_url = killed_uvicorn(env, tmp_path / "new.log")
             assert all(client.post(f"{new_url}/orders/{n}").status_code == 200 for n in range(8, 12))
-            wait_for(lambda: journaled(journal) == 12, "the new server's work journaled")
-            assert all(tag == "start" for tag, _, _ in lines(out))
-        # While both live, neither claims the other's entries.
-        owners = {owner for entry, owner, _ in Journal(journal).entries()}
-        assert len(owners) == 2
-        kill_server(old)
+            # While both live, neither claims the other's entries; each answered only once they were journaled.
+            owners = Counter(owner for entry, owner, _ in Journal(journal).entries())
+            assert sorted(owners.values()) == [4, 8]
+            assert all(client.post(f"{old_url}/orders/{n}").status_code == 200 for n in range(12, 16))
+            kill_server(old)  # the moment its last response has arrived: nothing waits for the journal
+        assert all(tag == "start" for tag, _, _ in lines(out))
         before = lines(out)
         running_at_kill = {number for tag, number, pid in before if tag == "start" and pid == old.pid}
         hold.unlink()
         wait_for(
-            lambda: {number for tag, number, _ in lines(out) if tag == "end"} == set(range(12)),
+            lambda: {number for tag, number, _ in lines(out) if tag == "end"} == set(range(16)),
             "every task ran to its end in the new server",
         )
         ends = [(number, pid) for tag, number, pid in lines(out) if tag == "end"]
-        assert Counter(number for number, _ in ends) == dict.fromkeys(range(12), 1)
+        assert Counter(number for number, _ in ends) == dict.fromkeys(range(16), 1)
         assert {pid for _, pid in ends} == {new.pid}
         starts = Counter(number for tag, number, _ in lines(out) if tag == "start")
         assert {number for number, count in starts.items() if count > 1} == running_at_kill
@@ -599,3 +633,113 @@ def test_two_overlapping_servers_on_one_journal_hand_over_after_a_sigkill(tmp_pa
         kill_server(old)
         if new is not None:
             kill_server(new)
+
+
+def order_app(concurrency: Concurrency, out: Path) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
+    """An ASGI app deferring a task and an ``always`` one, answering the status its path names in two parts."""
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        concurrency.defer(functools.partial(journal_targets.record, str(out), "normal", 1))
+        concurrency.defer(functools.partial(journal_targets.record, str(out), "always", 2), always=True)
+        await send({"type": "http.response.start", "status": int(scope["path"][1:]), "headers": []})
+        await send({"type": "http.response.body", "body": b"part", "more_body": True})
+        await send({"type": "http.response.body", "body": b"end"})
+
+    return app
+
+
+async def serve_once(app: Callable[[Scope, Receive, Send], Awaitable[None]], path: str, send: Send) -> None:
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    with anyio.fail_after(60):  # a bound against hangs
+        await app({"type": "http", "method": "POST", "path": path, "headers": []}, receive, send)
+
+
+@pytest.mark.anyio
+async def test_a_response_ends_once_its_batch_is_journaled_and_the_batch_starts_after_it(tmp_path: Path) -> None:
+    from starlette_concurrency import ConcurrencyMiddleware
+
+    journal, out = tmp_path / "deferred.db", tmp_path / "out.txt"
+    out.touch()
+    concurrency = Concurrency(workers=2, journal=journal, env_file=None)
+    app = ConcurrencyMiddleware(order_app(concurrency, out), concurrency=concurrency)
+    async with concurrency:
+        for status, journaled_at_end, ran in [(200, 2, ["always", "normal"]), (500, 1, ["always"])]:
+            seen: list[tuple[bytes, int, str]] = []
+
+            async def send(message: Message) -> None:
+                if message["type"] == "http.response.body":
+                    seen.append((message["body"], Journal(journal).pending, out.read_text()))  # noqa: B023
+
+            await serve_once(app, f"/{status}", send)
+            # Written before the end went out (none of it before: the request was open), started after it.
+            assert seen == [(b"part", 0, ""), (b"end", journaled_at_end, "")]
+            await concurrency.wait_deferred(60)
+            assert sorted(tag for tag, _, _ in lines(out)) == ran
+            out.write_text("")
+            with anyio.fail_after(60):  # removed a tenth of a second after they finish
+                while Journal(journal).pending:  # noqa: ASYNC110
+                    await anyio.sleep(0.05)
+
+
+@pytest.mark.anyio
+async def test_a_failed_journal_write_neither_holds_nor_fails_the_response(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from starlette_concurrency import ConcurrencyMiddleware
+
+    journal, out = tmp_path / "deferred.db", tmp_path / "out.txt"
+    out.touch()
+    caplog.set_level(logging.INFO, "starlette_concurrency")
+    concurrency = Concurrency(workers=2, journal=journal, env_file=None)
+    ballast = b"x" * 100_000  # travels with the lambda: more than the pages the file has room for
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        concurrency.defer(lambda: journal_targets.record(str(out), "unjournaled", len(ballast) // 100_000))
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    sent: list[Message] = []
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    async with concurrency:
+        store = concurrency._runtime.journal
+        assert store is not None
+        # A full disk, as SQLite sees it: no page may be added to the file.
+        store._db.execute(f"PRAGMA max_page_count = {store._db.execute('PRAGMA page_count').fetchone()[0]}")
+        await serve_once(ConcurrencyMiddleware(app, concurrency=concurrency), "/orders", send)
+        assert [message.get("body") for message in sent] == [None, b"ok"]
+        await concurrency.wait_deferred(60)
+        store._db.execute("PRAGMA max_page_count = 1073741823")
+    assert "could not be written to the journal" in caplog.text
+    assert [tag for tag, _, _ in lines(out)] == ["unjournaled"]  # accepted: it ran, not dropped
+
+
+@pytest.mark.parametrize("sized", [True, False], ids=["content-length", "chunked"])
+def test_wsgi_the_last_bytes_go_out_once_the_batch_is_journaled(tmp_path: Path, sized: bool) -> None:
+    from starlette_concurrency import ConcurrencyWSGIMiddleware
+
+    journal, out = tmp_path / "deferred.db", tmp_path / "out.txt"
+    out.touch()
+    concurrency = Concurrency(workers=2, journal=journal, env_file=None)
+
+    def app(environ: dict[str, Any], start_response: Callable[..., object]) -> Iterator[bytes]:
+        concurrency.defer(functools.partial(journal_targets.record, str(out), "normal", 1))
+        start_response("200 OK", [("Content-Length", "8")] if sized else [])  # lazily, as a generator may
+        yield b"part"
+        yield b"end!"
+
+    with concurrency:
+        response = ConcurrencyWSGIMiddleware(app, concurrency)({"REQUEST_METHOD": "POST"}, lambda *_: print)
+        chunks = iter(response)
+        assert (next(chunks), Journal(journal).pending) == (b"part", 0)
+        # The chunk that completes the Content-Length waits for the journal; without one, the iterable's end does.
+        assert (next(chunks), Journal(journal).pending) == (b"end!", 1 if sized else 0)
+        assert list(chunks) == []
+        assert (Journal(journal).pending, out.read_text()) == (1, "")  # written, not started before close()
+        response.close()  # type: ignore[attr-defined]
+        concurrency.wait_deferred_blocking(timeout=60)
+    assert [tag for tag, _, _ in lines(out)] == ["normal"]
