@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import os
 import signal
 import threading
@@ -289,6 +290,38 @@ async def test_a_cancelled_task_waiting_in_a_worker_behind_another_call_s_is_ski
     assert lines(runs) == ["a", "b"]
     assert stats.worker_restarts == 0
     assert stats.tasks_timed_out == 1
+
+
+async def test_a_deferred_task_the_drain_skipped_is_logged_as_never_started(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # [a, x] in one chunk, a still running when the drain gives up: x is skipped, and the log says it
+    # never started (not "stopped unfinished"), while a, which ended within its grace, counts as run.
+    runs, started, release = tmp_path / "runs", tmp_path / "started", tmp_path / "release"
+    driver = ProcessDriver(1, ProcessOptions(cancel_grace=30.0))
+    concurrency = Concurrency(driver=driver, env_file=None, drain_timeout=0.5)
+    timer = threading.Timer(2.0, release.touch)  # after the drain timed out, well within a's grace
+    try:
+        with caplog.at_level(logging.ERROR, logger="starlette_concurrency"), anyio.fail_after(60):
+            async with concurrency:
+                for _ in range(12):  # known short: the batch goes to the worker as one chunk
+                    await concurrency.run(functools.partial(append_when_released, tmp_path / "warm", "w", None, None))
+                concurrency.defer(
+                    [
+                        functools.partial(append_when_released, runs, "a", started, release),
+                        functools.partial(append_when_released, runs, "x", None, None),
+                    ]
+                )
+                await helpers.eventually(started.exists)
+                assert len(driver._pool.machine.slots[0].inflight) == 2  # x waits in the worker, behind a
+                timer.start()
+    finally:
+        release.touch()
+        timer.cancel()
+    assert lines(runs) == ["a"]
+    fates = [record.getMessage() for record in caplog.records if "abandoned" in record.getMessage()]
+    assert len(fates) == 1
+    assert "deferred task 1 (partial(append_when_released)) abandoned, never started" in fates[0]
 
 
 async def test_cancelling_a_call_whose_task_ends_within_the_grace_keeps_its_worker(tmp_path: Path) -> None:

@@ -571,7 +571,10 @@ class Pool:
         elif tag == protocol.RESEND:
             self._resend(slot, body, now)
         elif tag == protocol.SKIPPED:
-            self.machine.skipped(slot, protocol.answer_id(body), now)
+            job = self.machine.skipped(slot, protocol.answer_id(body), now)
+            if job.call.background:  # the drain's log says it never started (and its journal start is not counted)
+                skipped: _Call = job.call  # type: ignore[assignment]
+                skipped.settle(job.index, NOT_STARTED)
         elif tag in _ANSWERS:
             raise protocol.ProtocolError("an answer too short to name its task")
         else:
