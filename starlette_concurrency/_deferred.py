@@ -241,6 +241,10 @@ class _Running:
     terms: list[Terms] | None = None  # each task's terms (None: all plain); its key is held until it settles
     waiting: bool = False  # a retry waiting for its backoff: its start is not counted in the journal yet
 
+    def each_terms(self) -> list[Terms]:
+        """Each task's terms (plain ones when the batch was given none)."""
+        return self.terms or [_PLAIN] * len(self.tasks)
+
 
 class Gate:
     """A request's batch committed before its response's end: each part starts once written and released.
@@ -755,7 +759,7 @@ class DeferredWork:
     def _fates(self, running: _Running, under_way: bool) -> None:
         """Log what became of each task of a finished batch (once), and count the batch out."""
         entries = running.entries or [None] * len(running.tasks)
-        terms = running.terms or [_PLAIN] * len(running.tasks)
+        terms = running.each_terms()
         done: list[int] = []
         unstarted: list[int] = []  # entries that stay, and whose start did not happen after all
         settled: list[tuple[int, int, BaseException]] = []  # (task, entry) that crashed or would not load
@@ -817,7 +821,9 @@ class DeferredWork:
             (index, replace(terms[index], attempt=attempt), 0.0)
             for index, attempt in self._settle_journal(running, done, settled, unstarted, retried).items()
         ]
-        again += [(index, terms[index].retried(), terms[index].retried().delay) for index in retried]
+        for index in retried:
+            following = terms[index].retried()
+            again.append((index, following, following.delay))
         rerun = {index for index, _, _ in again}
         # Launched before this batch counts out: a drain, or `wait_deferred()`, never sees a count of 0 between.
         if again:
@@ -857,7 +863,7 @@ class DeferredWork:
         try:
             journal.done_later(done)  # removed by the facade's next flush, a tenth of a second later at most
             journal.unstarted(unstarted)
-            terms = running.terms or [_PLAIN] * len(running.tasks)
+            terms = running.each_terms()
             for index in retried:
                 entry_id = running.entries[index] if running.entries is not None else None
                 if entry_id is not None:
@@ -1001,7 +1007,7 @@ class DeferredWork:
 
 def _attempts(running: _Running) -> list[Task]:
     """The batch's tasks as they run this time: each with its `Deferral` (see `current_deferral`)."""
-    terms = running.terms or [_PLAIN] * len(running.tasks)
+    terms = running.each_terms()
     entries = running.entries or [None] * len(running.tasks)
     return [
         carry_deferral(task, (term.key, term.attempt, term.retries, entry))
