@@ -45,6 +45,15 @@ def lines(out: Path) -> list[tuple[str, int, int]]:
     return [(tag, int(number), int(pid)) for tag, number, pid in fields]
 
 
+def held_journal(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """A journal's path, the file the tasks write to, and their hold (`journal_targets`: they wait while it exists)."""
+    journal, out = tmp_path / "deferred.db", tmp_path / "out.txt"
+    out.touch()
+    hold = Path(str(out) + ".hold")
+    hold.touch()
+    return journal, out, hold
+
+
 def fill(journal: Path, tasks: list[Callable[[], object]]) -> None:
     """Write entries as a process that has since gone would have left them."""
     store = Journal(journal)
@@ -365,10 +374,7 @@ async def test_a_key_dedupes_without_a_journal_too() -> None:
 
 @pytest.mark.anyio
 async def test_what_the_drain_stops_stays_for_the_next_start(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    journal, out = tmp_path / "deferred.db", tmp_path / "out.txt"
-    out.touch()
-    hold = Path(str(out) + ".hold")
-    hold.touch()
+    journal, out, hold = held_journal(tmp_path)
     caplog.set_level(logging.INFO, "starlette_concurrency")
     concurrency = Concurrency(workers=2, journal=journal, drain_timeout=0.5, env_file=None)
     async with concurrency:
@@ -472,10 +478,7 @@ def test_every_task_whose_response_arrived_runs_after_a_sigkill_right_after_it(t
 
     import httpx
 
-    journal, out = tmp_path / "deferred.db", tmp_path / "out.txt"
-    out.touch()
-    hold = Path(str(out) + ".hold")
-    hold.touch()
+    journal, out, hold = held_journal(tmp_path)
     env = {"JOURNAL_PATH": str(journal), "JOURNAL_OUT": str(out), "PYTHONPATH": str(ROOT)}
     first, url = killed_server(name, env, tmp_path / "first.log")
     accepted: list[int] = []
@@ -555,10 +558,7 @@ def test_under_uvicorn_with_two_workers_every_accepted_task_runs_after_a_sigkill
 
     from .asgi import uvicorn
 
-    journal, out = tmp_path / "deferred.db", tmp_path / "out.txt"
-    out.touch()
-    hold = Path(str(out) + ".hold")
-    hold.touch()
+    journal, out, hold = held_journal(tmp_path)
     env = {"JOURNAL_PATH": str(journal), "JOURNAL_OUT": str(out), "PYTHONPATH": str(ROOT)}
     first, url = killed_uvicorn(env, tmp_path / "first.log", "--workers", "2")
     try:
@@ -595,10 +595,7 @@ def test_under_uvicorn_with_two_workers_every_accepted_task_runs_after_a_sigkill
 def test_two_overlapping_servers_on_one_journal_hand_over_after_a_sigkill(tmp_path: Path) -> None:
     import httpx
 
-    journal, out = tmp_path / "deferred.db", tmp_path / "out.txt"
-    out.touch()
-    hold = Path(str(out) + ".hold")
-    hold.touch()
+    journal, out, hold = held_journal(tmp_path)
     env = {"JOURNAL_PATH": str(journal), "JOURNAL_OUT": str(out), "PYTHONPATH": str(ROOT)}
     old, old_url = killed_uvicorn(env, tmp_path / "old.log")
     new: subprocess.Popen[bytes] | None = None
